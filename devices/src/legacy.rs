@@ -1,0 +1,209 @@
+//! Legacy platform devices: 16550 serial console, i8042 reset, boot timer.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::Serial;
+
+use crate::{BusDevice, EventSink, IrqTrigger, VmExitRequest};
+
+/// x86 COM1 port base.
+pub const COM1_PORT: u64 = 0x3f8;
+/// x86 COM1 IRQ.
+pub const COM1_IRQ: u32 = 4;
+/// x86 i8042 ports (data 0x60 .. command/status 0x64).
+pub const I8042_PORT: u64 = 0x60;
+/// x86 boot-timer port (Firecracker's convention).
+pub const BOOT_TIMER_PORT: u64 = 0x3f0;
+/// Value the guest init writes to the boot timer when userspace starts.
+pub const BOOT_STAMP_USERSPACE: u8 = 123;
+
+/// Serial events: reports the first byte the guest sends.
+pub struct ConsoleEvents {
+    sink: Arc<dyn EventSink>,
+    seen: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for ConsoleEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConsoleEvents")
+    }
+}
+
+impl SerialEvents for ConsoleEvents {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {
+        if !self.seen.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            self.sink.first_serial_byte();
+        }
+    }
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {}
+}
+
+/// The guest's serial console: a 16550 UART whose output goes to a host writer.
+pub struct SerialConsole {
+    inner: Serial<IrqTrigger, ConsoleEvents, Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for SerialConsole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SerialConsole")
+    }
+}
+
+impl SerialConsole {
+    /// A UART writing to `out`, raising `irq`, reporting to `sink`.
+    pub fn new(out: Box<dyn Write + Send>, irq: IrqTrigger, sink: Arc<dyn EventSink>) -> Self {
+        let events = ConsoleEvents { sink, seen: false.into() };
+        SerialConsole { inner: Serial::with_events(irq, events, out) }
+    }
+
+    /// Flushes buffered output to the host.
+    pub fn flush(&mut self) {
+        let _ = self.inner.writer_mut().flush();
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.inner.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(&v), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            // A write error (host stdout closed) must not stop the guest.
+            let _ = self.inner.write(off, v);
+        }
+    }
+}
+
+/// Minimal i8042 controller: the only thing guests use it for here is the reset line
+/// (command 0xfe on port 0x64), which is how Linux reboots with `reboot=k`.
+pub struct I8042 {
+    sink: Arc<dyn EventSink>,
+}
+
+impl std::fmt::Debug for I8042 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("I8042")
+    }
+}
+
+impl I8042 {
+    /// A controller reporting to `sink`.
+    pub fn new(sink: Arc<dyn EventSink>) -> Self {
+        I8042 { sink }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        // Status 0: output buffer empty, input buffer empty; data reads 0.
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset == 4 && data.first() == Some(&0xfe) {
+            self.sink.exit_request(VmExitRequest::Reset);
+        }
+    }
+}
+
+/// Boot timer: the guest writes a byte when it reaches a phase (123 = userspace).
+pub struct BootTimer {
+    sink: Arc<dyn EventSink>,
+}
+
+impl std::fmt::Debug for BootTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BootTimer")
+    }
+}
+
+impl BootTimer {
+    /// A boot timer reporting to `sink`.
+    pub fn new(sink: Arc<dyn EventSink>) -> Self {
+        BootTimer { sink }
+    }
+}
+
+impl BusDevice for BootTimer {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (0, Some(&v)) = (offset, data.first()) {
+            self.sink.boot_stamp(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Rec(Mutex<Vec<String>>);
+    impl EventSink for Rec {
+        fn exit_request(&self, r: VmExitRequest) {
+            self.0.lock().unwrap().push(format!("{r:?}"));
+        }
+        fn boot_stamp(&self, v: u8) {
+            self.0.lock().unwrap().push(format!("stamp {v}"));
+        }
+        fn first_serial_byte(&self) {
+            self.0.lock().unwrap().push("first".into());
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Out(Arc<Mutex<Vec<u8>>>);
+    impl Write for Out {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn serial_bytes_reach_the_host_and_first_byte_is_reported_once() {
+        let rec = Arc::new(Rec::default());
+        let out = Out::default();
+        let mut s = SerialConsole::new(Box::new(out.clone()), IrqTrigger::none(), rec.clone());
+        for b in b"hi\n" {
+            s.write(0, &[*b]);
+        }
+        // Garbage to every register must not panic.
+        for off in 0..16u64 {
+            s.write(off, &[0xff, 0xff]);
+            let mut d = [0u8; 4];
+            s.read(off, &mut d);
+        }
+        s.write(u64::MAX, &[]);
+        assert!(out.0.lock().unwrap().starts_with(b"hi\n"));
+        assert_eq!(*rec.0.lock().unwrap(), vec!["first".to_string()]);
+    }
+
+    #[test]
+    fn i8042_reset_and_boot_timer() {
+        let rec = Arc::new(Rec::default());
+        let mut k = I8042::new(rec.clone());
+        k.write(4, &[0xaa]);
+        k.write(0, &[0xfe]);
+        k.write(4, &[0xfe]);
+        let mut t = BootTimer::new(rec.clone());
+        t.write(0, &[123]);
+        t.write(1, &[5]);
+        assert_eq!(*rec.0.lock().unwrap(), vec!["Reset".to_string(), "stamp 123".into()]);
+    }
+}

@@ -1,0 +1,491 @@
+//! KVM backend (Linux). The only module that names `kvm-ioctls`/`kvm-bindings` types.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_run, kvm_segment,
+    kvm_userspace_memory_region, CpuId, Msrs, KVM_EXIT_IO_OUT, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Kvm as KvmFd, VcpuExit as KvmExit, VcpuFd, VmFd};
+
+use super::x86_64::{CpuidEntry, DescriptorTable, Regs, Segment, Sregs, VcpuX86_64, VmX86_64};
+use super::{
+    Access, Error, Hypervisor, MemoryRegion, Result, SystemEvent, Vcpu, VcpuExit, VcpuKicker, Vm,
+};
+
+const KVM_PATH: &str = "/dev/kvm";
+/// Where KVM puts the three pages of the TSS on Intel (below 4 GiB, outside RAM and devices).
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+fn errno(e: kvm_ioctls::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
+}
+
+/// The opened `/dev/kvm`.
+#[derive(Debug)]
+pub struct Kvm {
+    kvm: KvmFd,
+}
+
+impl Hypervisor for Kvm {
+    type Vm = KvmVm;
+
+    fn new() -> Result<Self> {
+        match KvmFd::new() {
+            Ok(kvm) => Ok(Kvm { kvm }),
+            Err(e) if e.errno() == libc::ENOENT => Err(Error::NoDevice(KVM_PATH.into())),
+            Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
+                Err(Error::NoPermission(KVM_PATH.into()))
+            }
+            Err(e) => Err(Error::call("open /dev/kvm", errno(e))),
+        }
+    }
+
+    fn max_vcpus(&self) -> u32 {
+        u32::try_from(self.kvm.get_max_vcpus()).unwrap_or(u32::MAX)
+    }
+
+    fn create_vm(&self, vcpus: u32) -> Result<KvmVm> {
+        let max = self.max_vcpus();
+        if vcpus == 0 || vcpus > max {
+            return Err(Error::TooManyVcpus { requested: vcpus, max });
+        }
+        let vm = self.kvm.create_vm().map_err(|e| Error::call("KVM_CREATE_VM", errno(e)))?;
+        vm.set_tss_address(TSS_ADDRESS)
+            .map_err(|e| Error::call("KVM_SET_TSS_ADDR", errno(e)))?;
+        vm.create_irq_chip().map_err(|e| Error::call("KVM_CREATE_IRQCHIP", errno(e)))?;
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::call("KVM_GET_SUPPORTED_CPUID", errno(e)))?;
+        let cpuid = cpuid
+            .as_slice()
+            .iter()
+            .map(|e| CpuidEntry {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect();
+        Ok(KvmVm { vm, supported_cpuid: Arc::new(cpuid) })
+    }
+}
+
+/// A KVM VM with an in-kernel irqchip (LAPIC, IOAPIC, PIC).
+#[derive(Debug)]
+pub struct KvmVm {
+    vm: VmFd,
+    supported_cpuid: Arc<Vec<CpuidEntry>>,
+}
+
+impl Vm for KvmVm {
+    type Vcpu = KvmVcpu;
+
+    fn add_memory_region(&self, r: MemoryRegion) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot: r.slot,
+            flags: 0,
+            guest_phys_addr: r.guest_addr,
+            memory_size: r.size,
+            userspace_addr: r.host_addr,
+        };
+        // SAFETY: the caller of `add_memory_region` guarantees (trait contract) that the host
+        // range stays mapped for the VM's lifetime; KVM only reads and writes inside it.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| Error::call("KVM_SET_USER_MEMORY_REGION", errno(e)))
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<KvmVcpu> {
+        install_kick_handler();
+        let mut fd = self
+            .vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| Error::call("KVM_CREATE_VCPU", errno(e)))?;
+        let run_ptr = fd.get_kvm_run() as *mut kvm_run as usize;
+        // SAFETY: pthread_self has no preconditions.
+        let thread = unsafe { libc::pthread_self() };
+        let kicker = Arc::new(KvmKicker {
+            thread,
+            run_ptr,
+            kicked: AtomicBool::new(false),
+            alive: std::sync::Mutex::new(true),
+        });
+        Ok(KvmVcpu {
+            fd,
+            kicker,
+            supported_cpuid: Arc::clone(&self.supported_cpuid),
+            run_size: self.vm.run_size(),
+        })
+    }
+
+    fn set_irq_line(&self, irq: u32, high: bool) -> Result<()> {
+        self.vm.set_irq_line(irq, high).map_err(|e| Error::call("KVM_IRQ_LINE", errno(e)))
+    }
+}
+
+impl VmX86_64 for KvmVm {
+    fn create_pit(&self) -> Result<()> {
+        let config = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        self.vm.create_pit2(config).map_err(|e| Error::call("KVM_CREATE_PIT2", errno(e)))
+    }
+}
+
+/// Signal used to kick a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn kick_handler(_: libc::c_int) {}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = kick_handler as *const () as usize;
+        // No SA_RESTART: KVM_RUN must return EINTR.
+        action.sa_flags = 0;
+        // SAFETY: installs an async-signal-safe no-op handler for a real-time signal that
+        // nothing else in the process uses.
+        unsafe {
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(kick_signal(), &action, std::ptr::null_mut());
+        }
+    });
+}
+
+/// Kicks a KVM vCPU: sets `immediate_exit` and signals its thread.
+#[derive(Debug)]
+pub struct KvmKicker {
+    thread: libc::pthread_t,
+    /// Address of the vCPU's mmapped `kvm_run`, which lives as long as the vCPU fd.
+    run_ptr: usize,
+    kicked: AtomicBool,
+    /// False once the vCPU (its thread, fd and kvm_run mapping) is gone; guarded so that a
+    /// kick never races with the vCPU's drop.
+    alive: std::sync::Mutex<bool>,
+}
+
+impl VcpuKicker for KvmKicker {
+    fn kick(&self) {
+        self.kicked.store(true, Ordering::SeqCst);
+        let alive = match self.alive.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if !*alive {
+            return;
+        }
+        // SAFETY: run_ptr points to the vCPU's kvm_run mapping, which is still mapped: `alive`
+        // is held, and the vCPU's Drop clears it (under the same lock) before unmapping. A volatile byte store
+        // to `immediate_exit` is the documented way to make the next KVM_RUN return at once.
+        unsafe {
+            let run = self.run_ptr as *mut kvm_run;
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1);
+        }
+        // SAFETY: the vCPU still exists (see above) and lives on this thread, so the thread
+        // has not exited; the signal has a no-op handler installed before any vCPU exists.
+        unsafe {
+            libc::pthread_kill(self.thread, kick_signal());
+        }
+    }
+}
+
+// SAFETY: the raw address is only used for a single volatile byte store (see `kick`), and
+// pthread_t is a plain thread id.
+unsafe impl Send for KvmKicker {}
+// SAFETY: as above; all other state is atomic.
+unsafe impl Sync for KvmKicker {}
+
+/// A KVM vCPU.
+#[derive(Debug)]
+pub struct KvmVcpu {
+    fd: VcpuFd,
+    kicker: Arc<KvmKicker>,
+    supported_cpuid: Arc<Vec<CpuidEntry>>,
+    /// Size of the vCPU's kvm_run mapping (port I/O data lives inside it).
+    run_size: usize,
+}
+
+impl Vcpu for KvmVcpu {
+    fn run(&mut self) -> Result<VcpuExit> {
+        match self.fd.run() {
+            Ok(exit) => Ok(match exit {
+                KvmExit::IoIn(..) | KvmExit::IoOut(..) => VcpuExit::Io,
+                KvmExit::MmioRead(..) | KvmExit::MmioWrite(..) => VcpuExit::Mmio,
+                KvmExit::Hlt => VcpuExit::Halt,
+                KvmExit::Shutdown => VcpuExit::Shutdown,
+                KvmExit::SystemEvent(kind, _) => match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::SystemEvent(SystemEvent::PowerOff),
+                    KVM_SYSTEM_EVENT_RESET => VcpuExit::SystemEvent(SystemEvent::Reset),
+                    KVM_SYSTEM_EVENT_CRASH => VcpuExit::SystemEvent(SystemEvent::Crash),
+                    other => VcpuExit::Other(other),
+                },
+                KvmExit::Intr => VcpuExit::Interrupted,
+                KvmExit::InternalError => {
+                    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                    // active union member.
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    VcpuExit::InternalError(u64::from(suberror))
+                }
+                KvmExit::FailEntry(reason, _) => VcpuExit::InternalError(reason),
+                _ => VcpuExit::Other(self.fd.get_kvm_run().exit_reason),
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                Ok(VcpuExit::Interrupted)
+            }
+            Err(e) => Err(Error::call("KVM_RUN", errno(e))),
+        }
+    }
+
+    fn handle_io(&mut self, f: &mut dyn FnMut(Access<'_>)) -> Result<()> {
+        let run_size = self.run_size;
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != kvm_bindings::KVM_EXIT_IO {
+            return Err(Error::Unsupported("handle_io without a pending port I/O exit".into()));
+        }
+        // SAFETY: exit_reason is KVM_EXIT_IO, so `io` is the active union member.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size);
+        let total = size * io.count as usize;
+        // KVM keeps port data inside the kvm_run mapping; never trust the offset blindly.
+        if size == 0 || size > 4 || (io.data_offset as usize).saturating_add(total) > run_size {
+            return Err(Error::Unsupported(format!("port I/O of {size}x{} bytes", io.count)));
+        }
+        let base = run as *mut kvm_run as *mut u8;
+        // SAFETY: data_offset and the length were checked to lie within the kvm_run mapping
+        // (`run_size` bytes, from KVM_GET_VCPU_MMAP_SIZE), which KVM maps for the vCPU's lifetime; `run` is borrowed mutably so
+        // nothing else aliases it while the slice lives.
+        let data =
+            unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), total) };
+        let is_write = u32::from(io.direction) == KVM_EXIT_IO_OUT;
+        for chunk in data.chunks_mut(size) {
+            f(Access { addr: u64::from(io.port), data: chunk, is_write });
+        }
+        Ok(())
+    }
+
+    fn handle_mmio(&mut self, f: &mut dyn FnMut(Access<'_>)) -> Result<()> {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != kvm_bindings::KVM_EXIT_MMIO {
+            return Err(Error::Unsupported("handle_mmio without a pending MMIO exit".into()));
+        }
+        // SAFETY: exit_reason is KVM_EXIT_MMIO, so `mmio` is the active union member.
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let len = (mmio.len as usize).min(mmio.data.len());
+        f(Access { addr: mmio.phys_addr, data: &mut mmio.data[..len], is_write: mmio.is_write != 0 });
+        Ok(())
+    }
+
+    fn kicker(&self) -> Arc<dyn VcpuKicker> {
+        Arc::clone(&self.kicker) as Arc<dyn VcpuKicker>
+    }
+}
+
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        match self.kicker.alive.lock() {
+            Ok(mut g) => *g = false,
+            Err(p) => *p.into_inner() = false,
+        }
+    }
+}
+
+impl KvmVcpu {
+    /// Whether this vCPU has been kicked (a stop was requested).
+    pub fn was_kicked(&self) -> bool {
+        self.kicker.kicked.load(Ordering::SeqCst)
+    }
+}
+
+fn to_kvm_seg(s: &Segment) -> kvm_segment {
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present,
+        dpl: s.dpl,
+        db: s.db,
+        s: s.s,
+        l: s.l,
+        g: s.g,
+        avl: s.avl,
+        unusable: s.unusable,
+        padding: 0,
+    }
+}
+
+fn from_kvm_seg(s: &kvm_segment) -> Segment {
+    Segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present,
+        dpl: s.dpl,
+        db: s.db,
+        s: s.s,
+        l: s.l,
+        g: s.g,
+        avl: s.avl,
+        unusable: s.unusable,
+    }
+}
+
+impl VcpuX86_64 for KvmVcpu {
+    fn regs(&self) -> Result<Regs> {
+        let r = self.fd.get_regs().map_err(|e| Error::call("KVM_GET_REGS", errno(e)))?;
+        Ok(Regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        })
+    }
+
+    fn set_regs(&mut self, r: &Regs) -> Result<()> {
+        let k = kvm_regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        };
+        self.fd.set_regs(&k).map_err(|e| Error::call("KVM_SET_REGS", errno(e)))
+    }
+
+    fn sregs(&self) -> Result<Sregs> {
+        let s = self.fd.get_sregs().map_err(|e| Error::call("KVM_GET_SREGS", errno(e)))?;
+        Ok(Sregs {
+            cs: from_kvm_seg(&s.cs),
+            ds: from_kvm_seg(&s.ds),
+            es: from_kvm_seg(&s.es),
+            fs: from_kvm_seg(&s.fs),
+            gs: from_kvm_seg(&s.gs),
+            ss: from_kvm_seg(&s.ss),
+            tr: from_kvm_seg(&s.tr),
+            ldt: from_kvm_seg(&s.ldt),
+            gdt: DescriptorTable { base: s.gdt.base, limit: s.gdt.limit },
+            idt: DescriptorTable { base: s.idt.base, limit: s.idt.limit },
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+        })
+    }
+
+    fn set_sregs(&mut self, n: &Sregs) -> Result<()> {
+        let mut s = self.fd.get_sregs().map_err(|e| Error::call("KVM_GET_SREGS", errno(e)))?;
+        s.cs = to_kvm_seg(&n.cs);
+        s.ds = to_kvm_seg(&n.ds);
+        s.es = to_kvm_seg(&n.es);
+        s.fs = to_kvm_seg(&n.fs);
+        s.gs = to_kvm_seg(&n.gs);
+        s.ss = to_kvm_seg(&n.ss);
+        s.tr = to_kvm_seg(&n.tr);
+        s.ldt = to_kvm_seg(&n.ldt);
+        s.gdt.base = n.gdt.base;
+        s.gdt.limit = n.gdt.limit;
+        s.idt.base = n.idt.base;
+        s.idt.limit = n.idt.limit;
+        s.cr0 = n.cr0;
+        s.cr3 = n.cr3;
+        s.cr4 = n.cr4;
+        s.efer = n.efer;
+        self.fd.set_sregs(&s).map_err(|e| Error::call("KVM_SET_SREGS", errno(e)))
+    }
+
+    fn reset_fpu(&mut self) -> Result<()> {
+        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        self.fd.set_fpu(&fpu).map_err(|e| Error::call("KVM_SET_FPU", errno(e)))
+    }
+
+    fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<usize> {
+        let entries: Vec<kvm_msr_entry> = msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+            .collect();
+        let msrs = Msrs::from_entries(&entries)
+            .map_err(|e| Error::Unsupported(format!("too many MSRs: {e:?}")))?;
+        self.fd.set_msrs(&msrs).map_err(|e| Error::call("KVM_SET_MSRS", errno(e)))
+    }
+
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
+        Ok(self.supported_cpuid.as_ref().clone())
+    }
+
+    fn set_cpuid(&mut self, entries: &[CpuidEntry]) -> Result<()> {
+        let k: Vec<kvm_cpuid_entry2> = entries
+            .iter()
+            .map(|e| kvm_cpuid_entry2 {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+                ..Default::default()
+            })
+            .collect();
+        let cpuid = CpuId::from_entries(&k)
+            .map_err(|e| Error::Unsupported(format!("too many CPUID leaves: {e:?}")))?;
+        self.fd.set_cpuid2(&cpuid).map_err(|e| Error::call("KVM_SET_CPUID2", errno(e)))
+    }
+
+    fn setup_lapic_lints(&mut self) -> Result<()> {
+        const APIC_LVT0: usize = 0x350;
+        const APIC_LVT1: usize = 0x360;
+        const MODE_NMI: u32 = 0x4;
+        const MODE_EXTINT: u32 = 0x7;
+        let mut lapic = self.fd.get_lapic().map_err(|e| Error::call("KVM_GET_LAPIC", errno(e)))?;
+        for (off, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
+            let mut b = [0u8; 4];
+            for (i, v) in b.iter_mut().enumerate() {
+                *v = lapic.regs[off + i] as u8;
+            }
+            let reg = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+            for (i, v) in reg.to_le_bytes().iter().enumerate() {
+                lapic.regs[off + i] = *v as libc::c_char;
+            }
+        }
+        self.fd.set_lapic(&lapic).map_err(|e| Error::call("KVM_SET_LAPIC", errno(e)))
+    }
+}

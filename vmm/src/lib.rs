@@ -1,0 +1,7 @@
+//! Skiff's VMM library: the hypervisor layer, per-arch boot glue, the VM runner and timings.
+//! The `vmm` binary (`src/main.rs`) is a thin CLI over [`vm::run`].
+
+pub mod arch;
+pub mod hypervisor;
+pub mod timings;
+pub mod vm;

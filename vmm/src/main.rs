@@ -1,0 +1,120 @@
+//! `vmm`: boots a guest kernel in a Skiff microVM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+use skiff_vmm::timings::Timings;
+use skiff_vmm::vm::{self, PitMode, SerialOut, VmConfig, DEFAULT_CMDLINE};
+
+const AFTER_HELP: &str = "\
+Exit status:
+  0  the guest powered off or rebooted cleanly (a reboot ends the VM)
+  1  the VMM failed (a hypervisor call or device failed)
+  2  bad input: missing/truncated/wrong-arch kernel, initrd too big, bad sizes,
+     no /dev/kvm or no permission, more vCPUs than the host allows
+  3  the guest kernel panicked
+  4  the guest crashed its CPU (triple fault) or the hypervisor could not run it
+
+Linux guests: the default command line uses `reboot=k,panic_warm panic=-1`, so a guest
+`reboot -f` ends the VM with status 0 and a kernel panic with status 3. The guest init
+marks \"userspace reached\" by writing 123 to the boot-timer port (x86: port 0x3f0).
+
+Environment: SKIFF_LOG sets the log filter (default `warn`; e.g. `skiff_vmm=debug`).
+
+Example:
+  vmm --kernel vmlinux --initrd initramfs.cpio --timings";
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Pit {
+    Auto,
+    On,
+    Off,
+}
+
+/// Boot a guest kernel in a Skiff microVM (firmware-free: the VMM loads the kernel itself).
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// Guest kernel: an x86_64 vmlinux ELF (entered through its PVH note when it has one) or
+    /// a bzImage; an arm64 Image on aarch64 hosts.
+    #[arg(long, value_name = "K")]
+    kernel: PathBuf,
+    /// Initial ramdisk (cpio, optionally compressed as the kernel supports).
+    #[arg(long, value_name = "I")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (replaces the default).
+    #[arg(long, value_name = "S", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 128)]
+    memory: u64,
+    /// Print per-phase boot timings to stderr when the VM ends.
+    #[arg(long)]
+    timings: bool,
+    /// Write the guest's serial console to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    serial: Option<PathBuf>,
+    /// Create the legacy i8254 PIT: `auto` = only for Linux kernels (they calibrate against
+    /// it); tiny guests boot faster without it.
+    #[arg(long, value_enum, default_value_t = Pit::Auto)]
+    pit: Pit,
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: clap's first line names the problem.
+            let msg = e.render().to_string();
+            let line = msg.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("vmm: error: {line} (see vmm --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .try_init();
+
+    let cfg = VmConfig {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        cpus: cli.cpus,
+        memory_mib: cli.memory,
+        serial: cli.serial.map(SerialOut::File).unwrap_or(SerialOut::Stdout),
+        pit: match cli.pit {
+            Pit::Auto => PitMode::Auto,
+            Pit::On => PitMode::On,
+            Pit::Off => PitMode::Off,
+        },
+    };
+    match vm::run(&cfg, Timings::new(start)) {
+        Ok(res) => {
+            if cli.timings {
+                eprint!("{}", res.timings.report());
+                eprintln!("  guest exit: {:?} -> status {}", res.exit, res.exit.exit_code());
+            }
+            // Exit without tearing the VM down first: the kernel frees it with the process.
+            std::process::exit(res.exit.exit_code());
+        }
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            ExitCode::from(if e.is_user_error() { 2 } else { 1 })
+        }
+    }
+}

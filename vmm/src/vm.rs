@@ -1,0 +1,510 @@
+//! Builds a VM from a [`VmConfig`], runs its vCPUs (one thread each, created on that thread),
+//! and returns how the guest ended.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use skiff_devices::legacy::{BootTimer, SerialConsole};
+use skiff_devices::{Bus, EventSink, IrqTrigger, VmExitRequest};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::arch::{self, BootConfig};
+use crate::hypervisor::{self, Access, Hypervisor, MemoryRegion, SystemEvent, Vcpu, VcpuExit, VcpuKicker, Vm};
+use crate::timings::{Phase, Timings};
+
+type Hv = hypervisor::Backend;
+type HvVm = <Hv as Hypervisor>::Vm;
+
+/// Default kernel command line for Linux guests: serial console, quiet, reboot through the
+/// i8042 (so the VMM sees it), a panic reboots at once and marks the reboot "warm" so the VMM
+/// can tell a panic from a clean reboot.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 quiet reboot=k,panic_warm panic=-1 pci=off nomodules";
+
+/// Smallest guest RAM accepted.
+pub const MIN_MEMORY_MIB: u64 = 2;
+
+/// Where the serial console goes.
+#[derive(Debug, Clone)]
+pub enum SerialOut {
+    /// The VMM's stdout.
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// Nowhere.
+    Null,
+}
+
+/// Whether to create the legacy PIT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PitMode {
+    /// Only for Linux kernels (which calibrate against it).
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
+/// What to boot and how.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel image path.
+    pub kernel: PathBuf,
+    /// Initrd path.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Serial console destination.
+    pub serial: SerialOut,
+    /// Legacy PIT.
+    pub pit: PitMode,
+}
+
+/// How the guest ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reset the machine (a clean `reboot`, how Linux guests stop here).
+    Reset,
+    /// The guest kernel panicked.
+    Panic,
+    /// The vCPU hit a triple fault.
+    TripleFault,
+    /// The hypervisor could not run the guest (emulation failure, bad state).
+    HypervisorError(u64),
+}
+
+impl GuestExit {
+    /// The `vmm` process exit status for this ending (see `vmm --help`).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            GuestExit::PowerOff | GuestExit::Reset => 0,
+            GuestExit::Panic => 3,
+            GuestExit::TripleFault | GuestExit::HypervisorError(_) => 4,
+        }
+    }
+}
+
+/// Errors before or while running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad user input (exit status 2).
+    #[error("{0}")]
+    Input(String),
+    /// The boot layout failed because of the user's input (kernel, initrd, sizes).
+    #[error(transparent)]
+    Boot(#[from] firmware_free_boot::Error),
+    /// The hypervisor refused something.
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::Error),
+    /// Anything else the VMM failed at (exit status 1).
+    #[error("{0}")]
+    Vmm(String),
+}
+
+impl Error {
+    /// Whether this is the user's input (exit status 2) rather than a VMM failure (1).
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            Error::Input(_) | Error::Boot(_) => true,
+            Error::Hypervisor(e) => matches!(
+                e,
+                hypervisor::Error::NoDevice(_)
+                    | hypervisor::Error::NoPermission(_)
+                    | hypervisor::Error::TooManyVcpus { .. }
+            ),
+            Error::Vmm(_) => false,
+        }
+    }
+}
+
+impl From<arch::Error> for Error {
+    fn from(e: arch::Error) -> Self {
+        match e {
+            arch::Error::Boot(b) => Error::Boot(b),
+            arch::Error::Hypervisor(h) => Error::Hypervisor(h),
+        }
+    }
+}
+
+/// Result of a VM run.
+#[derive(Debug)]
+pub struct RunResult {
+    /// How the guest ended.
+    pub exit: GuestExit,
+    /// Phase timings.
+    pub timings: Timings,
+}
+
+enum Event {
+    Exit(GuestExit),
+    Stamp(Phase, Instant),
+    VcpuFailed(u32, String),
+}
+
+struct Sink(Mutex<Sender<Event>>);
+
+impl Sink {
+    fn send(&self, e: Event) {
+        if let Ok(tx) = self.0.lock() {
+            let _ = tx.send(e);
+        }
+    }
+}
+
+impl EventSink for Sink {
+    fn exit_request(&self, req: VmExitRequest) {
+        // A reset's meaning (clean or panic) is decided by the main thread from guest memory.
+        let exit = match req {
+            VmExitRequest::Reset => GuestExit::Reset,
+            VmExitRequest::PowerOff => GuestExit::PowerOff,
+        };
+        self.send(Event::Exit(exit));
+    }
+    fn boot_stamp(&self, value: u8) {
+        self.send(Event::Stamp(Phase::BootStamp(value), Instant::now()));
+    }
+    fn first_serial_byte(&self) {
+        self.send(Event::Stamp(Phase::FirstSerialByte, Instant::now()));
+    }
+}
+
+fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| Error::Input(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+/// Raw, unbuffered stdout: the guest's bytes reach the host as the guest writes them.
+struct RawStdout;
+impl Write for RawStdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+/// Boots the VM described by `cfg` and runs it until the guest ends.
+pub fn run(cfg: &VmConfig, mut timings: Timings) -> Result<RunResult, Error> {
+    if cfg.memory_mib < MIN_MEMORY_MIB {
+        return Err(Error::Input(format!(
+            "--memory {} is too small: the guest needs at least {MIN_MEMORY_MIB} MiB",
+            cfg.memory_mib
+        )));
+    }
+    let mem_bytes = cfg
+        .memory_mib
+        .checked_mul(1 << 20)
+        .filter(|b| *b <= 1 << 46)
+        .ok_or_else(|| Error::Input(format!("--memory {} MiB is larger than this VMM supports", cfg.memory_mib)))?;
+    if cfg.cpus == 0 {
+        return Err(Error::Input("--cpus 0: a VM needs at least one vCPU".into()));
+    }
+    if cfg.cpus > arch::current::MAX_CPUS {
+        return Err(Error::Input(format!(
+            "--cpus {}: the boot tables describe at most {} vCPUs",
+            cfg.cpus,
+            arch::current::MAX_CPUS
+        )));
+    }
+    let kernel = read_file("kernel", &cfg.kernel)?;
+    let initrd = cfg.initrd.as_ref().map(|p| read_file("initrd", p)).transpose()?;
+    let serial_out: Box<dyn Write + Send> = match &cfg.serial {
+        SerialOut::Stdout => Box::new(RawStdout),
+        SerialOut::Null => Box::new(std::io::sink()),
+        SerialOut::File(p) => Box::new(File::create(p).map_err(|e| {
+            Error::Input(format!("cannot create serial output file {}: {e}", p.display()))
+        })?),
+    };
+
+    let hv = Hv::new()?;
+    let max = hv.max_vcpus();
+    if cfg.cpus > max {
+        return Err(hypervisor::Error::TooManyVcpus { requested: cfg.cpus, max }.into());
+    }
+    let vm = Arc::new(hv.create_vm(cfg.cpus)?);
+    timings.mark(Phase::VmCreated);
+
+    let regions = arch::current::memory_regions(mem_bytes);
+    let ranges: Vec<(GuestAddress, usize)> =
+        regions.iter().map(|&(a, s)| (GuestAddress(a), s as usize)).collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges)
+        .map_err(|e| Error::Vmm(format!("cannot allocate {} MiB of guest memory: {e}", cfg.memory_mib)))?;
+    for (slot, r) in mem.iter().enumerate() {
+        let host = r
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| Error::Vmm(format!("guest memory has no host mapping: {e}")))?;
+        vm.add_memory_region(MemoryRegion {
+            slot: slot as u32,
+            guest_addr: r.start_addr().0,
+            size: r.len(),
+            host_addr: host as u64,
+        })?;
+    }
+    timings.mark(Phase::MemoryMapped);
+
+    let boot_cfg = BootConfig {
+        kernel,
+        kernel_path: cfg.kernel.clone(),
+        initrd,
+        cmdline: cfg.cmdline.clone(),
+        cpus: cfg.cpus,
+        mem_bytes,
+    };
+    let boot = arch::current::load(&mem, &boot_cfg)?;
+    drop(boot_cfg);
+    timings.mark(Phase::KernelLoaded);
+
+    let (tx, rx) = channel::<Event>();
+    let sink = Arc::new(Sink(Mutex::new(tx.clone())));
+    let (pio, mmio, serial) = platform_devices(&vm, &boot, cfg, serial_out, sink.clone())?;
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(mmio);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (kick_tx, kick_rx) = channel::<Arc<dyn VcpuKicker>>();
+    // Every vCPU must exist before the boot CPU runs: an INIT/SIPI sent to a vCPU that has not
+    // been created yet is lost.
+    let ready = Arc::new(std::sync::Barrier::new(cfg.cpus as usize));
+    let mut threads = Vec::new();
+    for id in 0..cfg.cpus {
+        let (vm, pio, mmio, stop, tx, kick_tx, ready) = (
+            vm.clone(),
+            pio.clone(),
+            mmio.clone(),
+            stop.clone(),
+            tx.clone(),
+            kick_tx.clone(),
+            ready.clone(),
+        );
+        let boot = boot;
+        let cpus = cfg.cpus;
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let sink = Sink(Mutex::new(tx));
+                let ctx = VcpuContext { id, cpus, boot: &boot, pio: &pio, mmio: &mmio, stop: &stop };
+                if let Err(e) = vcpu_thread(&vm, &ctx, &sink, &kick_tx, &ready) {
+                    sink.send(Event::VcpuFailed(id, e.to_string()));
+                }
+            })
+            .map_err(|e| Error::Vmm(format!("cannot start vCPU thread: {e}")))?;
+        threads.push(t);
+    }
+    drop(tx);
+    drop(kick_tx);
+
+    let exit = loop {
+        match rx.recv() {
+            Ok(Event::Stamp(p, at)) => {
+                tracing::debug!(phase = ?p, "boot phase");
+                timings.mark_at(p, at);
+            }
+            Ok(Event::Exit(GuestExit::Reset)) => {
+                break if warm_reset_flag(&mem) { GuestExit::Panic } else { GuestExit::Reset }
+            }
+            Ok(Event::Exit(e)) => break e,
+            Ok(Event::VcpuFailed(id, msg)) => {
+                stop_vcpus(&stop, &kick_rx, threads);
+                return Err(Error::Vmm(format!("vCPU {id} failed: {msg}")));
+            }
+            Err(_) => return Err(Error::Vmm("all vCPU threads ended without a guest exit".into())),
+        }
+    };
+    timings.mark(Phase::Exit);
+    // Late stamps that raced with the exit.
+    while let Ok(Event::Stamp(p, at)) = rx.try_recv() {
+        timings.mark_at(p, at);
+    }
+    stop_vcpus(&stop, &kick_rx, threads);
+    if let Ok(mut s) = serial.lock() {
+        s.flush();
+    }
+    tracing::info!(?exit, "guest ended");
+    Ok(RunResult { exit, timings })
+}
+
+/// Linux writes 0x1234 at 0x472 (the BIOS warm-boot flag) before an i8042 reset when the reboot
+/// is warm; the default command line makes only panics warm (`reboot=k,panic_warm`).
+fn warm_reset_flag(mem: &GuestMemoryMmap) -> bool {
+    use vm_memory::Bytes;
+    mem.read_obj::<u16>(GuestAddress(0x472)).map(|v| v == 0x1234).unwrap_or(false)
+}
+
+fn stop_vcpus(
+    stop: &AtomicBool,
+    kick_rx: &std::sync::mpsc::Receiver<Arc<dyn VcpuKicker>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+) {
+    stop.store(true, Ordering::SeqCst);
+    let kickers: Vec<_> = kick_rx.try_iter().collect();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+        for k in &kickers {
+            k.kick();
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    for t in threads {
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            tracing::warn!("a vCPU thread did not stop within 2 s");
+        }
+    }
+}
+
+struct VcpuContext<'a> {
+    id: u32,
+    cpus: u32,
+    boot: &'a arch::current::BootInfo,
+    pio: &'a Bus,
+    mmio: &'a Bus,
+    stop: &'a AtomicBool,
+}
+
+fn vcpu_thread(
+    vm: &HvVm,
+    ctx: &VcpuContext<'_>,
+    sink: &Sink,
+    kick_tx: &Sender<Arc<dyn VcpuKicker>>,
+    ready: &std::sync::Barrier,
+) -> Result<(), hypervisor::Error> {
+    let VcpuContext { id, cpus, boot, pio, mmio, stop } = *ctx;
+    let created = vm.create_vcpu(id).and_then(|mut v| {
+        configure_vcpu(&mut v, id, boot, cpus)?;
+        Ok(v)
+    });
+    // Wait for the others even on failure, so no thread blocks forever on the barrier.
+    ready.wait();
+    let mut vcpu = created?;
+    let _ = kick_tx.send(vcpu.kicker());
+    if id == 0 {
+        sink.send(Event::Stamp(Phase::FirstVcpuEntry, Instant::now()));
+    }
+    let mut unknown_exits = 0u32;
+    let bus_access = |bus: &Bus, a: Access<'_>| {
+        if a.is_write {
+            bus.write(a.addr, a.data);
+        } else {
+            bus.read(a.addr, a.data);
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        match vcpu.run()? {
+            VcpuExit::Io => vcpu.handle_io(&mut |a| bus_access(pio, a))?,
+            VcpuExit::Mmio => vcpu.handle_mmio(&mut |a| bus_access(mmio, a))?,
+            VcpuExit::Halt => std::thread::sleep(Duration::from_micros(100)),
+            VcpuExit::Interrupted => {}
+            VcpuExit::Shutdown => {
+                sink.send(Event::Exit(GuestExit::TripleFault));
+                break;
+            }
+            VcpuExit::SystemEvent(e) => {
+                sink.send(Event::Exit(match e {
+                    SystemEvent::PowerOff => GuestExit::PowerOff,
+                    SystemEvent::Reset => GuestExit::Reset,
+                    SystemEvent::Crash => GuestExit::Panic,
+                }));
+                break;
+            }
+            VcpuExit::InternalError(code) => {
+                tracing::error!(vcpu = id, code, "hypervisor internal error");
+                sink.send(Event::Exit(GuestExit::HypervisorError(code)));
+                break;
+            }
+            VcpuExit::Other(reason) => {
+                unknown_exits += 1;
+                tracing::warn!(vcpu = id, reason, "unhandled vCPU exit");
+                if unknown_exits > 1000 {
+                    sink.send(Event::Exit(GuestExit::HypervisorError(u64::from(reason))));
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+fn configure_vcpu(
+    vcpu: &mut <HvVm as Vm>::Vcpu,
+    id: u32,
+    boot: &arch::current::BootInfo,
+    cpus: u32,
+) -> Result<(), hypervisor::Error> {
+    arch::current::configure_vcpu(vcpu, id, boot, cpus)
+}
+
+#[cfg(target_arch = "aarch64")]
+fn configure_vcpu(
+    vcpu: &mut <HvVm as Vm>::Vcpu,
+    id: u32,
+    boot: &arch::current::BootInfo,
+    _cpus: u32,
+) -> Result<(), hypervisor::Error> {
+    arch::current::configure_vcpu(vcpu, id, boot)
+}
+
+type Devices = (Bus, Bus, Arc<Mutex<SerialConsole>>);
+
+#[cfg(target_arch = "x86_64")]
+fn platform_devices(
+    vm: &Arc<HvVm>,
+    boot: &arch::current::BootInfo,
+    cfg: &VmConfig,
+    serial_out: Box<dyn Write + Send>,
+    sink: Arc<Sink>,
+) -> Result<Devices, Error> {
+    use crate::hypervisor::VmX86_64;
+    use skiff_devices::legacy::{I8042, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042_PORT};
+    if cfg.pit == PitMode::On || (cfg.pit == PitMode::Auto && boot.is_linux) {
+        vm.create_pit()?;
+    }
+    let irq_vm = vm.clone();
+    let irq = IrqTrigger::new(move || {
+        let _ = irq_vm.trigger_edge_irq(COM1_IRQ);
+    });
+    let serial = Arc::new(Mutex::new(SerialConsole::new(serial_out, irq, sink.clone())));
+    let mut pio = Bus::new();
+    let e = |e: skiff_devices::BusError| Error::Vmm(e.to_string());
+    pio.insert(COM1_PORT, 8, serial.clone()).map_err(e)?;
+    pio.insert(I8042_PORT, 5, Arc::new(Mutex::new(I8042::new(sink.clone())))).map_err(e)?;
+    pio.insert(BOOT_TIMER_PORT, 1, Arc::new(Mutex::new(BootTimer::new(sink)))).map_err(e)?;
+    Ok((pio, Bus::new(), serial))
+}
+
+#[cfg(target_arch = "aarch64")]
+fn platform_devices(
+    vm: &Arc<HvVm>,
+    _boot: &arch::current::BootInfo,
+    _cfg: &VmConfig,
+    serial_out: Box<dyn Write + Send>,
+    sink: Arc<Sink>,
+) -> Result<Devices, Error> {
+    use arch::current::{BOOT_TIMER_ADDR, SERIAL_ADDR, SERIAL_SPI};
+    let irq_vm = vm.clone();
+    let irq = IrqTrigger::new(move || {
+        let _ = irq_vm.trigger_edge_irq(SERIAL_SPI);
+    });
+    let serial = Arc::new(Mutex::new(SerialConsole::new(serial_out, irq, sink.clone())));
+    let mut mmio = Bus::new();
+    let e = |e: skiff_devices::BusError| Error::Vmm(e.to_string());
+    mmio.insert(SERIAL_ADDR, 0x1000, serial.clone()).map_err(e)?;
+    mmio.insert(BOOT_TIMER_ADDR, 0x1000, Arc::new(Mutex::new(BootTimer::new(sink)))).map_err(e)?;
+    Ok((Bus::new(), mmio, serial))
+}
