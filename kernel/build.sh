@@ -50,7 +50,8 @@ if [ ! -f "$WORK/.extracted" ]; then
   tar -xf "$SRC_TAR" -C "$WORK" --strip-components=1
   touch "$WORK/.extracted"
 fi
-B=$CACHE/kernel/build-$ARCH-$HASH
+# One build tree per arch, so a config change rebuilds incrementally.
+B=$CACHE/kernel/build-$ARCH
 mkdir -p "$B"
 cross=()
 if [ "$ARCH" = arm64 ] && [ "$(uname -m)" != aarch64 ]; then

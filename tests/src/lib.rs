@@ -1,1 +1,141 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests: find the `vmm` binary, assemble tiny guests, run
+//! commands through `tools/kvm-vm` when this host's `/dev/kvm` cannot run a Linux guest.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The `vmm` binary under test: `$SKIFF_VMM`, else the newest of `target/{release,debug}/vmm`.
+/// Panics (fails the test, never skips) when there is none.
+pub fn vmm_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("SKIFF_VMM") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let mut found: Vec<PathBuf> =
+        ["release", "debug"].iter().map(|p| target.join(p).join("vmm")).filter(|p| p.exists()).collect();
+    found.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    found.pop().unwrap_or_else(|| {
+        panic!(
+            "no vmm binary: build it first (`cargo build --release -p skiff-vmm`) or set SKIFF_VMM; \
+             tools/test does both"
+        )
+    })
+}
+
+/// A fresh temporary directory (removed by the OS's tmp cleaning; tests keep artefacts for
+/// inspection on failure).
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let d = std::env::temp_dir().join(format!("skiff-test-{}-{tag}-{n}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Assembles `tests/guests/<src>` with the given `-D` defines into a PVH/ELF guest.
+pub fn build_guest(src: &str, defines: &[&str]) -> PathBuf {
+    let dir = temp_dir("guest");
+    let guests = repo_root().join("tests/guests");
+    let obj = dir.join("guest.o");
+    let elf = dir.join(format!("{}.elf", src.trim_end_matches(".S")));
+    let mut cc = Command::new("gcc");
+    cc.args(["-c", "-x", "assembler-with-cpp"]);
+    for d in defines {
+        cc.arg(format!("-D{d}"));
+    }
+    cc.arg(guests.join(src)).arg("-o").arg(&obj);
+    let out = cc.output().expect("gcc (build-essential) is needed to assemble the test guests");
+    assert!(out.status.success(), "assembling {src}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ld")
+        .args(["--no-warn-rwx-segments", "-nostdlib", "-static", "-T"])
+        .arg(guests.join("link.ld"))
+        .arg(&obj)
+        .arg("-o")
+        .arg(&elf)
+        .output()
+        .expect("ld (binutils) is needed to link the test guests");
+    assert!(out.status.success(), "linking {src}: {}", String::from_utf8_lossy(&out.stderr));
+    elf
+}
+
+/// What this host's `/dev/kvm` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmKind {
+    /// Hardware-assisted KVM (or nested KVM inside tools/kvm-vm): runs Linux guests.
+    Hardware,
+    /// PVM software virtualization: runs tiny guests, not Linux.
+    Pvm,
+    /// No /dev/kvm.
+    Missing,
+}
+
+/// Detects the host's KVM flavour.
+pub fn kvm_kind() -> KvmKind {
+    if !Path::new("/dev/kvm").exists() {
+        KvmKind::Missing
+    } else if Path::new("/sys/module/kvm_pvm").exists() {
+        KvmKind::Pvm
+    } else {
+        KvmKind::Hardware
+    }
+}
+
+/// Runs `program args` on real KVM: directly when the host has it, else through
+/// `tools/kvm-vm` (a nested VM under QEMU TCG). Fails loudly when neither works.
+pub fn run_on_real_kvm(program: &Path, args: &[&str]) -> Output {
+    let mut cmd = match kvm_kind() {
+        KvmKind::Hardware => Command::new(program),
+        KvmKind::Pvm | KvmKind::Missing => {
+            let mut c = Command::new(repo_root().join("tools/kvm-vm"));
+            c.arg("--").arg(program);
+            c
+        }
+    };
+    cmd.args(args);
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("kvm-vm: L1 boot hung") || out.status.code().is_some(),
+        "tools/kvm-vm failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Path of an artefact built by one of the repository's scripts (`kernel/build.sh`,
+/// `kernel/build-initramfs.sh`) with `--print-path`; builds it when it is not cached yet.
+pub fn artefact(script: &str) -> PathBuf {
+    static LOCK: OnceLock<std::sync::Mutex<()>> = OnceLock::new();
+    let _g = LOCK.get_or_init(Default::default).lock().unwrap();
+    let out = Command::new(repo_root().join(script))
+        .arg("--print-path")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(out.status.success(), "{script} failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// The Skiff guest kernel (vmlinux) and initramfs, built by the repository's scripts.
+pub fn skiff_kernel_and_initrd() -> (PathBuf, PathBuf) {
+    let k = std::env::var_os("SKIFF_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| artefact("kernel/build.sh").join("vmlinux"));
+    let i = std::env::var_os("SKIFF_INITRD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| artefact("kernel/build-initramfs.sh"));
+    (k, i)
+}
+
+/// Stdout and stderr as text.
+pub fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}

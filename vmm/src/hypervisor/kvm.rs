@@ -34,13 +34,20 @@ impl Hypervisor for Kvm {
     type Vm = KvmVm;
 
     fn new() -> Result<Self> {
-        match KvmFd::new() {
+        // SKIFF_KVM_DEVICE overrides the device path (tests use it to show the errors).
+        let path = std::env::var("SKIFF_KVM_DEVICE").unwrap_or_else(|_| KVM_PATH.to_string());
+        let cpath = std::ffi::CString::new(path.clone())
+            .map_err(|_| Error::NoDevice(path.clone()))?;
+        match KvmFd::new_with_path(&cpath) {
             Ok(kvm) => Ok(Kvm { kvm }),
-            Err(e) if e.errno() == libc::ENOENT => Err(Error::NoDevice(KVM_PATH.into())),
+            Err(e) if e.errno() == libc::ENOENT => Err(Error::NoDevice(path)),
             Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
-                Err(Error::NoPermission(KVM_PATH.into()))
+                Err(Error::NoPermission(path))
             }
-            Err(e) => Err(Error::call("open /dev/kvm", errno(e))),
+            Err(e) if e.errno() == libc::ENOTTY || e.errno() == libc::EINVAL => Err(Error::Unsupported(
+                format!("{path} is not a KVM device"),
+            )),
+            Err(e) => Err(Error::call("open the KVM device", errno(e))),
         }
     }
 

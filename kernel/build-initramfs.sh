@@ -1,0 +1,31 @@
+#!/bin/bash
+# Build the Skiff initramfs: the static guest agent as /init, plus /dev/console.
+#
+#   kernel/build-initramfs.sh [--print-path]
+#
+# Builds skiff-agent for x86_64-unknown-linux-musl (static), then writes an uncompressed newc
+# cpio (uncompressed: decompression is a large share of an emulated boot). Output, cached by
+# the agent binary's hash: ${SKIFF_CACHE:-~/.cache/skiff}/initramfs/<hash>/initramfs.cpio
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd); root=$(dirname "$here")
+PRINT=0; [ "${1:-}" = --print-path ] && PRINT=1
+log() { [ "$PRINT" = 1 ] || echo "initramfs: $*" >&2; }
+TARGET=x86_64-unknown-linux-musl
+if ! rustup target list --installed 2>/dev/null | grep -qx $TARGET; then
+  log "adding rust target $TARGET (one time)"
+  rustup target add $TARGET >&2
+fi
+log "building skiff-agent ($TARGET, static)"
+(cd "$root" && cargo build --quiet --release -p skiff-agent --target $TARGET >&2)
+AGENT=$root/target/$TARGET/release/skiff-agent
+HASH=$( { sha256sum "$AGENT" "$root/tools/mkcpio.py" "$0"; } | sha256sum | cut -c1-16)
+OUT=${SKIFF_CACHE:-$HOME/.cache/skiff}/initramfs/$HASH
+if [ ! -f "$OUT/initramfs.cpio" ]; then
+  mkdir -p "$OUT"
+  python3 "$root/tools/mkcpio.py" "$OUT/initramfs.cpio" \
+    dir:/dev dir:/proc dir:/sys dir:/tmp:1777 dir:/run dir:/root:700 \
+    chr:/dev/console:5:1 chr:/dev/null:1:3:666 \
+    file:/init:"$AGENT":755
+  log "wrote $OUT/initramfs.cpio ($(stat -c %s "$OUT/initramfs.cpio") bytes)"
+fi
+[ "$PRINT" = 1 ] && echo "$OUT/initramfs.cpio" || log "done: $OUT/initramfs.cpio"

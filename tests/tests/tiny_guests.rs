@@ -1,0 +1,203 @@
+//! Conformance suite: tiny hand-written guests under the real `vmm` binary on this host's
+//! `/dev/kvm` (PVM here, hardware KVM elsewhere). `tools/test` also runs this suite inside
+//! `tools/kvm-vm`, so both KVM flavours are covered.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use skiff_tests::{build_guest, kvm_kind, text, vmm_binary, KvmKind};
+
+fn vmm(args: &[&str]) -> std::process::Output {
+    assert_ne!(kvm_kind(), KvmKind::Missing, "this test needs /dev/kvm and the host has none");
+    Command::new(vmm_binary()).args(args).output().unwrap()
+}
+
+fn run_guest(src: &str, defines: &[&str], extra: &[&str]) -> (i32, String, String) {
+    let elf = build_guest(src, defines);
+    let mut args = vec!["--kernel", elf.to_str().unwrap(), "--timings"];
+    args.extend_from_slice(extra);
+    let out = vmm(&args);
+    let (o, e) = text(&out);
+    (out.status.code().unwrap_or(-1), o, e)
+}
+
+#[test]
+fn pvh_entry_serial_bytes_exact_and_boot_timer() {
+    let (code, out, err) = run_guest("pvh.S", &["ACTION=0"], &["--cmdline", "skiff test 42"]);
+    assert_eq!(out, "PVH magic=ok cmdline=skiff test 42\n", "stderr: {err}");
+    assert_eq!(code, 0, "{err}");
+    for phase in [
+        "VM created",
+        "memory mapped",
+        "kernel loaded",
+        "first vCPU entry",
+        "first serial byte",
+        "boot-timer stamp (userspace)",
+        "exit",
+    ] {
+        assert!(err.contains(phase), "timings lack '{phase}':\n{err}");
+    }
+}
+
+#[test]
+fn long_mode_entry_through_skiff_page_tables() {
+    let (code, out, err) = run_guest("long64.S", &[], &["--cmdline", "via zero page"]);
+    assert_eq!(out, "LONG64 zeropage=ok cmdline=via zero page high=ok\n", "stderr: {err}");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("boot-timer stamp (userspace)"), "{err}");
+}
+
+#[test]
+fn serial_to_file() {
+    let elf = build_guest("pvh.S", &["ACTION=0"]);
+    let file = skiff_tests::temp_dir("serial").join("console.txt");
+    let out = vmm(&["--kernel", elf.to_str().unwrap(), "--cmdline", "x", "--serial", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "PVH magic=ok cmdline=x\n");
+}
+
+#[test]
+fn warm_reset_is_a_panic_status_3() {
+    let (code, out, err) = run_guest("pvh.S", &["ACTION=1"], &[]);
+    assert!(out.starts_with("PVH magic=ok"), "{out}");
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("Panic"), "{err}");
+}
+
+#[test]
+fn triple_fault_is_status_4() {
+    let (code, out, err) = run_guest("pvh.S", &["ACTION=2"], &[]);
+    assert!(out.starts_with("PVH magic=ok"), "{out}");
+    assert_eq!(code, 4, "{err}");
+}
+
+#[test]
+fn garbage_to_ports_and_mmio_does_not_crash_the_vmm() {
+    let (code, out, err) = run_guest("pvh.S", &["ACTION=3"], &[]);
+    assert!(out.ends_with("SURVIVED\n"), "{out:?}");
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn smp_all_vcpus_start_and_stop() {
+    for cpus in [2u32, 4] {
+        let n = format!("NCPUS={cpus}");
+        let c = cpus.to_string();
+        let (code, out, err) = run_guest("pvh.S", &["ACTION=4", &n], &["--cpus", &c]);
+        assert!(out.ends_with(&format!("SMP {cpus} ok\n")), "{out:?} {err}");
+        assert_eq!(code, 0, "{err}");
+        assert!(!err.contains("did not stop"), "{err}");
+    }
+}
+
+// ---- bad input: one clear line, status 2, no panic ----
+
+fn bad(args: &[&str], envs: &[(&str, &str)], expect: &str) {
+    let mut cmd = Command::new(vmm_binary());
+    cmd.args(args).envs(envs.iter().copied());
+    let out = cmd.output().unwrap();
+    let (o, e) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "args {args:?}: stdout {o:?} stderr {e:?}");
+    assert_eq!(e.lines().count(), 1, "want one error line, got {e:?}");
+    assert!(e.starts_with("vmm: error:"), "{e:?}");
+    assert!(e.contains(expect), "error {e:?} should mention {expect:?}");
+    assert!(!e.contains("panicked") && !e.contains("backtrace"), "{e:?}");
+}
+
+#[test]
+fn missing_kernel() {
+    bad(&["--kernel", "/nonexistent/vmlinux"], &[], "/nonexistent/vmlinux");
+}
+
+#[test]
+fn truncated_kernel() {
+    let elf = build_guest("long64.S", &[]);
+    let bytes = std::fs::read(&elf).unwrap();
+    let t = skiff_tests::temp_dir("trunc").join("vmlinux");
+    std::fs::write(&t, &bytes[..80]).unwrap();
+    bad(&["--kernel", t.to_str().unwrap()], &[], "truncated");
+    std::fs::write(&t, &bytes[..20]).unwrap();
+    bad(&["--kernel", t.to_str().unwrap()], &[], "truncated");
+}
+
+#[test]
+fn wrong_arch_kernel() {
+    let d = skiff_tests::temp_dir("arch");
+    let mut image = vec![0u8; 4096];
+    image[0x38..0x3c].copy_from_slice(b"ARM\x64");
+    std::fs::write(d.join("Image"), &image).unwrap();
+    bad(&["--kernel", d.join("Image").to_str().unwrap()], &[], "wrong architecture");
+    let mut elf = vec![0u8; 4096];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2;
+    elf[5] = 1;
+    elf[18] = 183; // EM_AARCH64
+    std::fs::write(d.join("vmlinux-arm64"), &elf).unwrap();
+    bad(&["--kernel", d.join("vmlinux-arm64").to_str().unwrap()], &[], "wrong architecture");
+}
+
+#[test]
+fn initrd_too_big() {
+    let elf = build_guest("pvh.S", &["ACTION=0"]);
+    let d = skiff_tests::temp_dir("initrd");
+    std::fs::write(d.join("big.cpio"), vec![0u8; 8 << 20]).unwrap();
+    bad(
+        &["--kernel", elf.to_str().unwrap(), "--initrd", d.join("big.cpio").to_str().unwrap(), "--memory", "6"],
+        &[],
+        "initrd",
+    );
+    bad(&["--kernel", elf.to_str().unwrap(), "--initrd", "/nonexistent.cpio"], &[], "/nonexistent.cpio");
+}
+
+#[test]
+fn bad_sizes() {
+    let elf = build_guest("pvh.S", &["ACTION=0"]);
+    let k = elf.to_str().unwrap();
+    bad(&["--kernel", k, "--memory", "0"], &[], "--memory 0");
+    bad(&["--kernel", k, "--cpus", "0"], &[], "--cpus 0");
+    bad(&["--kernel", k, "--cpus", "100000"], &[], "100000");
+    bad(&["--kernel", k, "--memory", "lots"], &[], "lots");
+    bad(&["--kernel", k, "--memory", "99999999999999"], &[], "--memory");
+}
+
+#[test]
+fn more_vcpus_than_allowed() {
+    // The host's KVM limit and the MP table's limit (254 xAPIC ids) are both checked before
+    // anything starts; the error names the limit.
+    let elf = build_guest("pvh.S", &["ACTION=0"]);
+    bad(&["--kernel", elf.to_str().unwrap(), "--cpus", "255"], &[], "at most");
+}
+
+#[test]
+fn no_kvm_device() {
+    let elf = build_guest("pvh.S", &["ACTION=0"]);
+    bad(&["--kernel", elf.to_str().unwrap()], &[("SKIFF_KVM_DEVICE", "/nonexistent/kvm")], "does not exist");
+}
+
+#[test]
+fn no_permission_on_kvm_device() {
+    // Run as `nobody`: /dev/kvm is root-only on this host (mode 0600); if the host made it
+    // world-accessible, use a root-only copy of the node instead.
+    let elf = build_guest("pvh.S", &["ACTION=0"]);
+    let d = skiff_tests::temp_dir("perm");
+    let node = d.join("kvm");
+    let st = Command::new("mknod").arg(&node).args(["c", "10", "232"]).status().unwrap();
+    assert!(st.success(), "mknod needs root");
+    std::fs::set_permissions(&node, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let guest_dir = elf.parent().unwrap();
+    std::fs::set_permissions(guest_dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(vmm_binary())
+        .args(["--kernel", elf.to_str().unwrap()])
+        .env("SKIFF_KVM_DEVICE", &node)
+        .output()
+        .unwrap();
+    let (_, e) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e:?}");
+    assert!(e.contains("no permission"), "{e}");
+}
