@@ -24,7 +24,10 @@ fn main() {
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "?".into());
-    println!("SKIFF-AGENT: userspace reached (uptime {uptime} s, pid {})", std::process::id());
+    println!(
+        "SKIFF-AGENT: userspace reached (uptime {uptime} s, pid {})",
+        std::process::id()
+    );
     if let Err(e) = mounted {
         eprintln!("SKIFF-AGENT: mount failed: {e}");
     }

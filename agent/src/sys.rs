@@ -19,7 +19,10 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> io::
         if e.raw_os_error() == Some(libc::EBUSY) {
             return Ok(()); // already mounted
         }
-        Err(io::Error::new(e.kind(), format!("mount {fstype} on {target}: {e}")))
+        Err(io::Error::new(
+            e.kind(),
+            format!("mount {fstype} on {target}: {e}"),
+        ))
     }
 }
 
@@ -29,7 +32,12 @@ pub fn mount_pseudo_filesystems() -> io::Result<()> {
     mount("proc", "/proc", "proc", nosuid)?;
     mount("sysfs", "/sys", "sysfs", nosuid)?;
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID)?;
-    mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC)?;
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+    )?;
     mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid)?;
     mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV)?;
     mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV)?;
@@ -54,7 +62,10 @@ pub fn boot_timer_stamp(value: u8) -> io::Result<()> {
 /// Writes `value` to the VMM's boot-timer register (aarch64: MMIO, not wired yet).
 #[cfg(not(target_arch = "x86_64"))]
 pub fn boot_timer_stamp(_value: u8) -> io::Result<()> {
-    Err(io::Error::new(io::ErrorKind::Unsupported, "boot timer not wired on this arch yet"))
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "boot timer not wired on this arch yet",
+    ))
 }
 
 /// Flushes filesystem buffers.

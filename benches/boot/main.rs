@@ -1,1 +1,306 @@
-fn main() {}
+//! `boot`: launch→first serial byte, launch→marker, launch→exit and peak RSS of `vmm` against
+//! QEMU microvm, interleaved in the same run. Figures and ratios, never assertions.
+//!
+//! usage: boot [--runs N] [--vmm PATH] [--qemu PATH] [--linux KERNEL INITRD]
+//!   default: the tiny PVH guest (tests/guests/pvh.S), QEMU `-M microvm` lean flags
+//!   --linux: the Skiff kernel + initramfs; QEMU `-M microvm,rtc=on`; marker = agent line.
+//!            Needs real KVM: run it inside tools/kvm-vm on a PVM host.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+mod sys;
+
+struct Case {
+    name: &'static str,
+    argv: Vec<String>,
+    marker: &'static str,
+}
+
+#[derive(Default)]
+struct Sample {
+    first_byte: Option<Duration>,
+    marker: Option<Duration>,
+    exit: Duration,
+    rss_kib: i64,
+    setup_ms: Option<f64>,
+}
+
+fn run_once(case: &Case, timeout: Duration) -> Result<Sample> {
+    let start = Instant::now();
+    let mut child = Command::new(&case.argv[0])
+        .args(&case.argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", case.argv[0]))?;
+    let pid = child.id() as libc::pid_t;
+    let mut stdout = child.stdout.take().context("no stdout")?;
+    let mut stderr = child.stderr.take().context("no stderr")?;
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut s = Sample::default();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stdout.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        let now = start.elapsed();
+        s.first_byte.get_or_insert(now);
+        seen.extend_from_slice(&buf[..n]);
+        if s.marker.is_none() && String::from_utf8_lossy(&seen).contains(case.marker) {
+            s.marker = Some(now);
+        }
+        if now > timeout {
+            let _ = child.kill();
+        }
+    }
+    let rss = sys::wait_rss_kib(pid);
+    s.exit = start.elapsed();
+    s.rss_kib = rss.with_context(|| format!("wait4 for {}", case.name))?;
+    let err = err_thread.join().unwrap_or_default();
+    s.setup_ms = err
+        .lines()
+        .find(|l| l.contains("first vCPU entry"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .rev()
+                .nth(2)
+                .and_then(|v| v.parse().ok())
+        });
+    if s.marker.is_none() {
+        bail!(
+            "{}: marker {:?} never seen; stdout {:?} stderr {:?}",
+            case.name,
+            case.marker,
+            String::from_utf8_lossy(&seen),
+            err
+        );
+    }
+    Ok(s)
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let med = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    (v[0], med, v[v.len() - 1])
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn build_tiny_guest(root: &Path) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("skiff-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let obj = dir.join("tiny.o");
+    let elf = dir.join("tiny.elf");
+    let ok = Command::new("gcc")
+        .args(["-c", "-x", "assembler-with-cpp", "-DACTION=0"])
+        .arg(root.join("tests/guests/pvh.S"))
+        .arg("-o")
+        .arg(&obj)
+        .status()?
+        .success()
+        && Command::new("ld")
+            .args(["--no-warn-rwx-segments", "-nostdlib", "-static", "-T"])
+            .arg(root.join("tests/guests/link.ld"))
+            .arg(&obj)
+            .arg("-o")
+            .arg(&elf)
+            .status()?
+            .success();
+    if !ok {
+        bail!("assembling the tiny guest failed");
+    }
+    Ok(elf)
+}
+
+fn main() -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut runs = 20usize;
+    let mut vmm = root.join("target/release/vmm");
+    let mut qemu = PathBuf::from("qemu-system-x86_64");
+    let mut linux: Option<(String, String)> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => {
+                runs = args
+                    .next()
+                    .context("--runs N")?
+                    .parse()
+                    .context("--runs N")?
+            }
+            "--vmm" => vmm = args.next().context("--vmm PATH")?.into(),
+            "--qemu" => qemu = args.next().context("--qemu PATH")?.into(),
+            "--linux" => {
+                linux = Some((
+                    args.next().context("--linux KERNEL INITRD")?,
+                    args.next().context("--linux KERNEL INITRD")?,
+                ))
+            }
+            "-h" | "--help" => {
+                println!(
+                    "usage: boot [--runs N] [--vmm PATH] [--qemu PATH] [--linux KERNEL INITRD]"
+                );
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?} (see --help)"),
+        }
+    }
+    if !vmm.exists() {
+        bail!(
+            "{} does not exist: cargo build --release -p skiff-vmm",
+            vmm.display()
+        );
+    }
+    let vmm = vmm.to_string_lossy().to_string();
+    let qemu = qemu.to_string_lossy().to_string();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let qemu_common = s(&[
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-m",
+        "128",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ]);
+    let cases = match &linux {
+        None => {
+            let tiny = build_tiny_guest(&root)?.to_string_lossy().to_string();
+            let mut q = vec![
+                qemu.clone(),
+                "-M".into(),
+                "microvm,x-option-roms=off,pit=off,pic=off,rtc=off,acpi=off".into(),
+            ];
+            q.extend(qemu_common.clone());
+            q.extend(s(&["-kernel", &tiny, "-append", "console=ttyS0"]));
+            vec![
+                Case {
+                    name: "vmm",
+                    argv: s(&[&vmm, "--kernel", &tiny, "--memory", "128", "--timings"]),
+                    marker: "PVH magic=ok",
+                },
+                Case {
+                    name: "qemu microvm (lean)",
+                    argv: q,
+                    marker: "PVH magic=ok",
+                },
+            ]
+        }
+        Some((k, i)) => {
+            let cmdline = "console=ttyS0 quiet reboot=k,panic_warm panic=-1 pci=off nomodules";
+            let mut q = vec![qemu.clone(), "-M".into(), "microvm,rtc=on".into()];
+            q.extend(qemu_common.clone());
+            q.extend(s(&["-kernel", k, "-initrd", i, "-append", cmdline]));
+            vec![
+                Case {
+                    name: "vmm",
+                    argv: s(&[
+                        &vmm,
+                        "--kernel",
+                        k,
+                        "--initrd",
+                        i,
+                        "--memory",
+                        "128",
+                        "--cmdline",
+                        cmdline,
+                        "--timings",
+                    ]),
+                    marker: "SKIFF-AGENT: userspace reached",
+                },
+                Case {
+                    name: "qemu microvm,rtc=on",
+                    argv: q,
+                    marker: "SKIFF-AGENT: userspace reached",
+                },
+            ]
+        }
+    };
+    let timeout = Duration::from_secs(if linux.is_some() { 120 } else { 20 });
+    // One discarded warm-up round, then interleaved runs.
+    for c in &cases {
+        run_once(c, timeout)?;
+    }
+    let mut results: Vec<Vec<Sample>> = cases.iter().map(|_| Vec::new()).collect();
+    for _ in 0..runs {
+        for (c, r) in cases.iter().zip(results.iter_mut()) {
+            r.push(run_once(c, timeout)?);
+        }
+    }
+    println!(
+        "boot benchmark: {} ({} interleaved runs each, ms min / median / max)",
+        if linux.is_some() {
+            "Skiff Linux kernel + agent initramfs"
+        } else {
+            "tiny PVH guest"
+        },
+        runs
+    );
+    println!(
+        "{:<22} {:>26} {:>26} {:>26} {:>10}",
+        "case", "launch->first byte", "launch->marker", "launch->exit", "RSS MiB"
+    );
+    let mut medians = Vec::new();
+    for (c, r) in cases.iter().zip(results.iter()) {
+        let fb = stats(r.iter().filter_map(|x| x.first_byte.map(ms)).collect());
+        let mk = stats(r.iter().filter_map(|x| x.marker.map(ms)).collect());
+        let ex = stats(r.iter().map(|x| ms(x.exit)).collect());
+        let rss = stats(r.iter().map(|x| x.rss_kib as f64 / 1024.0).collect());
+        let f = |t: (f64, f64, f64)| format!("{:.1} / {:.1} / {:.1}", t.0, t.1, t.2);
+        println!(
+            "{:<22} {:>26} {:>26} {:>26} {:>10.1}",
+            c.name,
+            f(fb),
+            f(mk),
+            f(ex),
+            rss.1
+        );
+        medians.push((fb.1, mk.1, ex.1, rss.1));
+    }
+    let setup = stats(results[0].iter().filter_map(|x| x.setup_ms).collect());
+    println!(
+        "vmm setup before first vCPU entry (its --timings): {:.2} / {:.2} / {:.2} ms",
+        setup.0, setup.1, setup.2
+    );
+    if medians.len() == 2 {
+        let (a, b) = (medians[0], medians[1]);
+        println!(
+            "ratio vmm/{}: first byte {:.2}x, marker {:.2}x, exit {:.2}x, RSS {:.2}x",
+            cases[1].name,
+            a.0 / b.0,
+            a.1 / b.1,
+            a.2 / b.2,
+            a.3 / b.3
+        );
+    }
+    Ok(())
+}

@@ -43,7 +43,9 @@ pub struct Bus {
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.ranges.iter().map(|(b, (l, _))| (b, l))).finish()
+        f.debug_list()
+            .entries(self.ranges.iter().map(|(b, (l, _))| (b, l)))
+            .finish()
     }
 }
 
@@ -55,7 +57,10 @@ impl Bus {
 
     /// Adds `dev` at `base..base+len`.
     pub fn insert(&mut self, base: u64, len: u64, dev: Shared) -> Result<(), BusError> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::InvalidRange { base, len })?;
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::InvalidRange { base, len })?;
         if let Some((&b, &(l, _))) = self.ranges.range(..end).next_back() {
             if b + l > base {
                 return Err(BusError::Overlap { base, len });
@@ -127,8 +132,20 @@ mod tests {
         let mut bus = Bus::new();
         let a = Arc::new(Mutex::new(Reg::default()));
         bus.insert(0x100, 0x10, a.clone()).unwrap();
-        assert_eq!(bus.insert(0x10f, 1, a.clone()), Err(BusError::Overlap { base: 0x10f, len: 1 }));
-        assert_eq!(bus.insert(0xf8, 0x10, a.clone()), Err(BusError::Overlap { base: 0xf8, len: 0x10 }));
+        assert_eq!(
+            bus.insert(0x10f, 1, a.clone()),
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
+        );
+        assert_eq!(
+            bus.insert(0xf8, 0x10, a.clone()),
+            Err(BusError::Overlap {
+                base: 0xf8,
+                len: 0x10
+            })
+        );
         assert!(bus.insert(0x0, 0, a.clone()).is_err());
         assert!(bus.insert(u64::MAX, 2, a.clone()).is_err());
         bus.insert(0x110, 0x10, a.clone()).unwrap();

@@ -56,8 +56,13 @@ impl std::fmt::Debug for SerialConsole {
 impl SerialConsole {
     /// A UART writing to `out`, raising `irq`, reporting to `sink`.
     pub fn new(out: Box<dyn Write + Send>, irq: IrqTrigger, sink: Arc<dyn EventSink>) -> Self {
-        let events = ConsoleEvents { sink, seen: false.into() };
-        SerialConsole { inner: Serial::with_events(irq, events, out) }
+        let events = ConsoleEvents {
+            sink,
+            seen: false.into(),
+        };
+        SerialConsole {
+            inner: Serial::with_events(irq, events, out),
+        }
     }
 
     /// Flushes buffered output to the host.
@@ -204,6 +209,9 @@ mod tests {
         let mut t = BootTimer::new(rec.clone());
         t.write(0, &[123]);
         t.write(1, &[5]);
-        assert_eq!(*rec.0.lock().unwrap(), vec!["Reset".to_string(), "stamp 123".into()]);
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec!["Reset".to_string(), "stamp 123".into()]
+        );
     }
 }

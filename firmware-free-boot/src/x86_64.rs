@@ -160,7 +160,10 @@ impl Seek for ImageReader<'_> {
             SeekFrom::Current(d) => self.pos as i128 + i128::from(d),
         };
         if new < 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before start",
+            ));
         }
         self.pos = usize::try_from(new).unwrap_or(usize::MAX);
         Ok(self.pos as u64)
@@ -168,21 +171,29 @@ impl Seek for ImageReader<'_> {
 }
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 fn u64_at(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(off..off.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 /// Names of the ELF notes in a 64-bit little-endian ELF (bounded; malformed notes end the walk).
 pub fn elf_note_names(image: &[u8]) -> Vec<String> {
     let mut names = Vec::new();
-    let (Some(phoff), Some(phentsize), Some(phnum)) =
-        (u64_at(image, 0x20), u16_at(image, 0x36), u16_at(image, 0x38))
-    else {
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (
+        u64_at(image, 0x20),
+        u16_at(image, 0x36),
+        u16_at(image, 0x38),
+    ) else {
         return names;
     };
     for i in 0..usize::from(phnum.min(64)) {
@@ -195,13 +206,22 @@ pub fn elf_note_names(image: &[u8]) -> Vec<String> {
         if u32_at(image, ph) != Some(4) {
             continue; // not PT_NOTE
         }
-        let (Some(off), Some(size)) = (u64_at(image, ph.saturating_add(8)), u64_at(image, ph.saturating_add(32))) else {
+        let (Some(off), Some(size)) = (
+            u64_at(image, ph.saturating_add(8)),
+            u64_at(image, ph.saturating_add(32)),
+        ) else {
             continue;
         };
-        let Ok(mut p) = usize::try_from(off) else { continue };
-        let end = usize::try_from(off.saturating_add(size)).unwrap_or(usize::MAX).min(image.len());
+        let Ok(mut p) = usize::try_from(off) else {
+            continue;
+        };
+        let end = usize::try_from(off.saturating_add(size))
+            .unwrap_or(usize::MAX)
+            .min(image.len());
         while p.saturating_add(12) <= end && names.len() < 256 {
-            let (Some(namesz), Some(descsz)) = (u32_at(image, p), u32_at(image, p.saturating_add(4))) else {
+            let (Some(namesz), Some(descsz)) =
+                (u32_at(image, p), u32_at(image, p.saturating_add(4)))
+            else {
                 break;
             };
             let (namesz, descsz) = (namesz as usize, descsz as usize);
@@ -210,8 +230,15 @@ pub fn elf_note_names(image: &[u8]) -> Vec<String> {
                 .and_then(|s| Some((s, s.checked_add(namesz)?)))
                 .and_then(|(s, e)| image.get(s..e))
                 .unwrap_or(&[]);
-            names.push(String::from_utf8_lossy(name).trim_end_matches('\0').to_string());
-            let step = namesz.div_ceil(4).saturating_mul(4).saturating_add(descsz.div_ceil(4).saturating_mul(4));
+            names.push(
+                String::from_utf8_lossy(name)
+                    .trim_end_matches('\0')
+                    .to_string(),
+            );
+            let step = namesz
+                .div_ceil(4)
+                .saturating_mul(4)
+                .saturating_add(descsz.div_ceil(4).saturating_mul(4));
             p = p.saturating_add(12).saturating_add(step);
         }
     }
@@ -227,7 +254,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, image: &[u8]) -> Result<LoadedKernel> 
         )));
     }
     if image.get(0x38..0x3c) == Some(b"ARM\x64") {
-        return Err(Error::WrongArch("an arm64 Image, this VMM boots x86_64 kernels".into()));
+        return Err(Error::WrongArch(
+            "an arm64 Image, this VMM boots x86_64 kernels".into(),
+        ));
     }
     if image.starts_with(b"\x7fELF") {
         let machine = u16_at(image, 18).unwrap_or(0);
@@ -237,7 +266,10 @@ pub fn load_kernel(mem: &GuestMemoryMmap, image: &[u8]) -> Result<LoadedKernel> 
                 image[4]
             )));
         }
-        let mut r = ImageReader { data: image, pos: 0 };
+        let mut r = ImageReader {
+            data: image,
+            pos: 0,
+        };
         let res = Elf::load(mem, None, &mut r, Some(GuestAddress(layout::HIMEM_START)))
             .map_err(|e| Error::Kernel(format!("is not a loadable vmlinux (truncated?): {e}")))?;
         let is_linux = elf_note_names(image).iter().any(|n| n == "Linux");
@@ -245,10 +277,18 @@ pub fn load_kernel(mem: &GuestMemoryMmap, image: &[u8]) -> Result<LoadedKernel> 
             PvhBootCapability::PvhEntryPresent(a) => Entry::Pvh(a.raw_value()),
             _ => Entry::Linux64(u64_at(image, 0x18).unwrap_or(0)),
         };
-        return Ok(LoadedKernel { entry, kernel_end: res.kernel_end, is_linux, setup_header: None });
+        return Ok(LoadedKernel {
+            entry,
+            kernel_end: res.kernel_end,
+            is_linux,
+            setup_header: None,
+        });
     }
     if image.get(0x202..0x206) == Some(b"HdrS") {
-        let mut r = ImageReader { data: image, pos: 0 };
+        let mut r = ImageReader {
+            data: image,
+            pos: 0,
+        };
         let res = BzImage::load(mem, None, &mut r, Some(GuestAddress(layout::HIMEM_START)))
             .map_err(|e| Error::Kernel(format!("is not a loadable bzImage (truncated?): {e}")))?;
         return Ok(LoadedKernel {
@@ -258,18 +298,26 @@ pub fn load_kernel(mem: &GuestMemoryMmap, image: &[u8]) -> Result<LoadedKernel> 
             setup_header: res.setup_header,
         });
     }
-    Err(Error::Kernel("is neither a vmlinux ELF nor a bzImage".into()))
+    Err(Error::Kernel(
+        "is neither a vmlinux ELF nor a bzImage".into(),
+    ))
 }
 
 /// Writes the command line (NUL-terminated) at [`layout::CMDLINE_ADDR`].
 pub fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<()> {
     if cmdline.len() + 1 > layout::CMDLINE_MAX {
-        return Err(Error::CmdlineTooLong { len: cmdline.len(), max: layout::CMDLINE_MAX - 1 });
+        return Err(Error::CmdlineTooLong {
+            len: cmdline.len(),
+            max: layout::CMDLINE_MAX - 1,
+        });
     }
     let mut b = cmdline.as_bytes().to_vec();
     b.push(0);
     mem.write_slice(&b, GuestAddress(layout::CMDLINE_ADDR))
-        .map_err(|_| Error::GuestWrite { what: "command line", addr: layout::CMDLINE_ADDR })
+        .map_err(|_| Error::GuestWrite {
+            what: "command line",
+            addr: layout::CMDLINE_ADDR,
+        })
 }
 
 /// Places the initrd at the highest page-aligned address that fits below the MMIO hole, the
@@ -295,7 +343,10 @@ pub fn load_initrd(
     }
     let addr = (top - size) & !0xfff;
     mem.write_slice(initrd, GuestAddress(addr))
-        .map_err(|_| Error::GuestWrite { what: "initrd", addr })?;
+        .map_err(|_| Error::GuestWrite {
+            what: "initrd",
+            addr,
+        })?;
     Ok(addr)
 }
 
@@ -304,7 +355,11 @@ pub fn load_initrd(
 pub fn e820_map(regions: &[(u64, u64)]) -> Vec<(u64, u64, u32)> {
     let mut v = vec![
         (0, layout::EBDA_START, E820_RAM),
-        (layout::EBDA_START, 0x10_0000 - layout::EBDA_START, E820_RESERVED),
+        (
+            layout::EBDA_START,
+            0x10_0000 - layout::EBDA_START,
+            E820_RESERVED,
+        ),
     ];
     for &(start, size) in regions {
         let end = start + size;
@@ -324,10 +379,18 @@ pub fn configure_pvh(
 ) -> Result<u64> {
     let map = e820_map(regions);
     for (i, &(addr, size, type_)) in map.iter().enumerate() {
-        let e = hvm_memmap_table_entry { addr, size, type_, reserved: 0 };
+        let e = hvm_memmap_table_entry {
+            addr,
+            size,
+            type_,
+            reserved: 0,
+        };
         let at = layout::PVH_MEMMAP_ADDR + (i * std::mem::size_of_val(&e)) as u64;
         mem.write_obj(e, GuestAddress(at))
-            .map_err(|_| Error::GuestWrite { what: "PVH memory map", addr: at })?;
+            .map_err(|_| Error::GuestWrite {
+                what: "PVH memory map",
+                addr: at,
+            })?;
     }
     let mut info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
@@ -338,14 +401,24 @@ pub fn configure_pvh(
         ..Default::default()
     };
     if let Some((paddr, size)) = initrd {
-        let m = hvm_modlist_entry { paddr, size, ..Default::default() };
+        let m = hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        };
         mem.write_obj(m, GuestAddress(layout::PVH_MODLIST_ADDR))
-            .map_err(|_| Error::GuestWrite { what: "PVH module list", addr: layout::PVH_MODLIST_ADDR })?;
+            .map_err(|_| Error::GuestWrite {
+                what: "PVH module list",
+                addr: layout::PVH_MODLIST_ADDR,
+            })?;
         info.nr_modules = 1;
         info.modlist_paddr = layout::PVH_MODLIST_ADDR;
     }
     mem.write_obj(info, GuestAddress(layout::PVH_INFO_ADDR))
-        .map_err(|_| Error::GuestWrite { what: "hvm_start_info", addr: layout::PVH_INFO_ADDR })?;
+        .map_err(|_| Error::GuestWrite {
+            what: "hvm_start_info",
+            addr: layout::PVH_INFO_ADDR,
+        })?;
     Ok(layout::PVH_INFO_ADDR)
 }
 
@@ -380,11 +453,18 @@ pub fn configure_zero_page(
         return Err(Error::MemoryTooSmall("too many e820 entries".into()));
     }
     for (i, &(addr, size, type_)) in map.iter().enumerate() {
-        params.e820_table[i] = boot_e820_entry { addr, size, r#type: type_ };
+        params.e820_table[i] = boot_e820_entry {
+            addr,
+            size,
+            r#type: type_,
+        };
     }
     params.e820_entries = map.len() as u8;
     mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_ADDR))
-        .map_err(|_| Error::GuestWrite { what: "zero page", addr: layout::ZERO_PAGE_ADDR })?;
+        .map_err(|_| Error::GuestWrite {
+            what: "zero page",
+            addr: layout::ZERO_PAGE_ADDR,
+        })?;
     Ok(layout::ZERO_PAGE_ADDR)
 }
 
@@ -402,10 +482,16 @@ pub fn write_gdt(mem: &GuestMemoryMmap) -> Result<()> {
     for (i, e) in GDT.iter().enumerate() {
         let at = layout::GDT_ADDR + (i * 8) as u64;
         mem.write_obj(*e, GuestAddress(at))
-            .map_err(|_| Error::GuestWrite { what: "GDT", addr: at })?;
+            .map_err(|_| Error::GuestWrite {
+                what: "GDT",
+                addr: at,
+            })?;
     }
     mem.write_obj(0u64, GuestAddress(layout::IDT_ADDR))
-        .map_err(|_| Error::GuestWrite { what: "IDT", addr: layout::IDT_ADDR })
+        .map_err(|_| Error::GuestWrite {
+            what: "IDT",
+            addr: layout::IDT_ADDR,
+        })
 }
 
 /// Builds identity page tables for the first 4 GiB (2 MiB pages). Returns CR3.
@@ -415,7 +501,10 @@ pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<u64> {
     let pd = pml4 + 0x2000;
     let w = |v: u64, at: u64| {
         mem.write_obj(v, GuestAddress(at))
-            .map_err(|_| Error::GuestWrite { what: "page tables", addr: at })
+            .map_err(|_| Error::GuestWrite {
+                what: "page tables",
+                addr: at,
+            })
     };
     w(pdpt | 0x3, pml4)?;
     for i in 0..4u64 {
@@ -496,9 +585,15 @@ pub fn write_mptable(mem: &GuestMemoryMmap, cpus: u32) -> Result<()> {
     fp[9] = 4; // spec rev
     fp[10] = checksum(&fp);
     mem.write_slice(&fp, GuestAddress(layout::EBDA_START))
-        .map_err(|_| Error::GuestWrite { what: "MP floating pointer", addr: layout::EBDA_START })?;
+        .map_err(|_| Error::GuestWrite {
+            what: "MP floating pointer",
+            addr: layout::EBDA_START,
+        })?;
     mem.write_slice(&table, GuestAddress(table_addr))
-        .map_err(|_| Error::GuestWrite { what: "MP table", addr: table_addr })
+        .map_err(|_| Error::GuestWrite {
+            what: "MP table",
+            addr: table_addr,
+        })
 }
 
 #[cfg(test)]
@@ -528,7 +623,8 @@ mod tests {
         let m = mem(64 << 20);
         write_mptable(&m, 4).unwrap();
         let mut fp = [0u8; 16];
-        m.read_slice(&mut fp, GuestAddress(layout::EBDA_START)).unwrap();
+        m.read_slice(&mut fp, GuestAddress(layout::EBDA_START))
+            .unwrap();
         assert_eq!(&fp[0..4], b"_MP_");
         assert_eq!(fp.iter().fold(0u8, |a, x| a.wrapping_add(*x)), 0);
         let addr = u32::from_le_bytes(fp[4..8].try_into().unwrap()) as u64;
@@ -570,7 +666,10 @@ mod tests {
         elf32[..4].copy_from_slice(b"\x7fELF");
         elf32[4] = 1;
         elf32[18] = 3;
-        assert!(matches!(load_kernel(&m, &elf32).unwrap_err(), Error::WrongArch(_)));
+        assert!(matches!(
+            load_kernel(&m, &elf32).unwrap_err(),
+            Error::WrongArch(_)
+        ));
         let mut trunc = vec![0u8; 128];
         trunc[..4].copy_from_slice(b"\x7fELF");
         trunc[4] = 2;
@@ -604,7 +703,10 @@ mod tests {
         let last: hvm_memmap_table_entry = m
             .read_obj(GuestAddress(info.memmap_paddr + 2 * 24))
             .unwrap();
-        assert_eq!((last.addr, last.size, last.type_), (0x10_0000, (256 << 20) - 0x10_0000, 1));
+        assert_eq!(
+            (last.addr, last.size, last.type_),
+            (0x10_0000, (256 << 20) - 0x10_0000, 1)
+        );
         let e = load_cmdline(&m, &"x".repeat(layout::CMDLINE_MAX)).unwrap_err();
         assert!(matches!(e, Error::CmdlineTooLong { .. }));
     }

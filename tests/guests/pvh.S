@@ -135,6 +135,8 @@ _start:
 reset:
     mov $0xfe, %al                  /* pulse the reset line through the i8042 */
     out %al, $0x64
+    xor %al, %al                    /* QEMU (benchmark anchor): isa-debug-exit */
+    out %al, $0xf4
     hlt
     jmp reset
 

@@ -8,7 +8,10 @@ use std::sync::OnceLock;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The `vmm` binary under test: `$SKIFF_VMM`, else the newest of `target/{release,debug}/vmm`.
@@ -20,8 +23,11 @@ pub fn vmm_binary() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"));
-    let mut found: Vec<PathBuf> =
-        ["release", "debug"].iter().map(|p| target.join(p).join("vmm")).filter(|p| p.exists()).collect();
+    let mut found: Vec<PathBuf> = ["release", "debug"]
+        .iter()
+        .map(|p| target.join(p).join("vmm"))
+        .filter(|p| p.exists())
+        .collect();
     found.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
     found.pop().unwrap_or_else(|| {
         panic!(
@@ -53,8 +59,14 @@ pub fn build_guest(src: &str, defines: &[&str]) -> PathBuf {
         cc.arg(format!("-D{d}"));
     }
     cc.arg(guests.join(src)).arg("-o").arg(&obj);
-    let out = cc.output().expect("gcc (build-essential) is needed to assemble the test guests");
-    assert!(out.status.success(), "assembling {src}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cc
+        .output()
+        .expect("gcc (build-essential) is needed to assemble the test guests");
+    assert!(
+        out.status.success(),
+        "assembling {src}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new("ld")
         .args(["--no-warn-rwx-segments", "-nostdlib", "-static", "-T"])
         .arg(guests.join("link.ld"))
@@ -63,7 +75,11 @@ pub fn build_guest(src: &str, defines: &[&str]) -> PathBuf {
         .arg(&elf)
         .output()
         .expect("ld (binutils) is needed to link the test guests");
-    assert!(out.status.success(), "linking {src}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "linking {src}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     elf
 }
 
@@ -101,9 +117,12 @@ pub fn run_on_real_kvm(program: &Path, args: &[&str]) -> Output {
         }
     };
     cmd.args(args);
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
-        !String::from_utf8_lossy(&out.stderr).contains("kvm-vm: L1 boot hung") || out.status.code().is_some(),
+        !String::from_utf8_lossy(&out.stderr).contains("kvm-vm: L1 boot hung")
+            || out.status.code().is_some(),
         "tools/kvm-vm failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -137,5 +156,8 @@ pub fn skiff_kernel_and_initrd() -> (PathBuf, PathBuf) {
 
 /// Stdout and stderr as text.
 pub fn text(out: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -17,7 +17,17 @@ fn boot(kernel: &str, initrd: &str, cmdline: &str, cpus: &str) -> (i32, String, 
     let vmm = vmm_binary();
     let out = run_on_real_kvm(
         &vmm,
-        &["--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline, "--cpus", cpus, "--timings"],
+        &[
+            "--kernel",
+            kernel,
+            "--initrd",
+            initrd,
+            "--cmdline",
+            cmdline,
+            "--cpus",
+            cpus,
+            "--timings",
+        ],
     );
     let (o, e) = text(&out);
     eprintln!("--- guest stdout ---\n{o}--- stderr ---\n{e}");
@@ -28,10 +38,21 @@ fn boot(kernel: &str, initrd: &str, cmdline: &str, cpus: &str) -> (i32, String, 
 fn skiff_kernel_boots_to_init_and_powers_off() {
     let (k, i) = skiff_kernel_and_initrd();
     let (code, out, err) = boot(k.to_str().unwrap(), i.to_str().unwrap(), CMDLINE, "2");
-    assert!(out.contains("SKIFF-AGENT: userspace reached"), "no agent marker:\n{out}\n{err}");
-    assert!(!out.contains("boot timer:"), "the agent could not stamp the boot timer:\n{out}");
+    assert!(
+        out.contains("SKIFF-AGENT: userspace reached"),
+        "no agent marker:\n{out}\n{err}"
+    );
+    assert!(
+        !out.contains("boot timer:"),
+        "the agent could not stamp the boot timer:\n{out}"
+    );
     assert_eq!(code, 0, "{err}");
-    for phase in ["first vCPU entry", "first serial byte", "boot-timer stamp (userspace)", "exit"] {
+    for phase in [
+        "first vCPU entry",
+        "first serial byte",
+        "boot-timer stamp (userspace)",
+        "exit",
+    ] {
         assert!(err.contains(phase), "timings lack '{phase}':\n{err}");
     }
 }
@@ -42,7 +63,10 @@ fn skiff_kernel_panic_is_status_3() {
     let cmdline = format!("{CMDLINE} skiff.exit=panic");
     let (code, out, err) = boot(k.to_str().unwrap(), i.to_str().unwrap(), &cmdline, "1");
     assert!(out.contains("exiting PID 1 as asked"), "{out}\n{err}");
-    assert_eq!(code, 3, "a PID 1 exit panics the kernel; vmm must say so:\n{err}");
+    assert_eq!(
+        code, 3,
+        "a PID 1 exit panics the kernel; vmm must say so:\n{err}"
+    );
 }
 
 #[test]
@@ -50,6 +74,9 @@ fn skiff_bzimage_boots_through_the_64bit_protocol() {
     let (k, i) = skiff_kernel_and_initrd();
     let bz = k.parent().unwrap().join("bzImage");
     let (code, out, err) = boot(bz.to_str().unwrap(), i.to_str().unwrap(), CMDLINE, "1");
-    assert!(out.contains("SKIFF-AGENT: userspace reached"), "{out}\n{err}");
+    assert!(
+        out.contains("SKIFF-AGENT: userspace reached"),
+        "{out}\n{err}"
+    );
     assert_eq!(code, 0, "{err}");
 }

@@ -8,7 +8,11 @@ use std::process::Command;
 use skiff_tests::{build_guest, kvm_kind, text, vmm_binary, KvmKind};
 
 fn vmm(args: &[&str]) -> std::process::Output {
-    assert_ne!(kvm_kind(), KvmKind::Missing, "this test needs /dev/kvm and the host has none");
+    assert_ne!(
+        kvm_kind(),
+        KvmKind::Missing,
+        "this test needs /dev/kvm and the host has none"
+    );
     Command::new(vmm_binary()).args(args).output().unwrap()
 }
 
@@ -42,7 +46,10 @@ fn pvh_entry_serial_bytes_exact_and_boot_timer() {
 #[test]
 fn long_mode_entry_through_skiff_page_tables() {
     let (code, out, err) = run_guest("long64.S", &[], &["--cmdline", "via zero page"]);
-    assert_eq!(out, "LONG64 zeropage=ok cmdline=via zero page high=ok\n", "stderr: {err}");
+    assert_eq!(
+        out, "LONG64 zeropage=ok cmdline=via zero page high=ok\n",
+        "stderr: {err}"
+    );
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("boot-timer stamp (userspace)"), "{err}");
 }
@@ -51,10 +58,20 @@ fn long_mode_entry_through_skiff_page_tables() {
 fn serial_to_file() {
     let elf = build_guest("pvh.S", &["ACTION=0"]);
     let file = skiff_tests::temp_dir("serial").join("console.txt");
-    let out = vmm(&["--kernel", elf.to_str().unwrap(), "--cmdline", "x", "--serial", file.to_str().unwrap()]);
+    let out = vmm(&[
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cmdline",
+        "x",
+        "--serial",
+        file.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(0));
     assert!(out.stdout.is_empty());
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), "PVH magic=ok cmdline=x\n");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "PVH magic=ok cmdline=x\n"
+    );
 }
 
 #[test]
@@ -99,7 +116,11 @@ fn bad(args: &[&str], envs: &[(&str, &str)], expect: &str) {
     cmd.args(args).envs(envs.iter().copied());
     let out = cmd.output().unwrap();
     let (o, e) = text(&out);
-    assert_eq!(out.status.code(), Some(2), "args {args:?}: stdout {o:?} stderr {e:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "args {args:?}: stdout {o:?} stderr {e:?}"
+    );
     assert_eq!(e.lines().count(), 1, "want one error line, got {e:?}");
     assert!(e.starts_with("vmm: error:"), "{e:?}");
     assert!(e.contains(expect), "error {e:?} should mention {expect:?}");
@@ -108,7 +129,11 @@ fn bad(args: &[&str], envs: &[(&str, &str)], expect: &str) {
 
 #[test]
 fn missing_kernel() {
-    bad(&["--kernel", "/nonexistent/vmlinux"], &[], "/nonexistent/vmlinux");
+    bad(
+        &["--kernel", "/nonexistent/vmlinux"],
+        &[],
+        "/nonexistent/vmlinux",
+    );
 }
 
 #[test]
@@ -128,14 +153,22 @@ fn wrong_arch_kernel() {
     let mut image = vec![0u8; 4096];
     image[0x38..0x3c].copy_from_slice(b"ARM\x64");
     std::fs::write(d.join("Image"), &image).unwrap();
-    bad(&["--kernel", d.join("Image").to_str().unwrap()], &[], "wrong architecture");
+    bad(
+        &["--kernel", d.join("Image").to_str().unwrap()],
+        &[],
+        "wrong architecture",
+    );
     let mut elf = vec![0u8; 4096];
     elf[..4].copy_from_slice(b"\x7fELF");
     elf[4] = 2;
     elf[5] = 1;
     elf[18] = 183; // EM_AARCH64
     std::fs::write(d.join("vmlinux-arm64"), &elf).unwrap();
-    bad(&["--kernel", d.join("vmlinux-arm64").to_str().unwrap()], &[], "wrong architecture");
+    bad(
+        &["--kernel", d.join("vmlinux-arm64").to_str().unwrap()],
+        &[],
+        "wrong architecture",
+    );
 }
 
 #[test]
@@ -144,11 +177,27 @@ fn initrd_too_big() {
     let d = skiff_tests::temp_dir("initrd");
     std::fs::write(d.join("big.cpio"), vec![0u8; 8 << 20]).unwrap();
     bad(
-        &["--kernel", elf.to_str().unwrap(), "--initrd", d.join("big.cpio").to_str().unwrap(), "--memory", "6"],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--initrd",
+            d.join("big.cpio").to_str().unwrap(),
+            "--memory",
+            "6",
+        ],
         &[],
         "initrd",
     );
-    bad(&["--kernel", elf.to_str().unwrap(), "--initrd", "/nonexistent.cpio"], &[], "/nonexistent.cpio");
+    bad(
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--initrd",
+            "/nonexistent.cpio",
+        ],
+        &[],
+        "/nonexistent.cpio",
+    );
 }
 
 #[test]
@@ -159,7 +208,11 @@ fn bad_sizes() {
     bad(&["--kernel", k, "--cpus", "0"], &[], "--cpus 0");
     bad(&["--kernel", k, "--cpus", "100000"], &[], "100000");
     bad(&["--kernel", k, "--memory", "lots"], &[], "lots");
-    bad(&["--kernel", k, "--memory", "99999999999999"], &[], "--memory");
+    bad(
+        &["--kernel", k, "--memory", "99999999999999"],
+        &[],
+        "--memory",
+    );
 }
 
 #[test]
@@ -167,13 +220,21 @@ fn more_vcpus_than_allowed() {
     // The host's KVM limit and the MP table's limit (254 xAPIC ids) are both checked before
     // anything starts; the error names the limit.
     let elf = build_guest("pvh.S", &["ACTION=0"]);
-    bad(&["--kernel", elf.to_str().unwrap(), "--cpus", "255"], &[], "at most");
+    bad(
+        &["--kernel", elf.to_str().unwrap(), "--cpus", "255"],
+        &[],
+        "at most",
+    );
 }
 
 #[test]
 fn no_kvm_device() {
     let elf = build_guest("pvh.S", &["ACTION=0"]);
-    bad(&["--kernel", elf.to_str().unwrap()], &[("SKIFF_KVM_DEVICE", "/nonexistent/kvm")], "does not exist");
+    bad(
+        &["--kernel", elf.to_str().unwrap()],
+        &[("SKIFF_KVM_DEVICE", "/nonexistent/kvm")],
+        "does not exist",
+    );
 }
 
 #[test]
@@ -183,12 +244,20 @@ fn no_permission_on_kvm_device() {
     let elf = build_guest("pvh.S", &["ACTION=0"]);
     let d = skiff_tests::temp_dir("perm");
     let node = d.join("kvm");
-    let st = Command::new("mknod").arg(&node).args(["c", "10", "232"]).status().unwrap();
+    let st = Command::new("mknod")
+        .arg(&node)
+        .args(["c", "10", "232"])
+        .status()
+        .unwrap();
     assert!(st.success(), "mknod needs root");
     std::fs::set_permissions(&node, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let guest_dir = elf.parent().unwrap();
-    std::fs::set_permissions(guest_dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        guest_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(vmm_binary())

@@ -77,7 +77,11 @@ fn main() -> ExitCode {
             }
             // One line: clap's first line names the problem.
             let msg = e.render().to_string();
-            let line = msg.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            let line = msg
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
             eprintln!("vmm: error: {line} (see vmm --help)");
             return ExitCode::from(2);
         }
@@ -107,7 +111,11 @@ fn main() -> ExitCode {
         Ok(res) => {
             if cli.timings {
                 eprint!("{}", res.timings.report());
-                eprintln!("  guest exit: {:?} -> status {}", res.exit, res.exit.exit_code());
+                eprintln!(
+                    "  guest exit: {:?} -> status {}",
+                    res.exit,
+                    res.exit.exit_code()
+                );
             }
             // Exit without tearing the VM down first: the kernel frees it with the process.
             std::process::exit(res.exit.exit_code());

@@ -47,7 +47,10 @@ pub struct Timings {
 impl Timings {
     /// Starts the clock at `start` (the top of `main`).
     pub fn new(start: Instant) -> Self {
-        Timings { start, marks: Vec::new() }
+        Timings {
+            start,
+            marks: Vec::new(),
+        }
     }
 
     /// Records `phase` now.
@@ -64,19 +67,28 @@ impl Timings {
 
     /// Time from start to `phase`, if it happened.
     pub fn get(&self, phase: Phase) -> Option<Duration> {
-        self.marks.iter().find(|(p, _)| *p == phase).map(|(_, t)| t.duration_since(self.start))
+        self.marks
+            .iter()
+            .find(|(p, _)| *p == phase)
+            .map(|(_, t)| t.duration_since(self.start))
     }
 
     /// The report printed by `--timings`, one phase per line, in time order.
     pub fn report(&self) -> String {
         let mut marks = self.marks.clone();
         marks.sort_by_key(|(_, t)| *t);
-        let mut s = String::from("skiff timings (ms since VMM start, +delta from previous phase):\n");
+        let mut s =
+            String::from("skiff timings (ms since VMM start, +delta from previous phase):\n");
         let mut prev = self.start;
         for (p, t) in marks {
             let total = t.duration_since(self.start).as_secs_f64() * 1e3;
             let delta = t.duration_since(prev).as_secs_f64() * 1e3;
-            s.push_str(&format!("  {:<30} {:>10.3} ms  (+{:.3})\n", p.label(), total, delta));
+            s.push_str(&format!(
+                "  {:<30} {:>10.3} ms  (+{:.3})\n",
+                p.label(),
+                total,
+                delta
+            ));
             prev = t;
         }
         s

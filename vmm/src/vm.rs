@@ -11,10 +11,14 @@ use std::time::{Duration, Instant};
 
 use skiff_devices::legacy::{BootTimer, SerialConsole};
 use skiff_devices::{Bus, EventSink, IrqTrigger, VmExitRequest};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 use crate::arch::{self, BootConfig};
-use crate::hypervisor::{self, Access, Hypervisor, MemoryRegion, SystemEvent, Vcpu, VcpuExit, VcpuKicker, Vm};
+use crate::hypervisor::{
+    self, Access, Hypervisor, MemoryRegion, SystemEvent, Vcpu, VcpuExit, VcpuKicker, Vm,
+};
 use crate::timings::{Phase, Timings};
 
 type Hv = hypervisor::Backend;
@@ -181,7 +185,8 @@ impl EventSink for Sink {
 }
 
 fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|e| Error::Input(format!("cannot read {what} {}: {e}", path.display())))
+    std::fs::read(path)
+        .map_err(|e| Error::Input(format!("cannot read {what} {}: {e}", path.display())))
 }
 
 /// Raw, unbuffered stdout: the guest's bytes reach the host as the guest writes them.
@@ -210,9 +215,16 @@ pub fn run(cfg: &VmConfig, mut timings: Timings) -> Result<RunResult, Error> {
         .memory_mib
         .checked_mul(1 << 20)
         .filter(|b| *b <= 1 << 46)
-        .ok_or_else(|| Error::Input(format!("--memory {} MiB is larger than this VMM supports", cfg.memory_mib)))?;
+        .ok_or_else(|| {
+            Error::Input(format!(
+                "--memory {} MiB is larger than this VMM supports",
+                cfg.memory_mib
+            ))
+        })?;
     if cfg.cpus == 0 {
-        return Err(Error::Input("--cpus 0: a VM needs at least one vCPU".into()));
+        return Err(Error::Input(
+            "--cpus 0: a VM needs at least one vCPU".into(),
+        ));
     }
     if cfg.cpus > arch::current::MAX_CPUS {
         return Err(Error::Input(format!(
@@ -222,41 +234,67 @@ pub fn run(cfg: &VmConfig, mut timings: Timings) -> Result<RunResult, Error> {
         )));
     }
     let kernel = read_file("kernel", &cfg.kernel)?;
-    let initrd = cfg.initrd.as_ref().map(|p| read_file("initrd", p)).transpose()?;
+    let initrd = cfg
+        .initrd
+        .as_ref()
+        .map(|p| read_file("initrd", p))
+        .transpose()?;
     let serial_out: Box<dyn Write + Send> = match &cfg.serial {
         SerialOut::Stdout => Box::new(RawStdout),
         SerialOut::Null => Box::new(std::io::sink()),
         SerialOut::File(p) => Box::new(File::create(p).map_err(|e| {
-            Error::Input(format!("cannot create serial output file {}: {e}", p.display()))
+            Error::Input(format!(
+                "cannot create serial output file {}: {e}",
+                p.display()
+            ))
         })?),
     };
 
     let hv = Hv::new()?;
     let max = hv.max_vcpus();
     if cfg.cpus > max {
-        return Err(hypervisor::Error::TooManyVcpus { requested: cfg.cpus, max }.into());
+        return Err(hypervisor::Error::TooManyVcpus {
+            requested: cfg.cpus,
+            max,
+        }
+        .into());
     }
     let vm = Arc::new(hv.create_vm(cfg.cpus)?);
     timings.mark(Phase::VmCreated);
 
     let regions = arch::current::memory_regions(mem_bytes);
-    let ranges: Vec<(GuestAddress, usize)> =
-        regions.iter().map(|&(a, s)| (GuestAddress(a), s as usize)).collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges)
-        .map_err(|e| Error::Vmm(format!("cannot allocate {} MiB of guest memory: {e}", cfg.memory_mib)))?;
+    let ranges: Vec<(GuestAddress, usize)> = regions
+        .iter()
+        .map(|&(a, s)| (GuestAddress(a), s as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| {
+        Error::Vmm(format!(
+            "cannot allocate {} MiB of guest memory: {e}",
+            cfg.memory_mib
+        ))
+    })?;
+    let mut slots = Vec::new();
     for (slot, r) in mem.iter().enumerate() {
         let host = r
             .get_host_address(MemoryRegionAddress(0))
             .map_err(|e| Error::Vmm(format!("guest memory has no host mapping: {e}")))?;
-        vm.add_memory_region(MemoryRegion {
+        slots.push(MemoryRegion {
             slot: slot as u32,
             guest_addr: r.start_addr().0,
             size: r.len(),
             host_addr: host as u64,
-        })?;
+        });
     }
-    timings.mark(Phase::MemoryMapped);
-
+    // Registering memory waits for an RCU grace period in the host kernel (0.2-12 ms here):
+    // do it in the background while the kernel is loaded and the vCPUs are created. `mem`
+    // outlives the VM (it is dropped after the vCPU threads stop), as add_memory_region needs.
+    let mem_vm = vm.clone();
+    let mem_thread = std::thread::spawn(move || -> Result<Instant, hypervisor::Error> {
+        for r in slots {
+            mem_vm.add_memory_region(r)?;
+        }
+        Ok(Instant::now())
+    });
     let boot_cfg = BootConfig {
         kernel,
         kernel_path: cfg.kernel.clone(),
@@ -279,7 +317,7 @@ pub fn run(cfg: &VmConfig, mut timings: Timings) -> Result<RunResult, Error> {
     let (kick_tx, kick_rx) = channel::<Arc<dyn VcpuKicker>>();
     // Every vCPU must exist before the boot CPU runs: an INIT/SIPI sent to a vCPU that has not
     // been created yet is lost.
-    let ready = Arc::new(std::sync::Barrier::new(cfg.cpus as usize));
+    let ready = Arc::new(std::sync::Barrier::new(cfg.cpus as usize + 1));
     let mut threads = Vec::new();
     for id in 0..cfg.cpus {
         let (vm, pio, mmio, stop, tx, kick_tx, ready) = (
@@ -291,13 +329,19 @@ pub fn run(cfg: &VmConfig, mut timings: Timings) -> Result<RunResult, Error> {
             kick_tx.clone(),
             ready.clone(),
         );
-        let boot = boot;
         let cpus = cfg.cpus;
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let sink = Sink(Mutex::new(tx));
-                let ctx = VcpuContext { id, cpus, boot: &boot, pio: &pio, mmio: &mmio, stop: &stop };
+                let ctx = VcpuContext {
+                    id,
+                    cpus,
+                    boot: &boot,
+                    pio: &pio,
+                    mmio: &mmio,
+                    stop: &stop,
+                };
                 if let Err(e) = vcpu_thread(&vm, &ctx, &sink, &kick_tx, &ready) {
                     sink.send(Event::VcpuFailed(id, e.to_string()));
                 }
@@ -307,6 +351,23 @@ pub fn run(cfg: &VmConfig, mut timings: Timings) -> Result<RunResult, Error> {
     }
     drop(tx);
     drop(kick_tx);
+    // Guest memory must be in place before any vCPU runs.
+    let mapped = mem_thread.join();
+    if !matches!(mapped, Ok(Ok(_))) {
+        stop.store(true, Ordering::SeqCst);
+    }
+    ready.wait();
+    match mapped {
+        Ok(Ok(at)) => timings.mark_at(Phase::MemoryMapped, at),
+        Ok(Err(e)) => {
+            stop_vcpus(&stop, &kick_rx, threads);
+            return Err(e.into());
+        }
+        Err(_) => {
+            stop_vcpus(&stop, &kick_rx, threads);
+            return Err(Error::Vmm("the memory-mapping thread panicked".into()));
+        }
+    }
 
     let exit = loop {
         match rx.recv() {
@@ -315,14 +376,22 @@ pub fn run(cfg: &VmConfig, mut timings: Timings) -> Result<RunResult, Error> {
                 timings.mark_at(p, at);
             }
             Ok(Event::Exit(GuestExit::Reset)) => {
-                break if warm_reset_flag(&mem) { GuestExit::Panic } else { GuestExit::Reset }
+                break if warm_reset_flag(&mem) {
+                    GuestExit::Panic
+                } else {
+                    GuestExit::Reset
+                }
             }
             Ok(Event::Exit(e)) => break e,
             Ok(Event::VcpuFailed(id, msg)) => {
                 stop_vcpus(&stop, &kick_rx, threads);
                 return Err(Error::Vmm(format!("vCPU {id} failed: {msg}")));
             }
-            Err(_) => return Err(Error::Vmm("all vCPU threads ended without a guest exit".into())),
+            Err(_) => {
+                return Err(Error::Vmm(
+                    "all vCPU threads ended without a guest exit".into(),
+                ))
+            }
         }
     };
     timings.mark(Phase::Exit);
@@ -342,7 +411,9 @@ pub fn run(cfg: &VmConfig, mut timings: Timings) -> Result<RunResult, Error> {
 /// is warm; the default command line makes only panics warm (`reboot=k,panic_warm`).
 fn warm_reset_flag(mem: &GuestMemoryMmap) -> bool {
     use vm_memory::Bytes;
-    mem.read_obj::<u16>(GuestAddress(0x472)).map(|v| v == 0x1234).unwrap_or(false)
+    mem.read_obj::<u16>(GuestAddress(0x472))
+        .map(|v| v == 0x1234)
+        .unwrap_or(false)
 }
 
 fn stop_vcpus(
@@ -384,7 +455,14 @@ fn vcpu_thread(
     kick_tx: &Sender<Arc<dyn VcpuKicker>>,
     ready: &std::sync::Barrier,
 ) -> Result<(), hypervisor::Error> {
-    let VcpuContext { id, cpus, boot, pio, mmio, stop } = *ctx;
+    let VcpuContext {
+        id,
+        cpus,
+        boot,
+        pio,
+        mmio,
+        stop,
+    } = *ctx;
     let created = vm.create_vcpu(id).and_then(|mut v| {
         configure_vcpu(&mut v, id, boot, cpus)?;
         Ok(v)
@@ -471,7 +549,7 @@ fn platform_devices(
     sink: Arc<Sink>,
 ) -> Result<Devices, Error> {
     use crate::hypervisor::VmX86_64;
-    use skiff_devices::legacy::{I8042, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042_PORT};
+    use skiff_devices::legacy::{BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042, I8042_PORT};
     if cfg.pit == PitMode::On || (cfg.pit == PitMode::Auto && boot.is_linux) {
         vm.create_pit()?;
     }
@@ -479,12 +557,26 @@ fn platform_devices(
     let irq = IrqTrigger::new(move || {
         let _ = irq_vm.trigger_edge_irq(COM1_IRQ);
     });
-    let serial = Arc::new(Mutex::new(SerialConsole::new(serial_out, irq, sink.clone())));
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        serial_out,
+        irq,
+        sink.clone(),
+    )));
     let mut pio = Bus::new();
     let e = |e: skiff_devices::BusError| Error::Vmm(e.to_string());
     pio.insert(COM1_PORT, 8, serial.clone()).map_err(e)?;
-    pio.insert(I8042_PORT, 5, Arc::new(Mutex::new(I8042::new(sink.clone())))).map_err(e)?;
-    pio.insert(BOOT_TIMER_PORT, 1, Arc::new(Mutex::new(BootTimer::new(sink)))).map_err(e)?;
+    pio.insert(
+        I8042_PORT,
+        5,
+        Arc::new(Mutex::new(I8042::new(sink.clone()))),
+    )
+    .map_err(e)?;
+    pio.insert(
+        BOOT_TIMER_PORT,
+        1,
+        Arc::new(Mutex::new(BootTimer::new(sink))),
+    )
+    .map_err(e)?;
     Ok((pio, Bus::new(), serial))
 }
 
@@ -501,10 +593,20 @@ fn platform_devices(
     let irq = IrqTrigger::new(move || {
         let _ = irq_vm.trigger_edge_irq(SERIAL_SPI);
     });
-    let serial = Arc::new(Mutex::new(SerialConsole::new(serial_out, irq, sink.clone())));
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        serial_out,
+        irq,
+        sink.clone(),
+    )));
     let mut mmio = Bus::new();
     let e = |e: skiff_devices::BusError| Error::Vmm(e.to_string());
-    mmio.insert(SERIAL_ADDR, 0x1000, serial.clone()).map_err(e)?;
-    mmio.insert(BOOT_TIMER_ADDR, 0x1000, Arc::new(Mutex::new(BootTimer::new(sink)))).map_err(e)?;
+    mmio.insert(SERIAL_ADDR, 0x1000, serial.clone())
+        .map_err(e)?;
+    mmio.insert(
+        BOOT_TIMER_ADDR,
+        0x1000,
+        Arc::new(Mutex::new(BootTimer::new(sink))),
+    )
+    .map_err(e)?;
     Ok((Bus::new(), mmio, serial))
 }

@@ -31,10 +31,9 @@ pub struct BootInfo {
 /// or zero page.
 pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootInfo, Error> {
     let kernel = fw::load_kernel(mem, &cfg.kernel).map_err(|e| match e {
-        firmware_free_boot::Error::Kernel(m) => firmware_free_boot::Error::Kernel(format!(
-            "{}: {m}",
-            cfg.kernel_path.display()
-        )),
+        firmware_free_boot::Error::Kernel(m) => {
+            firmware_free_boot::Error::Kernel(format!("{}: {m}", cfg.kernel_path.display()))
+        }
         other => other,
     })?;
     fw::load_cmdline(mem, &cfg.cmdline)?;
@@ -58,7 +57,11 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootInfo, Error> 
             fw::configure_zero_page(mem, &kernel, cfg.cmdline.len(), &regions, initrd)?;
         }
     }
-    Ok(BootInfo { entry: kernel.entry, is_linux: kernel.is_linux, cr3 })
+    Ok(BootInfo {
+        entry: kernel.entry,
+        is_linux: kernel.is_linux,
+        cr3,
+    })
 }
 
 fn cpuid_for(supported: &[CpuidEntry], id: u32, cpus: u32) -> Vec<CpuidEntry> {
@@ -83,16 +86,16 @@ fn cpuid_for(supported: &[CpuidEntry], id: u32, cpus: u32) -> Vec<CpuidEntry> {
 /// MSRs a BIOS would leave in a known state. The hypervisor may refuse some (PVM refuses a few);
 /// that is not an error.
 const BOOT_MSRS: [(u32, u64); 10] = [
-    (0x174, 0),               // IA32_SYSENTER_CS
-    (0x175, 0),               // IA32_SYSENTER_ESP
-    (0x176, 0),               // IA32_SYSENTER_EIP
-    (0xc000_0081, 0),         // STAR
-    (0xc000_0082, 0),         // LSTAR
-    (0xc000_0083, 0),         // CSTAR
-    (0xc000_0084, 0),         // SYSCALL_MASK
-    (0xc000_0102, 0),         // KERNEL_GS_BASE
-    (0x1a0, 1),               // IA32_MISC_ENABLE: fast strings
-    (0x2ff, (1 << 11) | 6),   // MTRR default type: enabled, write-back
+    (0x174, 0),             // IA32_SYSENTER_CS
+    (0x175, 0),             // IA32_SYSENTER_ESP
+    (0x176, 0),             // IA32_SYSENTER_EIP
+    (0xc000_0081, 0),       // STAR
+    (0xc000_0082, 0),       // LSTAR
+    (0xc000_0083, 0),       // CSTAR
+    (0xc000_0084, 0),       // SYSCALL_MASK
+    (0xc000_0102, 0),       // KERNEL_GS_BASE
+    (0x1a0, 1),             // IA32_MISC_ENABLE: fast strings
+    (0x2ff, (1 << 11) | 6), // MTRR default type: enabled, write-back
 ];
 
 /// Sets CPUID, MSRs, LAPIC LINTs, and for the boot CPU the entry registers.
@@ -123,11 +126,20 @@ pub fn configure_vcpu<V: VcpuX86_64>(
         gs: data,
         ss: data,
         tr: gdt(3, fw::SEL_TSS),
-        gdt: DescriptorTable { base: layout::GDT_ADDR, limit: (fw::GDT.len() * 8 - 1) as u16 },
-        idt: DescriptorTable { base: layout::IDT_ADDR, limit: 7 },
+        gdt: DescriptorTable {
+            base: layout::GDT_ADDR,
+            limit: (fw::GDT.len() * 8 - 1) as u16,
+        },
+        idt: DescriptorTable {
+            base: layout::IDT_ADDR,
+            limit: 7,
+        },
         ..vcpu.sregs()?
     };
-    let mut regs = Regs { rflags: 2, ..Default::default() };
+    let mut regs = Regs {
+        rflags: 2,
+        ..Default::default()
+    };
     match boot.entry {
         Entry::Pvh(entry) => {
             sregs.cs = gdt(4, fw::SEL_CODE32);
@@ -161,8 +173,16 @@ mod tests {
     #[test]
     fn cpuid_carries_apic_id_and_hypervisor_bit() {
         let sup = vec![
-            CpuidEntry { function: 1, ebx: 0xffff_ffff, ..Default::default() },
-            CpuidEntry { function: 0xb, index: 1, ..Default::default() },
+            CpuidEntry {
+                function: 1,
+                ebx: 0xffff_ffff,
+                ..Default::default()
+            },
+            CpuidEntry {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
         ];
         let v = cpuid_for(&sup, 3, 4);
         assert_eq!(v[0].ebx >> 24, 3);

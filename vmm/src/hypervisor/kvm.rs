@@ -36,17 +36,17 @@ impl Hypervisor for Kvm {
     fn new() -> Result<Self> {
         // SKIFF_KVM_DEVICE overrides the device path (tests use it to show the errors).
         let path = std::env::var("SKIFF_KVM_DEVICE").unwrap_or_else(|_| KVM_PATH.to_string());
-        let cpath = std::ffi::CString::new(path.clone())
-            .map_err(|_| Error::NoDevice(path.clone()))?;
+        let cpath =
+            std::ffi::CString::new(path.clone()).map_err(|_| Error::NoDevice(path.clone()))?;
         match KvmFd::new_with_path(&cpath) {
             Ok(kvm) => Ok(Kvm { kvm }),
             Err(e) if e.errno() == libc::ENOENT => Err(Error::NoDevice(path)),
             Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
                 Err(Error::NoPermission(path))
             }
-            Err(e) if e.errno() == libc::ENOTTY || e.errno() == libc::EINVAL => Err(Error::Unsupported(
-                format!("{path} is not a KVM device"),
-            )),
+            Err(e) if e.errno() == libc::ENOTTY || e.errno() == libc::EINVAL => {
+                Err(Error::Unsupported(format!("{path} is not a KVM device")))
+            }
             Err(e) => Err(Error::call("open the KVM device", errno(e))),
         }
     }
@@ -58,12 +58,19 @@ impl Hypervisor for Kvm {
     fn create_vm(&self, vcpus: u32) -> Result<KvmVm> {
         let max = self.max_vcpus();
         if vcpus == 0 || vcpus > max {
-            return Err(Error::TooManyVcpus { requested: vcpus, max });
+            return Err(Error::TooManyVcpus {
+                requested: vcpus,
+                max,
+            });
         }
-        let vm = self.kvm.create_vm().map_err(|e| Error::call("KVM_CREATE_VM", errno(e)))?;
+        let vm = self
+            .kvm
+            .create_vm()
+            .map_err(|e| Error::call("KVM_CREATE_VM", errno(e)))?;
         vm.set_tss_address(TSS_ADDRESS)
             .map_err(|e| Error::call("KVM_SET_TSS_ADDR", errno(e)))?;
-        vm.create_irq_chip().map_err(|e| Error::call("KVM_CREATE_IRQCHIP", errno(e)))?;
+        vm.create_irq_chip()
+            .map_err(|e| Error::call("KVM_CREATE_IRQCHIP", errno(e)))?;
         let cpuid = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -81,7 +88,10 @@ impl Hypervisor for Kvm {
                 edx: e.edx,
             })
             .collect();
-        Ok(KvmVm { vm, supported_cpuid: Arc::new(cpuid) })
+        Ok(KvmVm {
+            vm,
+            supported_cpuid: Arc::new(cpuid),
+        })
     }
 }
 
@@ -133,14 +143,21 @@ impl Vm for KvmVm {
     }
 
     fn set_irq_line(&self, irq: u32, high: bool) -> Result<()> {
-        self.vm.set_irq_line(irq, high).map_err(|e| Error::call("KVM_IRQ_LINE", errno(e)))
+        self.vm
+            .set_irq_line(irq, high)
+            .map_err(|e| Error::call("KVM_IRQ_LINE", errno(e)))
     }
 }
 
 impl VmX86_64 for KvmVm {
     fn create_pit(&self) -> Result<()> {
-        let config = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        self.vm.create_pit2(config).map_err(|e| Error::call("KVM_CREATE_PIT2", errno(e)))
+        let config = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.vm
+            .create_pit2(config)
+            .map_err(|e| Error::call("KVM_CREATE_PIT2", errno(e)))
     }
 }
 
@@ -258,7 +275,9 @@ impl Vcpu for KvmVcpu {
         let run_size = self.run_size;
         let run = self.fd.get_kvm_run();
         if run.exit_reason != kvm_bindings::KVM_EXIT_IO {
-            return Err(Error::Unsupported("handle_io without a pending port I/O exit".into()));
+            return Err(Error::Unsupported(
+                "handle_io without a pending port I/O exit".into(),
+            ));
         }
         // SAFETY: exit_reason is KVM_EXIT_IO, so `io` is the active union member.
         let io = unsafe { run.__bindgen_anon_1.io };
@@ -266,7 +285,10 @@ impl Vcpu for KvmVcpu {
         let total = size * io.count as usize;
         // KVM keeps port data inside the kvm_run mapping; never trust the offset blindly.
         if size == 0 || size > 4 || (io.data_offset as usize).saturating_add(total) > run_size {
-            return Err(Error::Unsupported(format!("port I/O of {size}x{} bytes", io.count)));
+            return Err(Error::Unsupported(format!(
+                "port I/O of {size}x{} bytes",
+                io.count
+            )));
         }
         let base = run as *mut kvm_run as *mut u8;
         // SAFETY: data_offset and the length were checked to lie within the kvm_run mapping
@@ -276,7 +298,11 @@ impl Vcpu for KvmVcpu {
             unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), total) };
         let is_write = u32::from(io.direction) == KVM_EXIT_IO_OUT;
         for chunk in data.chunks_mut(size) {
-            f(Access { addr: u64::from(io.port), data: chunk, is_write });
+            f(Access {
+                addr: u64::from(io.port),
+                data: chunk,
+                is_write,
+            });
         }
         Ok(())
     }
@@ -284,12 +310,18 @@ impl Vcpu for KvmVcpu {
     fn handle_mmio(&mut self, f: &mut dyn FnMut(Access<'_>)) -> Result<()> {
         let run = self.fd.get_kvm_run();
         if run.exit_reason != kvm_bindings::KVM_EXIT_MMIO {
-            return Err(Error::Unsupported("handle_mmio without a pending MMIO exit".into()));
+            return Err(Error::Unsupported(
+                "handle_mmio without a pending MMIO exit".into(),
+            ));
         }
         // SAFETY: exit_reason is KVM_EXIT_MMIO, so `mmio` is the active union member.
         let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
         let len = (mmio.len as usize).min(mmio.data.len());
-        f(Access { addr: mmio.phys_addr, data: &mut mmio.data[..len], is_write: mmio.is_write != 0 });
+        f(Access {
+            addr: mmio.phys_addr,
+            data: &mut mmio.data[..len],
+            is_write: mmio.is_write != 0,
+        });
         Ok(())
     }
 
@@ -351,7 +383,10 @@ fn from_kvm_seg(s: &kvm_segment) -> Segment {
 
 impl VcpuX86_64 for KvmVcpu {
     fn regs(&self) -> Result<Regs> {
-        let r = self.fd.get_regs().map_err(|e| Error::call("KVM_GET_REGS", errno(e)))?;
+        let r = self
+            .fd
+            .get_regs()
+            .map_err(|e| Error::call("KVM_GET_REGS", errno(e)))?;
         Ok(Regs {
             rax: r.rax,
             rbx: r.rbx,
@@ -395,11 +430,16 @@ impl VcpuX86_64 for KvmVcpu {
             rip: r.rip,
             rflags: r.rflags,
         };
-        self.fd.set_regs(&k).map_err(|e| Error::call("KVM_SET_REGS", errno(e)))
+        self.fd
+            .set_regs(&k)
+            .map_err(|e| Error::call("KVM_SET_REGS", errno(e)))
     }
 
     fn sregs(&self) -> Result<Sregs> {
-        let s = self.fd.get_sregs().map_err(|e| Error::call("KVM_GET_SREGS", errno(e)))?;
+        let s = self
+            .fd
+            .get_sregs()
+            .map_err(|e| Error::call("KVM_GET_SREGS", errno(e)))?;
         Ok(Sregs {
             cs: from_kvm_seg(&s.cs),
             ds: from_kvm_seg(&s.ds),
@@ -409,8 +449,14 @@ impl VcpuX86_64 for KvmVcpu {
             ss: from_kvm_seg(&s.ss),
             tr: from_kvm_seg(&s.tr),
             ldt: from_kvm_seg(&s.ldt),
-            gdt: DescriptorTable { base: s.gdt.base, limit: s.gdt.limit },
-            idt: DescriptorTable { base: s.idt.base, limit: s.idt.limit },
+            gdt: DescriptorTable {
+                base: s.gdt.base,
+                limit: s.gdt.limit,
+            },
+            idt: DescriptorTable {
+                base: s.idt.base,
+                limit: s.idt.limit,
+            },
             cr0: s.cr0,
             cr3: s.cr3,
             cr4: s.cr4,
@@ -419,7 +465,10 @@ impl VcpuX86_64 for KvmVcpu {
     }
 
     fn set_sregs(&mut self, n: &Sregs) -> Result<()> {
-        let mut s = self.fd.get_sregs().map_err(|e| Error::call("KVM_GET_SREGS", errno(e)))?;
+        let mut s = self
+            .fd
+            .get_sregs()
+            .map_err(|e| Error::call("KVM_GET_SREGS", errno(e)))?;
         s.cs = to_kvm_seg(&n.cs);
         s.ds = to_kvm_seg(&n.ds);
         s.es = to_kvm_seg(&n.es);
@@ -436,22 +485,36 @@ impl VcpuX86_64 for KvmVcpu {
         s.cr3 = n.cr3;
         s.cr4 = n.cr4;
         s.efer = n.efer;
-        self.fd.set_sregs(&s).map_err(|e| Error::call("KVM_SET_SREGS", errno(e)))
+        self.fd
+            .set_sregs(&s)
+            .map_err(|e| Error::call("KVM_SET_SREGS", errno(e)))
     }
 
     fn reset_fpu(&mut self) -> Result<()> {
-        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
-        self.fd.set_fpu(&fpu).map_err(|e| Error::call("KVM_SET_FPU", errno(e)))
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd
+            .set_fpu(&fpu)
+            .map_err(|e| Error::call("KVM_SET_FPU", errno(e)))
     }
 
     fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<usize> {
         let entries: Vec<kvm_msr_entry> = msrs
             .iter()
-            .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
             .collect();
         let msrs = Msrs::from_entries(&entries)
             .map_err(|e| Error::Unsupported(format!("too many MSRs: {e:?}")))?;
-        self.fd.set_msrs(&msrs).map_err(|e| Error::call("KVM_SET_MSRS", errno(e)))
+        self.fd
+            .set_msrs(&msrs)
+            .map_err(|e| Error::call("KVM_SET_MSRS", errno(e)))
     }
 
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
@@ -474,7 +537,9 @@ impl VcpuX86_64 for KvmVcpu {
             .collect();
         let cpuid = CpuId::from_entries(&k)
             .map_err(|e| Error::Unsupported(format!("too many CPUID leaves: {e:?}")))?;
-        self.fd.set_cpuid2(&cpuid).map_err(|e| Error::call("KVM_SET_CPUID2", errno(e)))
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| Error::call("KVM_SET_CPUID2", errno(e)))
     }
 
     fn setup_lapic_lints(&mut self) -> Result<()> {
@@ -482,7 +547,10 @@ impl VcpuX86_64 for KvmVcpu {
         const APIC_LVT1: usize = 0x360;
         const MODE_NMI: u32 = 0x4;
         const MODE_EXTINT: u32 = 0x7;
-        let mut lapic = self.fd.get_lapic().map_err(|e| Error::call("KVM_GET_LAPIC", errno(e)))?;
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(|e| Error::call("KVM_GET_LAPIC", errno(e)))?;
         for (off, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
             let mut b = [0u8; 4];
             for (i, v) in b.iter_mut().enumerate() {
@@ -493,6 +561,8 @@ impl VcpuX86_64 for KvmVcpu {
                 lapic.regs[off + i] = *v as libc::c_char;
             }
         }
-        self.fd.set_lapic(&lapic).map_err(|e| Error::call("KVM_SET_LAPIC", errno(e)))
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(|e| Error::call("KVM_SET_LAPIC", errno(e)))
     }
 }

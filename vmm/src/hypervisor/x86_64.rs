@@ -54,7 +54,11 @@ impl Segment {
         Segment {
             base,
             // With 4 KiB granularity the limit counts pages.
-            limit: if g == 1 { ((limit as u32) << 12) | 0xfff } else { limit as u32 },
+            limit: if g == 1 {
+                ((limit as u32) << 12) | 0xfff
+            } else {
+                limit as u32
+            },
             selector,
             type_: ((entry >> 40) & 0xf) as u8,
             present,

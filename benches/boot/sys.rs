@@ -1,0 +1,15 @@
+//! The benchmark's only `unsafe`: reaping a child with its resource usage.
+
+/// Waits for child `pid` and returns its peak RSS in KiB (`wait4`'s `ru_maxrss`: the child's
+/// own, unlike `/usr/bin/time` run from a large parent).
+pub fn wait_rss_kib(pid: libc::pid_t) -> std::io::Result<i64> {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid out-parameter.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our own child, not yet reaped; both out-pointers are valid for the call.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    if r != pid {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ru.ru_maxrss)
+}
