@@ -16,10 +16,10 @@
 pub mod aarch64;
 pub mod x86_64;
 
-#[cfg(target_os = "linux")]
-pub mod kvm;
 #[cfg(target_os = "macos")]
 pub mod hvf;
+#[cfg(target_os = "linux")]
+pub mod kvm;
 
 pub use aarch64::VcpuAarch64;
 pub use x86_64::{VcpuX86_64, VmX86_64};
@@ -64,7 +64,10 @@ pub enum Error {
 impl Error {
     /// Wraps an OS error from a named call.
     pub fn call(call: &'static str, source: impl Into<std::io::Error>) -> Self {
-        Error::Call { call, source: source.into() }
+        Error::Call {
+            call,
+            source: source.into(),
+        }
     }
 }
 
