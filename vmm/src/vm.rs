@@ -233,12 +233,14 @@ pub fn run(cfg: &VmConfig, mut timings: Timings) -> Result<RunResult, Error> {
             arch::current::MAX_CPUS
         )));
     }
-    let kernel = read_file("kernel", &cfg.kernel)?;
-    let initrd = cfg
-        .initrd
-        .as_ref()
-        .map(|p| read_file("initrd", p))
-        .transpose()?;
+    for (what, p) in
+        std::iter::once(("kernel", &cfg.kernel)).chain(cfg.initrd.iter().map(|p| ("initrd", p)))
+    {
+        // Fail on a missing file before touching the hypervisor; read it later, in parallel
+        // with memory registration.
+        std::fs::metadata(p)
+            .map_err(|e| Error::Input(format!("cannot read {what} {}: {e}", p.display())))?;
+    }
     let serial_out: Box<dyn Write + Send> = match &cfg.serial {
         SerialOut::Stdout => Box::new(RawStdout),
         SerialOut::Null => Box::new(std::io::sink()),
@@ -295,6 +297,12 @@ pub fn run(cfg: &VmConfig, mut timings: Timings) -> Result<RunResult, Error> {
         }
         Ok(Instant::now())
     });
+    let kernel = read_file("kernel", &cfg.kernel)?;
+    let initrd = cfg
+        .initrd
+        .as_ref()
+        .map(|p| read_file("initrd", p))
+        .transpose()?;
     let boot_cfg = BootConfig {
         kernel,
         kernel_path: cfg.kernel.clone(),

@@ -27,7 +27,7 @@ fn errno(e: kvm_ioctls::Error) -> std::io::Error {
 /// The opened `/dev/kvm`.
 #[derive(Debug)]
 pub struct Kvm {
-    kvm: KvmFd,
+    kvm: Arc<KvmFd>,
 }
 
 impl Hypervisor for Kvm {
@@ -39,7 +39,7 @@ impl Hypervisor for Kvm {
         let cpath =
             std::ffi::CString::new(path.clone()).map_err(|_| Error::NoDevice(path.clone()))?;
         match KvmFd::new_with_path(&cpath) {
-            Ok(kvm) => Ok(Kvm { kvm }),
+            Ok(kvm) => Ok(Kvm { kvm: Arc::new(kvm) }),
             Err(e) if e.errno() == libc::ENOENT => Err(Error::NoDevice(path)),
             Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
                 Err(Error::NoPermission(path))
@@ -71,35 +71,50 @@ impl Hypervisor for Kvm {
             .map_err(|e| Error::call("KVM_SET_TSS_ADDR", errno(e)))?;
         vm.create_irq_chip()
             .map_err(|e| Error::call("KVM_CREATE_IRQCHIP", errno(e)))?;
-        let cpuid = self
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| Error::call("KVM_GET_SUPPORTED_CPUID", errno(e)))?;
-        let cpuid = cpuid
-            .as_slice()
-            .iter()
-            .map(|e| CpuidEntry {
-                function: e.function,
-                index: e.index,
-                flags: e.flags,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            })
-            .collect();
+        // The supported CPUID is fetched by the first vCPU (off the main thread's path).
         Ok(KvmVm {
             vm,
-            supported_cpuid: Arc::new(cpuid),
+            kvm: Arc::clone(&self.kvm),
+            supported_cpuid: std::sync::OnceLock::new(),
         })
     }
+}
+
+fn fetch_supported_cpuid(kvm: &KvmFd) -> Result<Vec<CpuidEntry>> {
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::call("KVM_GET_SUPPORTED_CPUID", errno(e)))?;
+    Ok(cpuid
+        .as_slice()
+        .iter()
+        .map(|e| CpuidEntry {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect())
 }
 
 /// A KVM VM with an in-kernel irqchip (LAPIC, IOAPIC, PIC).
 #[derive(Debug)]
 pub struct KvmVm {
     vm: VmFd,
-    supported_cpuid: Arc<Vec<CpuidEntry>>,
+    kvm: Arc<KvmFd>,
+    supported_cpuid: std::sync::OnceLock<Arc<Vec<CpuidEntry>>>,
+}
+
+impl KvmVm {
+    fn cpuid(&self) -> Result<Arc<Vec<CpuidEntry>>> {
+        if let Some(c) = self.supported_cpuid.get() {
+            return Ok(Arc::clone(c));
+        }
+        let c = Arc::new(fetch_supported_cpuid(&self.kvm)?);
+        Ok(Arc::clone(self.supported_cpuid.get_or_init(|| c)))
+    }
 }
 
 impl Vm for KvmVm {
@@ -137,7 +152,7 @@ impl Vm for KvmVm {
         Ok(KvmVcpu {
             fd,
             kicker,
-            supported_cpuid: Arc::clone(&self.supported_cpuid),
+            supported_cpuid: self.cpuid()?,
             run_size: self.vm.run_size(),
         })
     }
