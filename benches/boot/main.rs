@@ -41,6 +41,22 @@ fn run_once(case: &Case, timeout: Duration) -> Result<Sample> {
         .with_context(|| format!("starting {}", case.argv[0]))?;
     let pid = child.id() as libc::pid_t;
     let mut stdout = child.stdout.take().context("no stdout")?;
+    // Watchdog: a hung guest prints nothing, so the read below would block forever.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let end = Instant::now() + timeout;
+            while Instant::now() < end {
+                if done.load(std::sync::atomic::Ordering::SeqCst) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            sys::kill(pid);
+            true
+        })
+    };
     let mut stderr = child.stderr.take().context("no stderr")?;
     let err_thread = std::thread::spawn(move || {
         let mut s = String::new();
@@ -61,12 +77,11 @@ fn run_once(case: &Case, timeout: Duration) -> Result<Sample> {
         if s.marker.is_none() && String::from_utf8_lossy(&seen).contains(case.marker) {
             s.marker = Some(now);
         }
-        if now > timeout {
-            let _ = child.kill();
-        }
     }
     let rss = sys::wait_rss_kib(pid);
     s.exit = start.elapsed();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let timed_out = watchdog.join().unwrap_or(false);
     s.rss_kib = rss.with_context(|| format!("wait4 for {}", case.name))?;
     let err = err_thread.join().unwrap_or_default();
     s.setup_ms = err
@@ -78,6 +93,12 @@ fn run_once(case: &Case, timeout: Duration) -> Result<Sample> {
                 .nth(2)
                 .and_then(|v| v.parse().ok())
         });
+    if timed_out {
+        bail!(
+            "{}: no exit within {timeout:?} (hung guest); killed",
+            case.name
+        );
+    }
     if s.marker.is_none() {
         bail!(
             "{}: marker {:?} never seen; stdout {:?} stderr {:?}",
@@ -245,15 +266,24 @@ fn main() -> Result<()> {
             ]
         }
     };
-    let timeout = Duration::from_secs(if linux.is_some() { 120 } else { 20 });
+    let timeout = Duration::from_secs(if linux.is_some() { 60 } else { 20 });
     // One discarded warm-up round, then interleaved runs.
     for c in &cases {
-        run_once(c, timeout)?;
+        if let Err(e) = run_once(c, timeout) {
+            eprintln!("boot: warm-up run failed: {e:#}");
+        }
     }
     let mut results: Vec<Vec<Sample>> = cases.iter().map(|_| Vec::new()).collect();
+    let mut failures: Vec<usize> = cases.iter().map(|_| 0).collect();
     for _ in 0..runs {
-        for (c, r) in cases.iter().zip(results.iter_mut()) {
-            r.push(run_once(c, timeout)?);
+        for (i, (c, r)) in cases.iter().zip(results.iter_mut()).enumerate() {
+            match run_once(c, timeout) {
+                Ok(s) => r.push(s),
+                Err(e) => {
+                    eprintln!("boot: run failed: {e:#}");
+                    failures[i] += 1;
+                }
+            }
         }
     }
     println!(
@@ -285,6 +315,14 @@ fn main() -> Result<()> {
             rss.1
         );
         medians.push((fb.1, mk.1, ex.1, rss.1));
+    }
+    for (c, n) in cases.iter().zip(&failures) {
+        if *n > 0 {
+            println!(
+                "{}: {n} of {runs} runs failed or hung (not in the figures)",
+                c.name
+            );
+        }
     }
     let setup = stats(results[0].iter().filter_map(|x| x.setup_ms).collect());
     println!(

@@ -13,3 +13,12 @@ pub fn wait_rss_kib(pid: libc::pid_t) -> std::io::Result<i64> {
     }
     Ok(ru.ru_maxrss)
 }
+
+/// Sends SIGKILL to `pid` (the benchmark's own child).
+pub fn kill(pid: libc::pid_t) {
+    // SAFETY: kill has no memory preconditions; pid is a child we have not reaped yet (the
+    // caller stops the watchdog before reaping).
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
