@@ -161,3 +161,10 @@ pub fn text(out: &Output) -> (String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Asserts that a `vmm --timings` report (stderr) lists every phase.
+pub fn assert_phases(stderr: &str, phases: &[&str]) {
+    for phase in phases {
+        assert!(stderr.contains(phase), "timings lack '{phase}':\n{stderr}");
+    }
+}
