@@ -3,6 +3,7 @@
 
 usage: mkcpio.py OUT ENTRY...
   ENTRY is one of:  dir:PATH[:MODE]   file:PATH:HOSTFILE[:MODE]   chr:PATH:MAJOR:MINOR[:MODE]
+                    sym:PATH:TARGET   @LISTFILE (one entry per line)
 """
 import os
 import sys
@@ -20,7 +21,13 @@ def pad(n):
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
-    out, entries = sys.argv[1], sys.argv[2:]
+    out, entries = sys.argv[1], []
+    for a in sys.argv[2:]:
+        if a.startswith("@"):
+            with open(a[1:]) as f:
+                entries += [l.strip() for l in f if l.strip()]
+        else:
+            entries.append(a)
     data = bytearray()
     for ino, e in enumerate(entries, start=1):
         kind, rest = e.split(":", 1)
@@ -33,6 +40,9 @@ def main():
             with open(parts[1], "rb") as f:
                 body = f.read()
             mode = 0o100000 | int(parts[2] if len(parts) > 2 else "755", 8)
+        elif kind == "sym":
+            body = parts[1].encode()
+            mode = 0o120777
         elif kind == "chr":
             rmaj, rmin = int(parts[1]), int(parts[2])
             mode = 0o020000 | int(parts[3] if len(parts) > 3 else "600", 8)
