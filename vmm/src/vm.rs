@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use skiff_devices::legacy::{BootTimer, SerialConsole};
-use skiff_devices::{Bus, EventSink, IrqTrigger, VmExitRequest};
+use skiff_devices::{Bus, BusDevice, EventSink, IrqTrigger, VmExitRequest};
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
@@ -203,8 +203,30 @@ impl Write for RawStdout {
     }
 }
 
+/// Builds one MMIO device once guest memory and the VM exist: gets guest memory and the
+/// device's interrupt, returns the bus device that serves the slot's register window.
+pub type MmioDeviceFactory = Box<
+    dyn FnOnce(&GuestMemoryMmap, IrqTrigger) -> Result<Arc<Mutex<dyn BusDevice>>, String> + Send,
+>;
+
 /// Boots the VM described by `cfg` and runs it until the guest ends.
-pub fn run(cfg: &VmConfig, mut timings: Timings) -> Result<RunResult, Error> {
+pub fn run(cfg: &VmConfig, timings: Timings) -> Result<RunResult, Error> {
+    run_with_devices(cfg, timings, Vec::new())
+}
+
+/// Like [`run`], with virtio-mmio devices: each factory gets the next free slot (address and
+/// interrupt per arch, described to the guest on the command line or in the FDT).
+pub fn run_with_devices(
+    cfg: &VmConfig,
+    mut timings: Timings,
+    devices: Vec<MmioDeviceFactory>,
+) -> Result<RunResult, Error> {
+    let slots_used: Vec<arch::VirtioSlot> = (0..devices.len() as u32)
+        .map(|i| {
+            arch::current::virtio_slot(i)
+                .ok_or_else(|| Error::Input(format!("too many virtio devices ({})", devices.len())))
+        })
+        .collect::<Result<_, _>>()?;
     if cfg.memory_mib < MIN_MEMORY_MIB {
         return Err(Error::Input(format!(
             "--memory {} is too small: the guest needs at least {MIN_MEMORY_MIB} MiB",
@@ -310,6 +332,7 @@ pub fn run(cfg: &VmConfig, mut timings: Timings) -> Result<RunResult, Error> {
         cmdline: cfg.cmdline.clone(),
         cpus: cfg.cpus,
         mem_bytes,
+        virtio: slots_used.clone(),
     };
     let boot = arch::current::load(&mem, &boot_cfg)?;
     drop(boot_cfg);
@@ -318,6 +341,17 @@ pub fn run(cfg: &VmConfig, mut timings: Timings) -> Result<RunResult, Error> {
     let (tx, rx) = channel::<Event>();
     let sink = Arc::new(Sink(Mutex::new(tx.clone())));
     let (pio, mmio, serial) = platform_devices(&vm, &boot, cfg, serial_out, sink.clone())?;
+    let mut mmio = mmio;
+    for (slot, factory) in slots_used.iter().zip(devices) {
+        let irq_vm = vm.clone();
+        let line = slot.irq;
+        let irq = IrqTrigger::new(move || {
+            let _ = irq_vm.trigger_edge_irq(line);
+        });
+        let dev = factory(&mem, irq).map_err(Error::Vmm)?;
+        mmio.insert(slot.addr, slot.size, dev)
+            .map_err(|e| Error::Vmm(e.to_string()))?;
+    }
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
 

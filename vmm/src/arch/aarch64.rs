@@ -55,9 +55,27 @@ pub struct BootInfo {
     pub fdt_addr: u64,
 }
 
-/// Lays the guest out (kernel, initrd, FDT) with no virtio-mmio devices described.
+/// Lays the guest out (kernel, initrd, FDT with `cfg.virtio` described).
 pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootInfo, Error> {
-    load_with_devices(mem, cfg, &[])
+    let virtio: Vec<VirtioMmioDevice> = cfg
+        .virtio
+        .iter()
+        .map(|s| VirtioMmioDevice {
+            addr: s.addr,
+            size: s.size,
+            spi: s.irq,
+        })
+        .collect();
+    load_with_devices(mem, cfg, &virtio)
+}
+
+/// The virtio-mmio slot `slot` in the VMM's neutral form.
+pub fn virtio_slot(slot: u32) -> Option<super::VirtioSlot> {
+    virtio_mmio_slot(slot).map(|d| super::VirtioSlot {
+        addr: d.addr,
+        size: d.size,
+        irq: d.spi,
+    })
 }
 
 /// Lays the guest out and describes `virtio` (see [`virtio_mmio_slot`]) in the FDT.

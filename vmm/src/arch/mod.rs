@@ -32,6 +32,20 @@ pub struct BootConfig {
     pub cpus: u32,
     /// Guest RAM in bytes.
     pub mem_bytes: u64,
+    /// virtio-mmio devices to describe to the guest (x86_64: `virtio_mmio.device=` on the
+    /// command line; aarch64: FDT nodes).
+    pub virtio: Vec<VirtioSlot>,
+}
+
+/// Where one virtio-mmio device lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// Guest physical base of the register window.
+    pub addr: u64,
+    /// Window size.
+    pub size: u64,
+    /// Interrupt line (x86_64: GSI; aarch64: SPI number).
+    pub irq: u32,
 }
 
 /// Errors while laying out the guest.

@@ -16,6 +16,38 @@ pub fn memory_regions(mem_bytes: u64) -> Vec<(u64, u64)> {
     fw::memory_regions(mem_bytes)
 }
 
+/// Base of the virtio-mmio windows (in the 32-bit MMIO hole).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio window (Linux maps 4 KiB per `virtio_mmio.device=` entry).
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// ISA IRQs free for virtio-mmio devices (COM1 uses 4; 0, 1, 2, 8 are legacy).
+const VIRTIO_IRQS: [u32; 10] = [5, 6, 7, 9, 10, 11, 12, 13, 14, 15];
+
+/// The virtio-mmio slot `slot`, or `None` past the last one.
+pub fn virtio_slot(slot: u32) -> Option<super::VirtioSlot> {
+    VIRTIO_IRQS
+        .get(slot as usize)
+        .map(|&irq| super::VirtioSlot {
+            addr: VIRTIO_MMIO_BASE + u64::from(slot) * VIRTIO_MMIO_SIZE,
+            size: VIRTIO_MMIO_SIZE,
+            irq,
+        })
+}
+
+/// The command line with one `virtio_mmio.device=<size>@<addr>:<irq>` entry per slot.
+pub fn cmdline_with_virtio(cmdline: &str, slots: &[super::VirtioSlot]) -> String {
+    let mut s = cmdline.to_string();
+    for v in slots {
+        s.push_str(&format!(
+            " virtio_mmio.device={}K@{:#x}:{}",
+            v.size / 1024,
+            v.addr,
+            v.irq
+        ));
+    }
+    s
+}
+
 /// What the vCPUs need to start.
 #[derive(Debug, Clone, Copy)]
 pub struct BootInfo {
@@ -36,7 +68,8 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootInfo, Error> 
         }
         other => other,
     })?;
-    fw::load_cmdline(mem, &cfg.cmdline)?;
+    let cmdline = cmdline_with_virtio(&cfg.cmdline, &cfg.virtio);
+    fw::load_cmdline(mem, &cmdline)?;
     let regions = memory_regions(cfg.mem_bytes);
     let initrd = match &cfg.initrd {
         Some(bytes) => {
@@ -54,7 +87,7 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootInfo, Error> 
             fw::configure_pvh(mem, &regions, initrd)?;
         }
         Entry::Linux64(_) => {
-            fw::configure_zero_page(mem, &kernel, cfg.cmdline.len(), &regions, initrd)?;
+            fw::configure_zero_page(mem, &kernel, cmdline.len(), &regions, initrd)?;
         }
     }
     Ok(BootInfo {
@@ -169,6 +202,16 @@ pub fn configure_vcpu<V: VcpuX86_64>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtio_slots_on_the_command_line() {
+        let slots: Vec<_> = (0..2).filter_map(virtio_slot).collect();
+        assert_eq!(
+            cmdline_with_virtio("console=ttyS0", &slots),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+        assert!(virtio_slot(10).is_none());
+    }
 
     #[test]
     fn cpuid_carries_apic_id_and_hypervisor_bit() {
