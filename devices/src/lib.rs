@@ -5,7 +5,9 @@
 //! per access); devices never call back into the bus.
 
 pub mod bus;
+pub mod event_loop;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 
