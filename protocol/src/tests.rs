@@ -1,0 +1,289 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use std::io::Cursor;
+use std::os::unix::net::UnixStream;
+
+fn spec() -> OciSpec {
+    OciSpec::default()
+}
+
+fn all_messages() -> Vec<Message> {
+    let req = |request| Message::Request { id: 7, request };
+    vec![
+        Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "0.1.0".into(),
+            boot_stamps: vec![("agent_start".into(), 123_456)],
+        }),
+        req(Request::CreateContainer {
+            id: "c1".into(),
+            spec: Box::new(spec()),
+            rootfs: "/run/c1/rootfs".into(),
+            terminal: false,
+            stdio: Stdio { stdin: true },
+        }),
+        req(Request::Start {
+            id: "c1".into(),
+            exec_id: None,
+        }),
+        req(Request::Exec {
+            container: "c1".into(),
+            exec_id: "e1".into(),
+            process: Box::new(OciProcess::default()),
+            stdio: Stdio::default(),
+        }),
+        req(Request::Signal {
+            id: "c1".into(),
+            exec_id: Some("e1".into()),
+            signal: 9,
+            all: true,
+        }),
+        req(Request::ResizePty {
+            id: "c1".into(),
+            exec_id: None,
+            rows: 40,
+            cols: 120,
+        }),
+        req(Request::CloseStdin {
+            id: "c1".into(),
+            exec_id: None,
+        }),
+        req(Request::Wait {
+            id: "c1".into(),
+            exec_id: None,
+        }),
+        req(Request::Delete {
+            id: "c1".into(),
+            exec_id: None,
+        }),
+        req(Request::Pids { id: "c1".into() }),
+        req(Request::Stats { id: "c1".into() }),
+        req(Request::Shutdown),
+        Message::Response {
+            id: 7,
+            result: Ok(Response::Exited { status: 137 }),
+        },
+        Message::Response {
+            id: 8,
+            result: Ok(Response::Stats(Stats {
+                memory_current: Some(1),
+                ..Stats::default()
+            })),
+        },
+        Message::Response {
+            id: 9,
+            result: Ok(Response::Pids { pids: vec![1, 2] }),
+        },
+        Message::Response {
+            id: 10,
+            result: Err(ErrorReply::new(2, "no such container")),
+        },
+        Message::Event(Event::Exit {
+            id: "c1".into(),
+            exec_id: None,
+            pid: 4,
+            status: 0,
+        }),
+    ]
+}
+
+#[test]
+fn round_trip_every_message() {
+    for m in all_messages() {
+        let buf = encode(&m).unwrap();
+        let (back, used) = decode(&buf).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(used, buf.len());
+        let back2 = read_message(&mut Cursor::new(&buf)).unwrap();
+        assert_eq!(back2, m);
+    }
+}
+
+#[test]
+fn truncated_frames_are_errors() {
+    for m in all_messages() {
+        let buf = encode(&m).unwrap();
+        for cut in 0..buf.len() {
+            assert!(decode(&buf[..cut]).is_err(), "cut {cut}");
+            let r = read_message(&mut Cursor::new(&buf[..cut]));
+            match (cut, r) {
+                (0, Err(FrameError::Eof)) => {}
+                (0, other) => panic!("empty input: {other:?}"),
+                (_, Err(FrameError::Malformed(_))) => {}
+                (_, other) => panic!("cut {cut}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn oversized_frames_are_refused_before_allocation() {
+    let mut buf = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+    buf.extend_from_slice(b"{}");
+    assert!(matches!(decode(&buf), Err(FrameError::TooLarge(_))));
+    assert!(matches!(
+        read_message(&mut Cursor::new(&buf)),
+        Err(FrameError::TooLarge(_))
+    ));
+    let buf = u32::MAX.to_be_bytes();
+    assert!(matches!(
+        read_message(&mut Cursor::new(&buf)),
+        Err(FrameError::TooLarge(_))
+    ));
+    // A huge message cannot be encoded either.
+    let big = Message::Response {
+        id: 1,
+        result: Err(ErrorReply::new(1, "x".repeat(MAX_FRAME))),
+    };
+    assert!(matches!(encode(&big), Err(FrameError::TooLarge(_))));
+}
+
+#[test]
+fn garbage_is_an_error_not_a_panic() {
+    let bodies: &[&[u8]] = &[
+        b"",
+        b"{",
+        b"null",
+        b"[]",
+        b"\"hello\"",
+        b"{\"hello\":1}",
+        b"{\"request\":{\"id\":-1,\"request\":\"shutdown\"}}",
+        b"{\"request\":{\"id\":1,\"request\":{\"pids\":{\"id\":\"../etc\"}}}}",
+        b"{\"request\":{\"id\":1,\"request\":{\"wait\":{\"id\":\"c\",\"exec_id\":\"a/b\"}}}}",
+        b"\xff\xfe\x00",
+        &[b'['; 10_000],
+    ];
+    for b in bodies {
+        let mut f = (b.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(b);
+        assert!(decode(&f).is_err(), "{:?}", String::from_utf8_lossy(b));
+    }
+    // Pseudo-random bytes.
+    let mut x: u64 = 0x1234_5678_9abc_def0;
+    for _ in 0..2000 {
+        let len = (x % 300) as usize;
+        let mut v = Vec::with_capacity(len + 4);
+        v.extend_from_slice(&(len as u32).to_be_bytes());
+        for _ in 0..len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.push(x as u8);
+        }
+        let _ = decode(&v);
+        let _ = read_message(&mut Cursor::new(&v));
+    }
+}
+
+#[test]
+fn ids_are_validated() {
+    assert!(valid_id("abc-1.2_3"));
+    for bad in ["", ".", "..", "a/b", "a b", "a\n", &"x".repeat(65)] {
+        assert!(!valid_id(bad), "{bad:?}");
+    }
+    assert!(valid_exec_id(""));
+}
+
+#[test]
+fn exit_status_conventions() {
+    assert_eq!(exit_status_from_wait(0), 0);
+    assert_eq!(exit_status_from_wait(42 << 8), 42);
+    assert_eq!(exit_status_from_wait(9), 137);
+    assert_eq!(exit_status_from_wait(15 | 0x80), 143); // core dumped flag
+}
+
+#[test]
+fn stream_headers() {
+    let h = StreamHeader::new("c1", "", StreamKind::Stdout);
+    let mut v = Vec::new();
+    h.write_to(&mut v).unwrap();
+    v.extend_from_slice(b"payload");
+    assert_eq!(&v[..18], b"STREAM c1/ stdout\n");
+    let mut c = Cursor::new(v);
+    assert_eq!(StreamHeader::read_from(&mut c).unwrap(), h);
+    let mut rest = String::new();
+    c.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "payload");
+    for bad in [
+        &b"STREAM c1/ stdout"[..],
+        b"STREAM c1 stdout\n",
+        b"STREAM ../x/ stdout\n",
+        b"STREAM c1/e1 stdfoo\n",
+        b"GET / HTTP/1.1\n",
+        &[b'A'; 1000],
+    ] {
+        assert!(StreamHeader::read_from(&mut Cursor::new(bad)).is_err());
+    }
+    assert_eq!(
+        StreamHeader::parse("STREAM c/e pty").unwrap().kind,
+        StreamKind::Pty
+    );
+}
+
+struct Echo;
+
+impl Handler for Echo {
+    fn handle(&self, request: Request, reply: Replier) {
+        match request {
+            Request::Wait { .. } => {
+                // Answer later from another thread, after an event.
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    reply.outbox().event(Event::Exit {
+                        id: "c1".into(),
+                        exec_id: None,
+                        pid: 5,
+                        status: 3,
+                    });
+                    reply.send(Ok(Response::Exited { status: 3 }));
+                });
+            }
+            Request::Pids { .. } => reply.send(Ok(Response::Pids { pids: vec![5] })),
+            _ => reply.send(Err(ErrorReply::new(38, "not implemented"))),
+        }
+    }
+}
+
+#[test]
+fn client_and_serve_over_a_socketpair() {
+    let (host, agent) = UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        let w = agent.try_clone().unwrap();
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "t".into(),
+            boot_stamps: vec![],
+        };
+        serve(agent, w, hello, &Echo).unwrap()
+    });
+    let (client, hello) = Client::from_stream(host.try_clone().unwrap()).unwrap();
+    assert_eq!(hello.agent_version, "t");
+    let events = client.take_events().unwrap();
+    let client = std::sync::Arc::new(client);
+    let c2 = client.clone();
+    let waiter = std::thread::spawn(move || c2.wait("c1", None).unwrap());
+    // Other requests go through while Wait is pending.
+    assert_eq!(client.pids("c1").unwrap(), vec![5]);
+    match client.start("c1", None) {
+        Err(ClientError::Agent(e)) => assert_eq!(e.code, 38),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(waiter.join().unwrap(), 3);
+    assert!(matches!(
+        events.recv().unwrap(),
+        Event::Exit { status: 3, .. }
+    ));
+    // Undecodable request with a recoverable id gets an error reply.
+    let body = br#"{"request":{"id":99,"request":{"pids":{"id":"a/b"}}}}"#;
+    let mut raw = host.try_clone().unwrap();
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(body);
+    std::io::Write::write_all(&mut raw, &f).unwrap();
+    client.shutdown().unwrap();
+    assert_eq!(server.join().unwrap(), ServeEnd::Shutdown);
+    // The agent is gone: calls fail instead of hanging.
+    drop(raw);
+    drop(host);
+    assert!(client.pids("c1").is_err());
+}
