@@ -3,5 +3,8 @@
 
 pub mod arch;
 pub mod hypervisor;
+pub mod run;
+pub mod sys;
 pub mod timings;
 pub mod vm;
+pub mod vsock_device;

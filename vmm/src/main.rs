@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use skiff_vmm::run::{self, RunOptions};
 use skiff_vmm::timings::Timings;
 use skiff_vmm::vm::{self, PitMode, SerialOut, VmConfig, DEFAULT_CMDLINE};
 
@@ -33,14 +34,23 @@ enum Pit {
     Off,
 }
 
-/// Boot a guest kernel in a Skiff microVM (firmware-free: the VMM loads the kernel itself).
+/// Boot a guest kernel in a Skiff microVM (firmware-free: the VMM loads the kernel itself),
+/// or run a command as a container in a fresh VM (`vmm run`).
 #[derive(Debug, Parser)]
-#[command(name = "vmm", version, after_help = AFTER_HELP)]
+#[command(
+    name = "vmm",
+    version,
+    after_help = AFTER_HELP,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Guest kernel: an x86_64 vmlinux ELF (entered through its PVH note when it has one) or
     /// a bzImage; an arm64 Image on aarch64 hosts.
-    #[arg(long, value_name = "K")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "K", required = true)]
+    kernel: Option<PathBuf>,
     /// Initial ramdisk (cpio, optionally compressed as the kernel supports).
     #[arg(long, value_name = "I")]
     initrd: Option<PathBuf>,
@@ -65,6 +75,56 @@ struct Cli {
     pit: Pit,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run CMD as a container in a fresh VM, with this terminal's stdio, forwarded signals and
+    /// CMD's exit status (125 when vmm run itself fails, 126/127 when CMD cannot be run).
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Guest kernel (default: the one Skiff built; built on first use).
+    #[arg(long, value_name = "K")]
+    kernel: Option<PathBuf>,
+    /// Initramfs with the Skiff agent (default: the one Skiff built).
+    #[arg(long, value_name = "I")]
+    initrd: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 256)]
+    memory: u64,
+    /// Set an environment variable in the container (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// Run as UID[:GID] inside the container.
+    #[arg(short = 'u', long = "user", value_name = "UID[:GID]")]
+    user: Option<String>,
+    /// Allocate a terminal for the container (its size follows this terminal's).
+    #[arg(short = 't', long = "tty")]
+    tty: bool,
+    /// Keep stdin open and forward it to the container.
+    #[arg(short = 'i', long = "interactive")]
+    interactive: bool,
+    /// Print per-phase timings (VMM start to container exit) to stderr.
+    #[arg(long)]
+    timings: bool,
+    /// Write the guest console (kernel and agent messages) to FILE.
+    #[arg(long, value_name = "FILE")]
+    console: Option<PathBuf>,
+    /// Append ARG to the guest kernel command line (repeatable).
+    #[arg(long = "kernel-arg", value_name = "ARG")]
+    kernel_arg: Vec<String>,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = match Cli::try_parse() {
@@ -77,11 +137,16 @@ fn main() -> ExitCode {
             }
             // One line: clap's first line names the problem.
             let msg = e.render().to_string();
-            let line = msg
-                .lines()
+            let mut lines = msg.lines().filter(|l| !l.trim().is_empty());
+            let mut line = lines
                 .next()
                 .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
+                .trim_start_matches("error: ")
+                .to_string();
+            if line.ends_with(':') {
+                // "the following required arguments were not provided:" + the next line.
+                line = format!("{line} {}", lines.next().unwrap_or("").trim());
+            }
             eprintln!("vmm: error: {line} (see vmm --help)");
             return ExitCode::from(2);
         }
@@ -94,8 +159,36 @@ fn main() -> ExitCode {
         )
         .try_init();
 
+    if let Some(Command::Run(r)) = cli.command {
+        let opts = RunOptions {
+            kernel: r.kernel,
+            initrd: r.initrd,
+            cpus: r.cpus,
+            memory_mib: r.memory,
+            env: r.env,
+            workdir: r.workdir,
+            user: r.user,
+            tty: r.tty,
+            interactive: r.interactive,
+            timings: r.timings,
+            console: r.console,
+            kernel_args: r.kernel_arg,
+            args: r.cmd,
+        };
+        return match run::run(&opts, Timings::new(start)) {
+            Ok(status) => std::process::exit(status),
+            Err(e) => {
+                eprintln!("vmm run: error: {e}");
+                ExitCode::from(125)
+            }
+        };
+    }
+    let Some(kernel) = cli.kernel else {
+        eprintln!("vmm: error: --kernel is required (see vmm --help)");
+        return ExitCode::from(2);
+    };
     let cfg = VmConfig {
-        kernel: cli.kernel,
+        kernel,
         initrd: cli.initrd,
         cmdline: cli.cmdline,
         cpus: cli.cpus,

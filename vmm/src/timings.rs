@@ -18,6 +18,12 @@ pub enum Phase {
     FirstSerialByte,
     /// The guest wrote this value to the boot timer (123 = userspace reached).
     BootStamp(u8),
+    /// The guest agent connected to the host (ready to run containers).
+    AgentReady,
+    /// The container's process was started.
+    ContainerStarted,
+    /// The container's process exited and its output was drained.
+    ContainerExited,
     /// The VM ended.
     Exit,
 }
@@ -32,6 +38,9 @@ impl Phase {
             Phase::FirstSerialByte => "first serial byte".into(),
             Phase::BootStamp(123) => "boot-timer stamp (userspace)".into(),
             Phase::BootStamp(v) => format!("boot-timer stamp ({v})"),
+            Phase::AgentReady => "agent ready".into(),
+            Phase::ContainerStarted => "container started".into(),
+            Phase::ContainerExited => "container exited".into(),
             Phase::Exit => "exit".into(),
         }
     }
@@ -63,6 +72,11 @@ impl Timings {
         if !self.marks.iter().any(|(p, _)| *p == phase) {
             self.marks.push((phase, at));
         }
+    }
+
+    /// Every recorded phase with its instant.
+    pub fn phases(&self) -> Vec<(Phase, Instant)> {
+        self.marks.clone()
     }
 
     /// Time from start to `phase`, if it happened.

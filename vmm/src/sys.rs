@@ -1,0 +1,99 @@
+//! The VMM's small OS seam outside the hypervisor layer: host signals and the host terminal
+//! for `vmm run`. Every `unsafe` block has a `// SAFETY:` comment.
+
+use std::io;
+
+/// Signals `vmm run` forwards to the container.
+pub const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is valid storage; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid storage for a sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &s in signals {
+        // SAFETY: `set` was initialised above; `s` is a valid signal number.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    set
+}
+
+/// Blocks `signals` in the calling thread (call it before spawning threads so they inherit the
+/// mask), so that [`wait_signal`] receives them instead of their default actions.
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    let set = sigset(signals);
+    // SAFETY: `set` is initialised; the old mask is not needed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Waits for one of `signals` (which must be blocked) and returns it.
+pub fn wait_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int> {
+    let set = sigset(signals);
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is initialised and `sig` is valid for writing.
+    let rc = unsafe { libc::sigwait(&set, &mut sig) };
+    if rc == 0 {
+        Ok(sig)
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// The size (rows, cols) of the terminal on `fd`, if it is one.
+pub fn window_size(fd: libc::c_int) -> Option<(u16, u16)> {
+    // SAFETY: an all-zero winsize is valid storage.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize into `ws`, which is valid for writing.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// Whether `fd` is a terminal.
+pub fn is_tty(fd: libc::c_int) -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+/// Puts the terminal on `fd` in raw mode; the returned guard restores it when dropped.
+pub fn raw_mode(fd: libc::c_int) -> io::Result<RawModeGuard> {
+    // SAFETY: an all-zero termios is valid storage; tcgetattr fills it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is valid for writing.
+    if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let saved = t;
+    // SAFETY: `t` holds the terminal's current settings; cfmakeraw edits them in place.
+    unsafe { libc::cfmakeraw(&mut t) };
+    // SAFETY: `t` is a valid termios.
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(RawModeGuard { fd, saved })
+}
+
+/// Restores a terminal's settings on drop.
+#[derive(Debug)]
+pub struct RawModeGuard {
+    fd: libc::c_int,
+    saved: libc::termios,
+}
+
+impl Drop for RawModeGuard {
+    fn drop(&mut self) {
+        // SAFETY: `saved` is the termios read from this descriptor before it went raw.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}
