@@ -25,6 +25,8 @@ pub struct ProcPlan {
     pub no_new_privs: bool,
     pub caps: Option<Caps>,
     pub terminal: bool,
+    /// Initial terminal size (rows, cols) from `process.consoleSize`.
+    pub console_size: Option<(u16, u16)>,
 }
 
 /// Capability sets as bit masks.
@@ -94,6 +96,12 @@ pub fn proc_plan(p: &Process, terminal: bool) -> io::Result<ProcPlan> {
         no_new_privs: p.no_new_privileges().unwrap_or(false),
         caps,
         terminal: terminal || p.terminal().unwrap_or(false),
+        console_size: p.console_size().as_ref().map(|b| {
+            (
+                u16::try_from(b.height()).unwrap_or(u16::MAX),
+                u16::try_from(b.width()).unwrap_or(u16::MAX),
+            )
+        }),
     })
 }
 

@@ -412,6 +412,9 @@ impl Agent {
         let (stdout_child, stderr_child, pty_master);
         if pplan.terminal {
             let (master, slave) = sys::open_pty().map_err(ioe)?;
+            if let Some((rows, cols)) = pplan.console_size {
+                sys::set_winsize(master.as_raw_fd(), rows, cols).map_err(ioe)?;
+            }
             let conn = dial(StreamKind::Pty)?;
             let master_read = master.try_clone().map_err(ioe)?;
             outputs.push((master_read, conn, true));

@@ -82,6 +82,12 @@ const CASES: &[Case] = &[
         args: "--timings -- true",
         stdin: None,
     },
+    // Run under script(1) so vmm has a terminal of a known size (30x100) to pass on.
+    Case {
+        name: "tty",
+        args: "-t -- stty size",
+        stdin: None,
+    },
 ];
 
 fn shell_quote(s: &str) -> String {
@@ -106,6 +112,21 @@ fn vmm_run_cases() {
             None => String::new(),
         };
         let dir = out.join(c.name);
+        if c.name == "tty" {
+            let inner = format!(
+                "stty rows 30 cols 100; {} run --kernel {} --initrd {} {}",
+                vmm.display(),
+                k.display(),
+                i.display(),
+                c.args
+            );
+            script.push_str(&format!(
+                "mkdir -p {d}; timeout 120 script -qec {q} /dev/null > {d}/stdout 2> {d}/stderr < /dev/null; echo $? > {d}/rc\n",
+                d = dir.display(),
+                q = shell_quote(&inner),
+            ));
+            continue;
+        }
         script.push_str(&format!(
             "mkdir -p {d}; for try in 1 2; do {stdin} timeout 120 {vmm} run --console {d}/console --kernel {k} --initrd {i} {args} > {d}/stdout 2> {d}/stderr {redir}; rc=$?; [ $rc = 124 ] || break; echo \"RETRY {name}: nested guest hung (timeout), console tail: $(tail -3 {d}/console | tr '\\n' ' ')\" >&2; done; echo $rc > {d}/rc\n",
             name = c.name,
@@ -186,6 +207,10 @@ fn vmm_run_cases() {
             && read("timings", "stderr").contains("agent ready")
             && read("timings", "stderr").contains("container started"),
         "timings",
+    );
+    check(
+        rc("tty") == 0 && read("tty", "stdout").contains("30 100"),
+        "tty",
     );
     if failures.is_empty() {
         eprintln!("{}", read("timings", "stderr"));
