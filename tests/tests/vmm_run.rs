@@ -35,11 +35,17 @@ const CASES: &[Case] = &[
         stdin: None,
     },
     // The container's init is PID 1 of its PID namespace: like runc, a `kill -9 $$` from
-    // inside is ignored, so the SIGKILL goes to a child and the shell reports it (the 128+N
-    // conversion of an init killed by a signal is covered by tests/tests/agent_container.rs).
+    // inside is ignored, so the SIGKILL goes to a child and the shell reports it (an init
+    // killed by a signal is the `segv` case below).
     Case {
         name: "killed",
         args: "-- sh -c 'sleep 60 & p=$!; kill -9 $p; wait $p'",
+        stdin: None,
+    },
+    // The init itself dying of a signal (SIGSEGV from unbounded recursion) → 128 + 11.
+    Case {
+        name: "segv",
+        args: "-- sh -c 'f(){ f; }; f'",
         stdin: None,
     },
     Case {
@@ -208,6 +214,7 @@ fn vmm_run_cases() {
             && read("timings", "stderr").contains("container started"),
         "timings",
     );
+    check(rc("segv") == 139, "segv");
     check(
         rc("tty") == 0 && read("tty", "stdout").contains("30 100"),
         "tty",
