@@ -13,7 +13,24 @@ fn vmm(args: &[&str]) -> std::process::Output {
         KvmKind::Missing,
         "this test needs /dev/kvm and the host has none"
     );
-    Command::new(vmm_binary()).args(args).output().unwrap()
+    // A tiny guest finishes in well under a second; a nested (TCG-hosted) guest can hang now
+    // and then, so each run gets 60 s and one loud retry instead of hanging the suite.
+    let run = || {
+        Command::new("timeout")
+            .arg("60")
+            .arg(vmm_binary())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    if out.status.code() == Some(124) {
+        eprintln!(
+            "RETRY: vmm {args:?} did not finish within 60 s (hung guest); running it once more"
+        );
+        return run();
+    }
+    out
 }
 
 fn run_guest(src: &str, defines: &[&str], extra: &[&str]) -> (i32, String, String) {
