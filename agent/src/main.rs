@@ -6,6 +6,7 @@
 //!
 //! Kernel command line options it reads:
 //! - `skiff.exit=panic`: exit PID 1 instead of rebooting (the kernel panics; tests use this).
+//! - `skiff.agent=hang`: never become ready (sleep forever; tests of a guest that hangs use it).
 //! - `skiff.agent=serve`: dial the host on vsock port 1024 (CID 2), send Hello and serve the
 //!   control protocol (`skiff-protocol`); reboot (RB_AUTOBOOT) when the host sends Shutdown or
 //!   the control connection closes.
@@ -40,6 +41,12 @@ fn main() {
     if cmdline.split_whitespace().any(|w| w == "skiff.exit=panic") {
         println!("SKIFF-AGENT: exiting PID 1 as asked (skiff.exit=panic)");
         std::process::exit(1);
+    }
+    if cmdline.split_whitespace().any(|w| w == "skiff.agent=hang") {
+        println!("SKIFF-AGENT: hanging as asked (skiff.agent=hang)");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
     }
     if cmdline.split_whitespace().any(|w| w == "skiff.agent=serve") {
         serve(agent_start);

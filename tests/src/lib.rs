@@ -139,6 +139,40 @@ pub fn run_on_real_kvm(program: &Path, args: &[&str]) -> Output {
     out
 }
 
+/// Runs `sh <script>` where real KVM is: directly on a hardware host, else in its own nested
+/// VM (`tools/kvm-vm`, with `rw` writable). The timeout is enforced **on the host** (a nested
+/// L1 under TCG can wedge so hard that nothing inside it, not even `timeout -k`, runs again);
+/// on a timeout the script runs once more, loudly. Returns the last exit code (124 = timed
+/// out twice).
+pub fn run_script_on_real_kvm(name: &str, script: &Path, rw: &Path, timeout_s: u32) -> i32 {
+    let build = || {
+        let mut c = match kvm_kind() {
+            KvmKind::Hardware => {
+                let mut c = Command::new("timeout");
+                c.args(["-k", "10", &timeout_s.to_string(), "sh"]);
+                c
+            }
+            KvmKind::Pvm | KvmKind::Missing => {
+                let mut c = Command::new(repo_root().join("tools/kvm-vm"));
+                c.arg("--rw")
+                    .arg(rw)
+                    .args(["--timeout", &timeout_s.to_string(), "--", "sh"]);
+                c
+            }
+        };
+        c.arg(script);
+        c
+    };
+    let t0 = std::time::Instant::now();
+    let mut rc = build().status().map(|s| s.code().unwrap_or(-1)).unwrap_or(-1);
+    if rc == 124 {
+        eprintln!("RETRY: case {name} timed out after {timeout_s} s on nested KVM (a hung guest); running it once more");
+        rc = build().status().map(|s| s.code().unwrap_or(-1)).unwrap_or(-1);
+    }
+    eprintln!("case {name}: script exit {rc} after {:.1} s", t0.elapsed().as_secs_f64());
+    rc
+}
+
 /// Path of an artefact built by one of the repository's scripts (`kernel/build.sh`,
 /// `kernel/build-initramfs.sh`) with `--print-path`; builds it when it is not cached yet.
 pub fn artefact(script: &str) -> PathBuf {

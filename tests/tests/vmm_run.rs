@@ -1,11 +1,12 @@
 //! `vmm run` end to end: a real Linux guest (through `tools/kvm-vm` on a PVM host), the agent
 //! as PID 1 dialing back over virtio-vsock, a container from the initramfs's busybox rootfs.
-//! All cases run in one nested VM (one L1 boot), each `vmm run` boots its own guest.
+//! Each case runs in its own nested VM (one L1 boot, host-side timeout, one retry), and each
+//! `vmm run` boots its own guest.
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
-
-use skiff_tests::{kvm_kind, repo_root, skiff_kernel_and_initrd, vmm_binary, KvmKind};
+use skiff_tests::{
+    kvm_kind, repo_root, run_script_on_real_kvm, skiff_kernel_and_initrd, vmm_binary, KvmKind,
+};
 
 struct Case {
     name: &'static str,
@@ -111,7 +112,7 @@ fn vmm_run_cases() {
         .join(format!("vmm-run-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).unwrap();
-    let mut script = String::from("set -u\n");
+    let mut scripts: Vec<(&str, String)> = Vec::new();
     for c in CASES {
         let stdin = match c.stdin {
             Some(s) => format!("printf %s {} |", shell_quote(s)),
@@ -126,36 +127,49 @@ fn vmm_run_cases() {
                 i.display(),
                 c.args
             );
-            script.push_str(&format!(
-                "mkdir -p {d}; timeout 120 script -qec {q} /dev/null > {d}/stdout 2> {d}/stderr < /dev/null; echo $? > {d}/rc\n",
-                d = dir.display(),
-                q = shell_quote(&inner),
+            scripts.push((
+                c.name,
+                format!(
+                    "script -qec {q} /dev/null > {d}/stdout 2> {d}/stderr < /dev/null; echo $? > {d}/rc\n",
+                    d = dir.display(),
+                    q = shell_quote(&inner),
+                ),
             ));
             continue;
         }
-        script.push_str(&format!(
-            "mkdir -p {d}; for try in 1 2; do {stdin} timeout 120 {vmm} run --console {d}/console --kernel {k} --initrd {i} {args} > {d}/stdout 2> {d}/stderr {redir}; rc=$?; [ $rc = 124 ] || break; echo \"RETRY {name}: nested guest hung (timeout), console tail: $(tail -3 {d}/console | tr '\\n' ' ')\" >&2; done; echo $rc > {d}/rc\n",
-            name = c.name,
-            d = dir.display(),
+        scripts.push((
+            c.name,
+            format!(
+                "{stdin} {vmm} run --console {d}/console --kernel {k} --initrd {i} {args} > {d}/stdout 2> {d}/stderr {redir}; echo $? > {d}/rc\n",
+                d = dir.display(),
+                vmm = vmm.display(),
+                k = k.display(),
+                i = i.display(),
+                args = c.args,
+                redir = if c.stdin.is_some() { "" } else { "< /dev/null" },
+            ),
+        ));
+    }
+    // A guest that never becomes ready: SIGTERM before the container started ends `vmm run`
+    // at once with 128 + 15 (no wait for the agent timeout).
+    scripts.push((
+        "sigterm-before-start",
+        format!(
+            "t0=$(date +%s); {vmm} run --kernel {k} --initrd {i} --kernel-arg skiff.agent=hang -- true > {d}/stdout 2> {d}/stderr < /dev/null & p=$!; sleep 8; kill -TERM $p; wait $p; echo $? > {d}/rc; echo $(( $(date +%s) - t0 )) > {d}/secs\n",
+            d = out.join("sigterm-before-start").display(),
             vmm = vmm.display(),
             k = k.display(),
             i = i.display(),
-            args = c.args,
-            redir = if c.stdin.is_some() { "" } else { "< /dev/null" },
-        ));
+        ),
+    ));
+    // Each case in its own nested VM with a host-side timeout (see run_script_on_real_kvm).
+    for (name, body) in &scripts {
+        let dir = out.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("case.sh");
+        std::fs::write(&path, format!("set -u\n{body}")).unwrap();
+        run_script_on_real_kvm(name, &path, &dir, 150);
     }
-    let script_path = out.join("cases.sh");
-    std::fs::write(&script_path, script).unwrap();
-    let mut cmd = match kvm_kind() {
-        KvmKind::Hardware => Command::new("sh"),
-        _ => {
-            let mut c = Command::new(repo_root().join("tools/kvm-vm"));
-            c.arg("--rw").arg(&out).arg("--").arg("sh");
-            c
-        }
-    };
-    let st = cmd.arg(&script_path).status().unwrap();
-    assert!(st.success(), "the case script failed to run: {st}");
 
     let read = |name: &str, f: &str| -> String {
         std::fs::read_to_string(out.join(name).join(f)).unwrap_or_default()
@@ -215,6 +229,13 @@ fn vmm_run_cases() {
         "timings",
     );
     check(rc("segv") == 139, "segv");
+    let secs: u64 = read("sigterm-before-start", "secs").trim().parse().unwrap_or(999);
+    check(
+        rc("sigterm-before-start") == 143
+            && secs < 60
+            && read("sigterm-before-start", "stderr").contains("before the container started"),
+        "sigterm-before-start",
+    );
     check(
         rc("tty") == 0 && read("tty", "stdout").contains("30 100"),
         "tty",

@@ -10,7 +10,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use oci_spec::runtime::{BoxBuilder, Spec, User};
@@ -220,6 +220,11 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(failed("creating the run directory"))?;
     let cleanup = RunDir(dir.clone());
+    // Signals: before the container starts, a terminating one ends `vmm run` (the VM is
+    // abandoned with the process); after, every signal is forwarded to the container, and a
+    // third terminating signal forces the exit if the guest does not answer.
+    let started: Arc<Mutex<Option<Arc<Client<UnixStream>>>>> = Arc::new(Mutex::new(None));
+    spawn_signal_thread(started.clone(), dir.clone());
     let uds = dir.join("vsock.sock");
     let control = UnixListener::bind(format!("{}_{CONTROL_PORT}", uds.display()))
         .map_err(failed("listening for the agent"))?;
@@ -344,13 +349,10 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
         .map_err(|e| Error::Failed(format!("starting the container: {e}")))?;
     timings.mark(Phase::ContainerStarted);
 
-    let client = std::sync::Arc::new(client);
-    let fwd = client.clone();
-    std::thread::spawn(move || {
-        while let Ok(sig) = sys::wait_signal(&sys::FORWARDED) {
-            let _ = fwd.signal(CONTAINER, None, sig, false);
-        }
-    });
+    let client = Arc::new(client);
+    if let Ok(mut g) = started.lock() {
+        *g = Some(client.clone());
+    }
 
     let status = client
         .wait(CONTAINER, None)
@@ -378,6 +380,40 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     }
     drop(cleanup);
     Ok(status)
+}
+
+/// The signal thread of [`run`] (see there).
+fn spawn_signal_thread(started: Arc<Mutex<Option<Arc<Client<UnixStream>>>>>, dir: PathBuf) {
+    let terminating = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut unanswered = 0;
+            while let Ok(sig) = sys::wait_signal(&sys::FORWARDED) {
+                let client = started.lock().ok().and_then(|g| g.clone());
+                let fatal = terminating.contains(&sig);
+                match client {
+                    Some(c) => {
+                        // On its own thread: a hung guest must not stop the counting.
+                        std::thread::spawn(move || c.signal(CONTAINER, None, sig, false));
+                        if fatal {
+                            unanswered += 1;
+                        }
+                        if unanswered < 3 {
+                            continue;
+                        }
+                        eprintln!("vmm run: the container did not exit after 3 signals; stopping the VM");
+                    }
+                    None if fatal => {
+                        eprintln!("vmm run: signal {sig} before the container started; stopping the VM");
+                    }
+                    None => continue,
+                }
+                sys::restore_terminal();
+                let _ = std::fs::remove_dir_all(&dir);
+                std::process::exit(128 + sig);
+            }
+        });
 }
 
 fn console_tail(path: &Path) -> String {

@@ -81,6 +81,9 @@ pub fn raw_mode(fd: libc::c_int) -> io::Result<RawModeGuard> {
     if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    if let Ok(mut g) = SAVED_TERMINAL.lock() {
+        *g = Some((fd, saved));
+    }
     Ok(RawModeGuard { fd, saved })
 }
 
@@ -91,8 +94,24 @@ pub struct RawModeGuard {
     saved: libc::termios,
 }
 
+/// The terminal settings to put back if the process has to exit without unwinding (a forced
+/// exit from the signal thread): (descriptor, termios before raw mode).
+static SAVED_TERMINAL: std::sync::Mutex<Option<(libc::c_int, libc::termios)>> =
+    std::sync::Mutex::new(None);
+
+/// Puts back the terminal settings saved by [`raw_mode`], if a guard is still live.
+pub fn restore_terminal() {
+    if let Some((fd, saved)) = SAVED_TERMINAL.lock().ok().and_then(|mut g| g.take()) {
+        // SAFETY: `saved` is the termios read from this descriptor before it went raw.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) };
+    }
+}
+
 impl Drop for RawModeGuard {
     fn drop(&mut self) {
+        if let Ok(mut g) = SAVED_TERMINAL.lock() {
+            *g = None;
+        }
         // SAFETY: `saved` is the termios read from this descriptor before it went raw.
         unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
     }
