@@ -839,10 +839,33 @@ impl Handler for Agent {
             Request::Delete { id, exec_id } => self.delete(&id, exec_id.as_deref()),
             Request::Pids { id } => self.pids_of(&id).map(|pids| Response::Pids { pids }),
             Request::Stats { id } => self.stats(&id),
+            Request::MountShare {
+                tag,
+                target,
+                read_only,
+            } => mount_share(&tag, &target, read_only),
             Request::Shutdown => Ok(Response::Ok),
         };
         reply.send(r);
     }
+}
+
+/// Mounts virtio-fs share `tag` at `target` (created if missing).
+fn mount_share(tag: &str, target: &str, read_only: bool) -> Result<Response, ErrorReply> {
+    let t = std::path::Path::new(target);
+    if !t.is_absolute() {
+        return Err(err(libc::EINVAL, format!("share target {target:?} is not absolute")));
+    }
+    std::fs::create_dir_all(t)
+        .map_err(|e| err(e.raw_os_error().unwrap_or(libc::EIO), format!("{target}: {e}")))?;
+    let flags = if read_only { libc::MS_RDONLY } else { 0 };
+    sys::mount_full(Some(tag), t, Some("virtiofs"), flags, None).map_err(|e| {
+        err(
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!("virtio-fs share {tag:?}: {e}"),
+        )
+    })?;
+    Ok(Response::Ok)
 }
 
 /// Serves one control connection (already dialed) until the host sends Shutdown or closes it.

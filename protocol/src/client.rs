@@ -324,6 +324,15 @@ impl<W: Write + Send> Client<W> {
     }
 
     /// Asks the agent to power the VM off (it answers first).
+    /// Mounts the virtio-fs share `tag` at `target` in the guest.
+    pub fn mount_share(&self, tag: &str, target: &str, read_only: bool) -> Result<(), ClientError> {
+        expect_ok(self.call(Request::MountShare {
+            tag: tag.into(),
+            target: target.into(),
+            read_only,
+        })?)
+    }
+
     pub fn shutdown(&self) -> Result<(), ClientError> {
         expect_ok(self.call(Request::Shutdown)?)
     }

@@ -153,6 +153,15 @@ pub enum Request {
     Stats {
         id: String,
     },
+    /// Mounts a virtio-fs share (by its device tag) at `target` in the guest (outside any
+    /// container; the directory is created), read-only when `read_only`. Used for a
+    /// container's rootfs and its volumes. Replies [`Response::Ok`].
+    MountShare {
+        tag: String,
+        target: String,
+        #[serde(default)]
+        read_only: bool,
+    },
     /// The agent answers `Ok`, then powers the VM off.
     Shutdown,
 }
@@ -403,6 +412,15 @@ pub fn validate(msg: &Message) -> Result<(), FrameError> {
         | Request::Delete { id, exec_id } => {
             check_id(id)?;
             check_exec(exec_id)
+        }
+        Request::MountShare { tag, target, .. } => {
+            if tag.is_empty() || tag.len() > 36 || tag.contains('\0') {
+                return Err(FrameError::Malformed(format!("bad share tag {tag:?}")));
+            }
+            if !target.starts_with('/') || target.split('/').any(|c| c == "..") {
+                return Err(FrameError::Malformed(format!("bad share target {target:?}")));
+            }
+            Ok(())
         }
         Request::Shutdown => Ok(()),
     }

@@ -8,6 +8,7 @@
 
 pub mod mmio;
 pub mod mock;
+pub mod virtio_fs;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,356 @@
+//! The virtio-fs device (virtio 1.2 §5.11): queue 0 is "hiprio" (FORGET, INTERRUPT), queue 1
+//! the request queue. Each descriptor chain carries one FUSE request in its device-readable
+//! part and room for the reply in its device-writable part; the device hands the request bytes
+//! to a [`FuseHandler`] (Skiff's FUSE server, [`super::fs::Server`]) and copies the reply back.
+//!
+//! One worker thread per queue, woken by the guest's notifications. Hostile-guest bounds: a
+//! request is read up to [`MAX_REQUEST`] bytes (the server rejects one whose header claims
+//! more), a reply never exceeds the chain's writable bytes, a broken chain is returned unused.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use virtio_queue::{Queue, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+
+use super::{Error, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+
+/// Virtio device type of virtio-fs.
+pub const VIRTIO_ID_FS: u32 = 26;
+/// Queue size of both queues.
+pub const QUEUE_SIZE: u16 = 1024;
+/// Largest request read from a chain: a 1 MiB WRITE plus its headers.
+pub const MAX_REQUEST: usize = (1 << 20) + 4096;
+/// Longest tag the configuration space holds.
+pub const TAG_LEN: usize = 36;
+
+/// What answers FUSE requests (the FUSE server; a mock in tests).
+pub trait FuseHandler: Send + Sync + 'static {
+    /// Answers one request (`req` = the chain's readable bytes) with a reply of at most
+    /// `max_out` bytes, or `None` for requests that take no reply.
+    fn handle(&self, req: &[u8], max_out: usize) -> Option<Vec<u8>>;
+}
+
+#[derive(Debug, Default)]
+struct WakeState {
+    pending: bool,
+    stop: bool,
+}
+
+#[derive(Debug, Default)]
+struct Wake {
+    state: Mutex<WakeState>,
+    cv: Condvar,
+}
+
+impl Wake {
+    fn set(&self, f: impl FnOnce(&mut WakeState)) {
+        if let Ok(mut s) = self.state.lock() {
+            f(&mut s);
+        }
+        self.cv.notify_one();
+    }
+
+    /// Waits for a notification; false when the worker must stop.
+    fn wait(&self) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        while !s.pending && !s.stop {
+            s = match self.cv.wait(s) {
+                Ok(s) => s,
+                Err(_) => return false,
+            };
+        }
+        s.pending = false;
+        !s.stop
+    }
+}
+
+#[derive(Debug)]
+struct Worker {
+    wake: Arc<Wake>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The virtio-fs device.
+pub struct VirtioFs {
+    tag: [u8; TAG_LEN],
+    handler: Arc<dyn FuseHandler>,
+    acked: u64,
+    workers: Vec<Worker>,
+}
+
+impl std::fmt::Debug for VirtioFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioFs")
+            .field("tag", &String::from_utf8_lossy(&self.tag))
+            .field("workers", &self.workers.len())
+            .finish()
+    }
+}
+
+impl VirtioFs {
+    /// A device exporting `handler` under mount tag `tag` (1..=36 bytes, no NUL).
+    pub fn new(tag: &str, handler: Arc<dyn FuseHandler>) -> Result<Self, Error> {
+        if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
+            return Err(Error::Activate(format!(
+                "virtio-fs tag {tag:?} must be 1 to {TAG_LEN} bytes without NUL"
+            )));
+        }
+        let mut t = [0u8; TAG_LEN];
+        t[..tag.len()].copy_from_slice(tag.as_bytes());
+        Ok(VirtioFs {
+            tag: t,
+            handler,
+            acked: 0,
+            workers: Vec::new(),
+        })
+    }
+
+    fn stop_workers(&mut self) {
+        for w in &self.workers {
+            w.wake.set(|s| s.stop = true);
+        }
+        for mut w in self.workers.drain(..) {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for VirtioFs {
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}
+
+/// Serves every available chain of `queue`; true if any was used.
+fn drain(
+    handler: &dyn FuseHandler,
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    buf: &mut Vec<u8>,
+) -> bool {
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let mut written = 0u32;
+        match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
+            (Ok(mut r), Ok(mut w)) => {
+                let n = r.available_bytes().min(MAX_REQUEST);
+                buf.clear();
+                buf.resize(n, 0);
+                match std::io::Read::read_exact(&mut r, buf) {
+                    Ok(()) => {
+                        if let Some(reply) = handler.handle(buf, w.available_bytes()) {
+                            if reply.len() <= w.available_bytes()
+                                && std::io::Write::write_all(&mut w, &reply).is_ok()
+                            {
+                                written = u32::try_from(reply.len()).unwrap_or(0);
+                            } else {
+                                tracing::debug!("virtio-fs: reply does not fit the chain");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!("virtio-fs: unreadable request: {e}"),
+                }
+            }
+            _ => tracing::debug!("virtio-fs: bad descriptor chain"),
+        }
+        if queue.add_used(mem, head, written).is_err() {
+            break;
+        }
+        used = true;
+    }
+    used
+}
+
+impl VirtioDevice for VirtioFs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn avail_features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.avail_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_fs_config { u8 tag[36]; le32 num_request_queues; le32 notify_buf_size; }
+        let mut cfg = [0u8; TAG_LEN + 8];
+        cfg[..TAG_LEN].copy_from_slice(&self.tag);
+        cfg[TAG_LEN..TAG_LEN + 4].copy_from_slice(&1u32.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| cfg.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: VirtioInterrupt,
+    ) -> Result<(), Error> {
+        if queues.len() != 2 {
+            return Err(Error::QueueCount {
+                expected: 2,
+                got: queues.len(),
+            });
+        }
+        self.stop_workers();
+        for (i, mut queue) in queues.into_iter().enumerate() {
+            let wake = Arc::new(Wake::default());
+            let w = wake.clone();
+            let handler = self.handler.clone();
+            let mem = mem.clone();
+            let interrupt = interrupt.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("virtio-fs-q{i}"))
+                .spawn(move || {
+                    let mut buf = Vec::new();
+                    while w.wait() {
+                        if drain(&*handler, &mem, &mut queue, &mut buf)
+                            && queue.needs_notification(&mem).unwrap_or(true)
+                        {
+                            interrupt.signal_used_queue();
+                        }
+                    }
+                })
+                .map_err(|e| Error::Activate(format!("virtio-fs worker: {e}")))?;
+            self.workers.push(Worker {
+                wake,
+                thread: Some(thread),
+            });
+        }
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, index: u32) {
+        if let Some(w) = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.workers.get(i))
+        {
+            w.wake.set(|s| s.pending = true);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.stop_workers();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::virtio::mmio::MmioTransport;
+    use crate::virtio::mock::{MockDriver, Seg};
+    use crate::{BusDevice, IrqTrigger};
+    use std::time::{Duration, Instant};
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Echoes the request reversed, or no reply for a request starting with 0xff.
+    struct Echo;
+    impl FuseHandler for Echo {
+        fn handle(&self, req: &[u8], max_out: usize) -> Option<Vec<u8>> {
+            if req.first() == Some(&0xff) {
+                return None;
+            }
+            let mut v: Vec<u8> = req.iter().rev().copied().collect();
+            v.truncate(max_out);
+            Some(v)
+        }
+    }
+
+    fn setup() -> (MmioTransport, MockDriver) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let dev = VirtioFs::new("rootfs", Arc::new(Echo)).unwrap();
+        let mut t = MmioTransport::new(Box::new(dev), mem.clone(), IrqTrigger::none()).unwrap();
+        let d = MockDriver::probe(&mut t, mem, 2, 64).unwrap();
+        (t, d)
+    }
+
+    fn request(d: &mut MockDriver, q: usize, req: &[u8], out: u32) -> u16 {
+        let a = d.alloc(req.len() as u32);
+        d.mem.write_slice(req, GuestAddress(a)).unwrap();
+        let b = d.alloc(out);
+        d.add_chain(
+            q,
+            &[
+                Seg {
+                    addr: a,
+                    len: req.len() as u32,
+                    write: false,
+                },
+                Seg {
+                    addr: b,
+                    len: out,
+                    write: true,
+                },
+            ],
+        )
+        .unwrap()
+    }
+
+    fn used(t: &mut MmioTransport, d: &mut MockDriver, q: usize) -> Vec<(u16, u32, Vec<u8>)> {
+        t.write(0x50, &(q as u32).to_le_bytes());
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let u = d.take_used(q).unwrap();
+            if !u.is_empty() || Instant::now() > end {
+                return u;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn config_space_has_the_tag_and_one_request_queue() {
+        let (mut t, _d) = setup();
+        let mut b = [0u8; 44];
+        t.read(0x100, &mut b);
+        assert_eq!(&b[..6], b"rootfs");
+        assert!(b[6..36].iter().all(|&x| x == 0));
+        assert_eq!(u32::from_le_bytes(b[36..40].try_into().unwrap()), 1);
+        assert!(VirtioFs::new("", Arc::new(Echo)).is_err());
+        assert!(VirtioFs::new(&"x".repeat(37), Arc::new(Echo)).is_err());
+    }
+
+    #[test]
+    fn requests_get_replies_on_both_queues() {
+        let (mut t, mut d) = setup();
+        let h = request(&mut d, 1, b"abc", 16);
+        assert_eq!(used(&mut t, &mut d, 1), vec![(h, 3, b"cba".to_vec())]);
+        // No reply (FORGET): used with length 0.
+        let h = request(&mut d, 0, &[0xff, 1, 2], 16);
+        assert_eq!(used(&mut t, &mut d, 0), vec![(h, 0, Vec::new())]);
+        // A reply larger than the writable part is truncated by the handler's bound.
+        let h = request(&mut d, 1, b"0123456789", 4);
+        assert_eq!(used(&mut t, &mut d, 1), vec![(h, 4, b"9876".to_vec())]);
+    }
+
+    #[test]
+    fn a_chain_without_writable_part_is_returned_empty() {
+        let (mut t, mut d) = setup();
+        let h = d.add_readable(1, b"hello", &[2]).unwrap();
+        assert_eq!(used(&mut t, &mut d, 1), vec![(h, 0, Vec::new())]);
+        // The queue still works afterwards.
+        let h = request(&mut d, 1, b"xy", 8);
+        assert_eq!(used(&mut t, &mut d, 1), vec![(h, 2, b"yx".to_vec())]);
+    }
+}
