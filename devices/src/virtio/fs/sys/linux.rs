@@ -320,8 +320,21 @@ pub fn statfs(fd: &OwnedFd) -> Result<StatFs> {
     })
 }
 
+fn path_c(fd: &OwnedFd) -> Result<std::ffi::CString> {
+    std::ffi::CString::new(fd_path(fd)).map_err(|_| Errno(libc::EINVAL))
+}
+
 /// `getxattr` on the (non-symlink) inode `fd`; an empty `buf` asks for the size.
+///
+/// The size probe goes through libc: rustix 1.1 returns 0 for a zero-length buffer.
 pub fn getxattr(fd: &OwnedFd, name: &CStr, buf: &mut [u8]) -> Result<usize> {
+    if buf.is_empty() {
+        let p = path_c(fd)?;
+        // SAFETY: `p` and `name` are valid NUL-terminated strings for the call; a null value
+        // pointer with size 0 only asks for the size and is never written.
+        let r = unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        return usize::try_from(r).map_err(|_| io_e(std::io::Error::last_os_error()));
+    }
     rfs::getxattr(fd_path(fd), name, buf).map_err(e)
 }
 
@@ -338,6 +351,13 @@ pub fn setxattr(fd: &OwnedFd, name: &CStr, value: &[u8], flags: u32) -> Result<(
 
 /// `listxattr` on the (non-symlink) inode `fd`; an empty `buf` asks for the size.
 pub fn listxattr(fd: &OwnedFd, buf: &mut [u8]) -> Result<usize> {
+    if buf.is_empty() {
+        let p = path_c(fd)?;
+        // SAFETY: `p` is a valid NUL-terminated string for the call; a null list pointer with
+        // size 0 only asks for the size and is never written.
+        let r = unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
+        return usize::try_from(r).map_err(|_| io_e(std::io::Error::last_os_error()));
+    }
     rfs::listxattr(fd_path(fd), buf).map_err(e)
 }
 
