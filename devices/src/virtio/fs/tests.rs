@@ -1253,3 +1253,23 @@ fn concurrent_requests() {
     });
     assert_eq!(t.srv.inode_count(), 1);
 }
+
+#[test]
+fn minus_one_ids_leave_ownership_alone() {
+    // uid/gid -1 in a request (found by fuzzing: rustix asserts on -1 ids).
+    let t = T::new();
+    t.uid.set(u32::MAX);
+    t.gid.set(u32::MAX);
+    let (id, _, fh) = t.create(ROOT_ID, "f", 2, 0o644).unwrap();
+    t.release(RELEASE, fh).unwrap();
+    t.mkdir(ROOT_ID, "d", 0o755).unwrap();
+    let before = std::fs::metadata(t.p("f")).unwrap();
+    let a = t
+        .setattr(id, |s| {
+            s.valid = abi::fattr::UID | abi::fattr::GID;
+            s.uid = u32::MAX;
+            s.gid = u32::MAX;
+        })
+        .unwrap();
+    assert_eq!((a.uid, a.gid), (before.uid(), before.gid()));
+}

@@ -13,10 +13,11 @@ use std::ffi::CStr;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{
-    self as rfs, AtFlags, FallocateFlags, FileType, Mode, OFlags, RawDir, RenameFlags, SeekFrom,
-    Timespec, Timestamps, XattrFlags,
+    self as rfs, AtFlags, FallocateFlags, FileType, Mode, OFlags, RawDir, RenameFlags,
+    ResolveFlags, SeekFrom, Timespec, Timestamps, XattrFlags,
 };
 
 use super::{DirEntry, Errno, Lock, Result, Stat, StatFs, Time};
@@ -61,8 +62,30 @@ pub fn open_proc_self_fd() -> Result<OwnedFd> {
     .map_err(e)
 }
 
+/// Whether `openat2` works here (Linux 5.6+, not filtered by a seccomp policy).
+static OPENAT2: AtomicBool = AtomicBool::new(true);
+
 /// `openat(dir, name, O_PATH | O_NOFOLLOW)`: one component, never following a symlink.
+///
+/// Defence in depth: where available this is `openat2` with `RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`, so even a name that slipped past the
+/// single-component check could not leave `dir` or cross a symlink (a trailing symlink is
+/// still returned as an `O_PATH` fd of the link itself).
 pub fn lookup_at(dir: &OwnedFd, name: &CStr) -> Result<OwnedFd> {
+    if OPENAT2.load(Ordering::Relaxed) {
+        match rfs::openat2(
+            dir,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::PERM) => {
+                OPENAT2.store(false, Ordering::Relaxed);
+            }
+            r => return r.map_err(e),
+        }
+    }
     rfs::openat(
         dir,
         name,
@@ -217,8 +240,14 @@ pub fn link_at(proc_fd: &OwnedFd, fd: &OwnedFd, newdir: &OwnedFd, newname: &CStr
     .map_err(e)
 }
 
-/// Changes the owner of the inode `fd` (an `O_PATH` fd, symlinks included).
+/// Changes the owner of the inode `fd` (an `O_PATH` fd, symlinks included). An id of
+/// `u32::MAX` (`-1`) leaves that id unchanged, as in `chown(2)`.
 pub fn chown_fd(fd: &OwnedFd, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+    let uid = uid.filter(|&u| u != u32::MAX);
+    let gid = gid.filter(|&g| g != u32::MAX);
+    if uid.is_none() && gid.is_none() {
+        return Ok(());
+    }
     rfs::chownat(
         fd,
         c"",
