@@ -58,7 +58,7 @@ pub mod abi;
 pub mod passthrough;
 pub mod sys;
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests;
 
 use std::path::PathBuf;

@@ -1041,6 +1041,9 @@ impl Fs {
         }
         if size == 0 {
             let n = sys::getxattr(&inode.fd, &name, &mut [])?;
+            if n > MAX_XATTR {
+                return Err(Errno(E2BIG));
+            }
             let mut w = Writer::new();
             w.u32(u32::try_from(n.min(MAX_XATTR)).unwrap_or(0)).u32(0);
             return Ok(w.buf);

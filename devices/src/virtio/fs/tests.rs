@@ -1273,3 +1273,59 @@ fn minus_one_ids_leave_ownership_alone() {
         .unwrap();
     assert_eq!((a.uid, a.gid), (before.uid(), before.gid()));
 }
+
+/// A symlink to a directory outside the share used as the *parent* of every creating or
+/// moving operation: the server must never create anything outside.
+fn symlink_parent_attacks(t: &T, outside: &Path) {
+    let (out, a) = t.lookup(ROOT_ID, "out").unwrap();
+    assert_eq!(a.mode & S_IFMT, S_IFLNK);
+    assert!(t.mkdir(out, "pwned", 0o755).is_err());
+    assert!(t.create(out, "pwned", 2, 0o644).is_err());
+    let mut w = Writer::new();
+    w.u32(S_IFREG | 0o644)
+        .u32(0)
+        .u32(0)
+        .u32(0)
+        .bytes(&cs("pwned"));
+    assert!(t.call(MKNOD, out, &w.buf).is_err());
+    assert!(t.call(SYMLINK, out, &two_names("pwned", "x")).is_err());
+    assert!(t.lookup(out, "victim").is_err());
+    assert!(t.call(UNLINK, out, &cs("victim")).is_err());
+    std::fs::write(t.p("mine"), b"m").unwrap();
+    let mut w = Writer::new();
+    w.u64(out).bytes(&two_names("mine", "pwned"));
+    assert!(t.call(RENAME, ROOT_ID, &w.buf).is_err());
+    let (mine, _) = t.lookup(ROOT_ID, "mine").unwrap();
+    let mut w = Writer::new();
+    w.u64(mine).bytes(&cs("pwned"));
+    assert!(t.call(LINK, out, &w.buf).is_err());
+    assert!(t.opendir(out).is_err());
+    assert!(!outside.join("pwned").exists());
+    assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"precious");
+}
+
+#[test]
+fn symlink_parents_never_lead_outside() {
+    let t = T::new();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("victim"), b"precious").unwrap();
+    std::os::unix::fs::symlink(outside.path(), t.p("out")).unwrap();
+    symlink_parent_attacks(&t, outside.path());
+}
+
+#[test]
+fn confinement_without_openat2() {
+    // The plain openat fallback (kernels before 5.6, seccomp filters) must confine as well.
+    sys::disable_openat2();
+    let t = T::new();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("victim"), b"precious").unwrap();
+    std::os::unix::fs::symlink(outside.path(), t.p("out")).unwrap();
+    symlink_parent_attacks(&t, outside.path());
+    std::os::unix::fs::symlink("/etc", t.p("etc")).unwrap();
+    let (etc, a) = t.lookup(ROOT_ID, "etc").unwrap();
+    assert_eq!(a.mode & S_IFMT, S_IFLNK);
+    assert_eq!(t.open(etc, 0), Err(ELOOP));
+    assert!(t.lookup(etc, "passwd").is_err());
+    assert_eq!(t.lookup(ROOT_ID, "..").map(|_| ()), Err(EINVAL));
+}

@@ -65,6 +65,12 @@ pub fn open_proc_self_fd() -> Result<OwnedFd> {
 /// Whether `openat2` works here (Linux 5.6+, not filtered by a seccomp policy).
 static OPENAT2: AtomicBool = AtomicBool::new(true);
 
+/// Makes [`lookup_at`] use plain `openat` from now on (tests of the fallback path).
+#[cfg(test)]
+pub fn disable_openat2() {
+    OPENAT2.store(false, Ordering::Relaxed);
+}
+
 /// `openat(dir, name, O_PATH | O_NOFOLLOW)`: one component, never following a symlink.
 ///
 /// Defence in depth: where available this is `openat2` with `RESOLVE_BENEATH |
@@ -402,7 +408,8 @@ pub fn fallocate(fd: &OwnedFd, mode: u32, off: u64, len: u64) -> Result<()> {
 
 /// `lseek` with `SEEK_SET`/`CUR`/`END`/`DATA`/`HOLE` (Linux values 0..=4).
 pub fn lseek(fd: &OwnedFd, off: u64, whence: u32) -> Result<u64> {
-    let signed = i64::try_from(off).map_err(|_| Errno(libc::EINVAL))?;
+    // SEEK_CUR/SEEK_END offsets are signed on the wire (two's complement in a u64).
+    let signed = off as i64;
     let pos = match whence {
         0 => SeekFrom::Start(off),
         1 => SeekFrom::Current(signed),
