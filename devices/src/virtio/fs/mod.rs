@@ -34,7 +34,7 @@
 //!
 //! At most [`Config::max_inodes`] live inodes (LOOKUP and friends then fail with `ENFILE`, so a
 //! guest that never forgets cannot grow memory without bound); at most
-//! [`passthrough::MAX_HANDLES`] open handles (`EMFILE`); READ and WRITE at most 1 MiB and READ
+//! [`MAX_HANDLES`] open handles (`EMFILE`); READ and WRITE at most 1 MiB and READ
 //! never more than `max_out`; READDIR replies at most 128 KiB; xattr values and lists at most
 //! 64 KiB. Each inode and handle holds one host fd: the process's `RLIMIT_NOFILE` must allow
 //! `max_inodes + MAX_HANDLES` (or the guest sees `EMFILE` earlier).
@@ -55,8 +55,10 @@
 //! `Send + Sync`: requests may be handled concurrently from several threads.
 
 pub mod abi;
-pub mod passthrough;
-pub mod sys;
+mod passthrough;
+mod sys;
+
+pub use passthrough::{MAX_HANDLES, MAX_IO, MAX_READDIR, MAX_XATTR, OVERRIDE_XATTR};
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests;

@@ -169,13 +169,6 @@ pub fn create_at(dir: &OwnedFd, name: &CStr, flags: u32, mode: u32) -> Result<Ow
     rfs::openat(dir, name, fl, Mode::from_raw_mode(mode)).map_err(e)
 }
 
-/// Opens the existing `name` in `dir` without following symlinks (for CREATE without
-/// `O_EXCL` on an existing file).
-pub fn open_at(dir: &OwnedFd, name: &CStr, flags: u32) -> Result<OwnedFd> {
-    let fl = OFlags::from_bits_retain(flags) | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
-    rfs::openat(dir, name, fl, Mode::empty()).map_err(e)
-}
-
 /// `mkdirat`.
 pub fn mkdir_at(dir: &OwnedFd, name: &CStr, mode: u32) -> Result<()> {
     rfs::mkdirat(dir, name, Mode::from_raw_mode(mode)).map_err(e)
@@ -518,9 +511,4 @@ pub fn get_lock(fd: &OwnedFd, l: &Lock) -> Result<Lock> {
 /// Effective uid of the server process.
 pub fn geteuid() -> u32 {
     rustix::process::geteuid().as_raw()
-}
-
-/// Effective gid of the server process.
-pub fn getegid() -> u32 {
-    rustix::process::getegid().as_raw()
 }

@@ -56,12 +56,6 @@ pub fn create_at(dir: &OwnedFd, name: &CStr, flags: u32, mode: u32) -> Result<Ow
     Err(ENOSYS)
 }
 
-/// Opens the existing `name` in `dir` without following symlinks (for CREATE without
-/// `O_EXCL` on an existing file).
-pub fn open_at(dir: &OwnedFd, name: &CStr, flags: u32) -> Result<OwnedFd> {
-    Err(ENOSYS)
-}
-
 /// `mkdirat`.
 pub fn mkdir_at(dir: &OwnedFd, name: &CStr, mode: u32) -> Result<()> {
     Err(ENOSYS)
@@ -201,10 +195,5 @@ pub fn get_lock(fd: &OwnedFd, l: &Lock) -> Result<Lock> {
 
 /// Effective uid of the server process.
 pub fn geteuid() -> u32 {
-    0
-}
-
-/// Effective gid of the server process.
-pub fn getegid() -> u32 {
     0
 }
