@@ -30,6 +30,12 @@
 //! A host process that moves a directory the guest holds out of the share is outside this
 //! model (as with virtiofsd): the server keeps the fd it has.
 //!
+//! Host hygiene the integrator owns: with [`Ownership::Passthrough`] and a root server, the
+//! guest can create setuid-root files, device nodes and `security.*` xattrs *inside* the share
+//! (that is what passthrough means). The server never opens device nodes or FIFOs itself, but
+//! host users could: put the share on a `nosuid,nodev` mount or below a directory only the
+//! VMM user can enter.
+//!
 //! # Bounds
 //!
 //! At most [`Config::max_inodes`] live inodes (LOOKUP and friends then fail with `ENFILE`, so a
