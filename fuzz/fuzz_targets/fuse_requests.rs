@@ -70,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&ctl, rest)) = data.split_first() else {
         return;
     };
-    let max_out = [16usize, 64, 200, 4096, 65536, 1 << 21][usize::from(ctl & 7) % 6];
+    let max_out = [0usize, 16, 64, 200, 4096, 65536, 1 << 21][usize::from(ctl & 7) % 7];
     let mut req = rest.to_vec();
     if ctl & 8 != 0 && req.len() >= 4 {
         let l = req.len() as u32;

@@ -176,13 +176,15 @@ impl Server {
     /// Returns the full reply (`fuse_out_header` + payload, whose `len` equals the returned
     /// length, at most `max_out`), or `None` for requests that get no reply (FORGET,
     /// BATCH_FORGET, INTERRUPT) and when `max_out` cannot even hold a reply header.
+    ///
+    /// FORGET and BATCH_FORGET are processed whatever `max_out` is (they come without
+    /// writable descriptors); any other request with `max_out` below 16 is dropped unexecuted.
     pub fn handle(&self, req: &[u8], max_out: usize) -> Option<Vec<u8>> {
-        if max_out < abi::OUT_HEADER_SIZE {
-            return None;
-        }
+        let can_reply = max_out >= abi::OUT_HEADER_SIZE;
         let mut r = Reader::new(req);
         let h = match InHeader::parse(&mut r) {
             Ok(h) => h,
+            Err(_) if !can_reply => return None,
             Err(_) => {
                 let unique = req
                     .get(8..16)
@@ -197,7 +199,7 @@ impl Server {
             opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT
         );
         if h.len as usize != req.len() {
-            return (!no_reply).then(|| error_reply(h.unique, errno::EINVAL));
+            return (!no_reply && can_reply).then(|| error_reply(h.unique, errno::EINVAL));
         }
         tracing::debug!(
             opcode = h.opcode,
@@ -214,6 +216,9 @@ impl Server {
                     _ => {}
                 }
             }
+            return None;
+        }
+        if !can_reply {
             return None;
         }
         if !init && h.opcode != opcode::INIT {

@@ -158,9 +158,10 @@ impl T {
         w.u64(fh).u32(0).u32(0).u64(0);
         self.call(op, 0, &w.buf)
     }
+    /// FORGET as the device sends it: no writable descriptors, `max_out` 0.
     fn forget(&self, node: u64, n: u64) {
         let req = self.raw(FORGET, node, &n.to_le_bytes());
-        assert!(self.srv.handle(&req, MAX_OUT).is_none());
+        assert!(self.srv.handle(&req, 0).is_none());
     }
     /// All entries of a directory via READDIR(PLUS) with a small buffer (several calls).
     fn readdir(&self, node: u64, plus: bool) -> Vec<(String, u64)> {
@@ -402,9 +403,15 @@ fn malformed_requests() {
     req.push(0);
     let rep = t.srv.handle(&req, MAX_OUT).unwrap();
     assert_eq!(i32::from_le_bytes(rep[4..8].try_into().unwrap()), -EINVAL);
-    // No room for a reply header.
+    // No room for a reply header: dropped, not executed.
     let req = t.raw(GETATTR, ROOT_ID, &[0; 16]);
     assert!(t.srv.handle(&req, 15).is_none());
+    let mut w = Writer::new();
+    w.u32(0o755).u32(0).bytes(&cs("unseen"));
+    let req = t.raw(MKDIR, ROOT_ID, &w.buf);
+    assert!(t.srv.handle(&req, 0).is_none());
+    assert!(!t.p("unseen").exists());
+    assert!(t.srv.handle(&[1, 2], 0).is_none());
     // Unknown opcodes, IOCTL.
     assert_eq!(t.call(9999, ROOT_ID, &[]), Err(ENOSYS));
     assert_eq!(t.call(abi::opcode::BMAP, ROOT_ID, &[0; 16]), Err(ENOSYS));
@@ -1016,7 +1023,7 @@ fn max_inodes_and_forget() {
         .u64(ROOT_ID)
         .u64(100);
     let req = t.raw(BATCH_FORGET, 0, &w.buf);
-    assert!(t.srv.handle(&req, MAX_OUT).is_none());
+    assert!(t.srv.handle(&req, 0).is_none());
     assert_eq!(t.srv.inode_count(), 1);
     t.getattr(ROOT_ID).unwrap();
 }
