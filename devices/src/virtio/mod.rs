@@ -6,6 +6,7 @@
 //! ([`VirtioDevice::queue_notify`], called on the vCPU thread). The transport
 //! ([`mmio::MmioTransport`]) owns the register file, feature negotiation and queue setup.
 
+pub mod fs;
 pub mod mmio;
 pub mod mock;
 pub mod virtio_fs;

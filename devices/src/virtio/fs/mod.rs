@@ -1,0 +1,294 @@
+//! The FUSE server behind Skiff's virtio-fs device: it shares one host directory with the
+//! guest. It is byte-level: [`Server::handle`] takes the bytes of one request (everything the
+//! guest put in the readable descriptors) and returns the bytes of the reply. The virtio
+//! device wrapper (queues, descriptor chains) is a separate piece.
+//!
+//! # Threat model
+//!
+//! The guest is hostile. It controls every byte of every request: header fields (opcode,
+//! node ids, lengths, uid/gid), argument structs, names, xattr names and values, write data,
+//! file handles and offsets, and the order and number of requests (including never sending
+//! FORGET). It can also race its own requests against each other from several queues. It does
+//! **not** control the host side of the shared directory, the server's configuration, or
+//! anything outside the shared directory, and must never reach it.
+//!
+//! # Confinement
+//!
+//! - The shared root is opened once (`O_PATH`). Every other inode is reached from a parent's
+//!   `O_PATH` fd with `openat(parent, name, O_PATH | O_NOFOLLOW)`, where `name` is checked to be
+//!   one path component (non-empty, not `.` or `..`, no `/`, no NUL, at most 255 bytes;
+//!   otherwise `EINVAL`/`ENAMETOOLONG`). Paths are never built or resolved on the host.
+//! - Symlinks are never followed on the host: a symlink is an inode like any other that can be
+//!   READLINK'ed, renamed, unlinked, linked; OPEN of a symlink node is `ELOOP`. Only regular
+//!   files are (re)opened for I/O (devices, FIFOs and sockets are `ENXIO`: the guest kernel
+//!   handles those itself), through `/proc/self/fd/N` which names exactly the inode held.
+//! - Creation, removal, rename and link are `*at()` calls on parent fds.
+//! - A read-only share answers every mutating request with `EROFS`.
+//! - Node ids and file handles are server-chosen, never reused, and looked up in tables:
+//!   an unknown node id is `ENOENT`, an unknown handle `EBADF`.
+//!
+//! A host process that moves a directory the guest holds out of the share is outside this
+//! model (as with virtiofsd): the server keeps the fd it has.
+//!
+//! Host hygiene the integrator owns: with [`Ownership::Passthrough`] and a root server, the
+//! guest can create setuid-root files, device nodes and `security.*` xattrs *inside* the share
+//! (that is what passthrough means). The server never opens device nodes or FIFOs itself, but
+//! host users could: put the share on a `nosuid,nodev` mount or below a directory only the
+//! VMM user can enter.
+//!
+//! # Bounds
+//!
+//! At most [`Config::max_inodes`] live inodes (LOOKUP and friends then fail with `ENFILE`, so a
+//! guest that never forgets cannot grow memory without bound); at most
+//! [`MAX_HANDLES`] open handles (`EMFILE`); READ and WRITE at most 1 MiB and READ
+//! never more than `max_out`; READDIR replies at most 128 KiB; xattr values and lists at most
+//! 64 KiB. Each inode and handle holds one host fd: the process's `RLIMIT_NOFILE` must allow
+//! `max_inodes + MAX_HANDLES` (or the guest sees `EMFILE` earlier).
+//!
+//! # Ownership
+//!
+//! [`Ownership::Passthrough`] shows host uid/gid/mode; when the server runs as root, new
+//! nodes are chowned to the requesting guest uid/gid. [`Ownership::Xattr`] (rootless) keeps
+//! guest-visible `uid:gid:mode[:rdev]` in the `user.containers.override_stat` xattr (libkrun's
+//! format, `uid:gid:0MODE` with an octal mode including the type bits, plus our optional
+//! `:rdev`); special files are regular 0600 host files. The xattr is hidden from the guest.
+//! Symlinks cannot carry `user.*` xattrs on Linux, so they always show host values.
+//!
+//! # Protocol
+//!
+//! INIT must come first (anything else before it is `EIO`); DESTROY resets the tables and
+//! expects a new INIT. FORGET, BATCH_FORGET and INTERRUPT get no reply. The server is
+//! `Send + Sync`: requests may be handled concurrently from several threads.
+
+pub mod abi;
+mod passthrough;
+mod sys;
+
+pub use passthrough::{MAX_HANDLES, MAX_IO, MAX_READDIR, MAX_XATTR, OVERRIDE_XATTR};
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use abi::{errno, opcode, InHeader, Reader, Writer};
+use passthrough::Fs;
+use sys::Errno;
+
+/// How guest-visible ownership and modes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ownership {
+    /// Host uid/gid/mode are the guest's (chown to the guest's uid/gid when running as root).
+    #[default]
+    Passthrough,
+    /// Guest uid/gid/mode/rdev live in the `user.containers.override_stat` xattr.
+    Xattr,
+}
+
+/// Server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The shared host directory.
+    pub root: PathBuf,
+    /// Refuse every change (`EROFS`).
+    pub read_only: bool,
+    /// Ownership scheme.
+    pub ownership: Ownership,
+    /// Most live inodes (the root included).
+    pub max_inodes: usize,
+}
+
+/// Default [`Config::max_inodes`].
+pub const DEFAULT_MAX_INODES: usize = 1 << 20;
+
+impl Config {
+    /// A writable passthrough share of `root` with default bounds.
+    pub fn new(root: impl Into<PathBuf>) -> Config {
+        Config {
+            root: root.into(),
+            read_only: false,
+            ownership: Ownership::Passthrough,
+            max_inodes: DEFAULT_MAX_INODES,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config::new(PathBuf::new())
+    }
+}
+
+/// Errors creating a [`Server`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The shared directory does not exist.
+    #[error("shared directory {0} does not exist")]
+    Missing(PathBuf),
+    /// The shared path is not a directory.
+    #[error("shared path {0} is not a directory")]
+    NotADirectory(PathBuf),
+    /// The shared directory could not be opened.
+    #[error("cannot open shared directory {0}: {1}")]
+    Open(PathBuf, std::io::Error),
+    /// `/proc/self/fd` could not be opened (needed to reopen files safely).
+    #[error("cannot open /proc/self/fd: {0}")]
+    Proc(std::io::Error),
+}
+
+/// The FUSE server for one shared directory.
+#[derive(Debug)]
+pub struct Server {
+    fs: Fs,
+    initialized: AtomicBool,
+}
+
+fn error_reply(unique: u64, err: i32) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.u32(abi::OUT_HEADER_SIZE as u32).i32(-err).u64(unique);
+    w.buf
+}
+
+impl Server {
+    /// Opens the shared directory `cfg.root`.
+    pub fn new(cfg: Config) -> Result<Server, Error> {
+        Ok(Server {
+            fs: Fs::new(cfg)?,
+            initialized: AtomicBool::new(false),
+        })
+    }
+
+    /// Live inodes, the root included (for tests and metrics).
+    pub fn inode_count(&self) -> usize {
+        self.fs.inode_count()
+    }
+
+    /// Open file and directory handles (for tests and metrics).
+    pub fn handle_count(&self) -> usize {
+        self.fs.handle_count()
+    }
+
+    /// Handles one request.
+    ///
+    /// `req` is everything the guest put in the readable descriptors (`fuse_in_header`,
+    /// arguments, write data); `max_out` is the total size of the writable descriptors.
+    /// Returns the full reply (`fuse_out_header` + payload, whose `len` equals the returned
+    /// length, at most `max_out`), or `None` for requests that get no reply (FORGET,
+    /// BATCH_FORGET, INTERRUPT) and when `max_out` cannot even hold a reply header.
+    ///
+    /// FORGET and BATCH_FORGET are processed whatever `max_out` is (they come without
+    /// writable descriptors); any other request with `max_out` below 16 is dropped unexecuted.
+    pub fn handle(&self, req: &[u8], max_out: usize) -> Option<Vec<u8>> {
+        let can_reply = max_out >= abi::OUT_HEADER_SIZE;
+        let mut r = Reader::new(req);
+        let h = match InHeader::parse(&mut r) {
+            Ok(h) => h,
+            Err(_) if !can_reply => return None,
+            Err(_) => {
+                let unique = req
+                    .get(8..16)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_le_bytes)
+                    .unwrap_or(0);
+                return Some(error_reply(unique, errno::EINVAL));
+            }
+        };
+        let no_reply = matches!(
+            h.opcode,
+            opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT
+        );
+        if h.len as usize != req.len() {
+            return (!no_reply && can_reply).then(|| error_reply(h.unique, errno::EINVAL));
+        }
+        tracing::debug!(
+            opcode = h.opcode,
+            unique = h.unique,
+            nodeid = h.nodeid,
+            "fuse request"
+        );
+        let init = self.initialized.load(Ordering::Acquire);
+        if no_reply {
+            if init {
+                match h.opcode {
+                    opcode::FORGET => self.fs.forget(&h, &mut r),
+                    opcode::BATCH_FORGET => self.fs.batch_forget(&mut r),
+                    _ => {}
+                }
+            }
+            return None;
+        }
+        if !can_reply {
+            return None;
+        }
+        if !init && h.opcode != opcode::INIT {
+            return Some(error_reply(h.unique, errno::EIO));
+        }
+        let res = self.dispatch(&h, &mut r, max_out);
+        let reply = match res {
+            Ok(payload) => {
+                let len = abi::OUT_HEADER_SIZE + payload.len();
+                if len > max_out {
+                    return Some(error_reply(h.unique, errno::ERANGE));
+                }
+                let mut w = Writer::new();
+                w.u32(len as u32).i32(0).u64(h.unique).bytes(&payload);
+                w.buf
+            }
+            Err(Errno(e)) => error_reply(h.unique, e),
+        };
+        Some(reply)
+    }
+
+    fn dispatch(&self, h: &InHeader, r: &mut Reader<'_>, max_out: usize) -> Result<Vec<u8>, Errno> {
+        let fs = &self.fs;
+        match h.opcode {
+            opcode::INIT => {
+                let (out, done) = fs.init(r)?;
+                if done {
+                    self.initialized.store(true, Ordering::Release);
+                }
+                Ok(out)
+            }
+            opcode::DESTROY => {
+                self.initialized.store(false, Ordering::Release);
+                fs.reset();
+                Ok(Vec::new())
+            }
+            opcode::LOOKUP => fs.lookup(h, r),
+            opcode::GETATTR => fs.getattr(h, r),
+            opcode::SETATTR => fs.setattr(h, r),
+            opcode::READLINK => fs.readlink(h),
+            opcode::SYMLINK => fs.symlink(h, r),
+            opcode::MKNOD => fs.mknod(h, r),
+            opcode::MKDIR => fs.mkdir(h, r),
+            opcode::UNLINK => fs.unlink(h, r, false),
+            opcode::RMDIR => fs.unlink(h, r, true),
+            opcode::RENAME => fs.rename(h, r, false),
+            opcode::RENAME2 => fs.rename(h, r, true),
+            opcode::LINK => fs.link(h, r),
+            opcode::OPEN => fs.open(h, r),
+            opcode::READ => fs.read(r, max_out),
+            opcode::WRITE => fs.write(r),
+            opcode::STATFS => fs.statfs(h),
+            opcode::RELEASE => fs.release(r),
+            opcode::FSYNC | opcode::FSYNCDIR => fs.fsync(r),
+            opcode::SETXATTR => fs.setxattr(h, r),
+            opcode::GETXATTR => fs.getxattr(h, r, max_out),
+            opcode::LISTXATTR => fs.listxattr(h, r, max_out),
+            opcode::REMOVEXATTR => fs.removexattr(h, r),
+            opcode::FLUSH => fs.flush(r),
+            opcode::OPENDIR => fs.opendir(h, r),
+            opcode::READDIR => fs.readdir(r, max_out, false),
+            opcode::READDIRPLUS => fs.readdir(r, max_out, true),
+            opcode::RELEASEDIR => fs.releasedir(r),
+            opcode::GETLK | opcode::SETLK | opcode::SETLKW => fs.lk(r, h.opcode),
+            opcode::ACCESS => fs.access(h, r),
+            opcode::CREATE => fs.create(h, r),
+            opcode::FALLOCATE => fs.fallocate(r),
+            opcode::LSEEK => fs.lseek(r),
+            opcode::IOCTL => Err(Errno(errno::ENOTTY)),
+            _ => Err(Errno(errno::ENOSYS)),
+        }
+    }
+}
