@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use skiff_vmm::fs_device;
 use skiff_vmm::run::{self, RunOptions};
 use skiff_vmm::timings::Timings;
 use skiff_vmm::vm::{self, PitMode, SerialOut, VmConfig, DEFAULT_CMDLINE};
@@ -60,6 +61,10 @@ struct Cli {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
+    /// Share host directory DIR with the guest over virtio-fs under mount tag TAG (the guest
+    /// runs `mount -t virtiofs TAG /mnt`); `:ro` refuses writes. Repeatable, up to 10.
+    #[arg(long, value_name = "TAG=DIR[:ro]")]
+    share: Vec<String>,
     /// Guest RAM in MiB.
     #[arg(long, value_name = "MiB", default_value_t = 128)]
     memory: u64,
@@ -120,6 +125,19 @@ struct RunArgs {
     /// Append ARG to the guest kernel command line (repeatable).
     #[arg(long = "kernel-arg", value_name = "ARG")]
     kernel_arg: Vec<String>,
+    /// Use host directory DIR as the container's root filesystem (shared over virtio-fs;
+    /// writes go to DIR). Default: the busybox root in Skiff's initramfs.
+    #[arg(long, value_name = "DIR")]
+    rootfs: Option<PathBuf>,
+    /// Share host directory HOST at GUEST in the container over virtio-fs, read-write or
+    /// read-only (`:ro`: writes fail with EROFS). Repeatable, up to 8 (9 without --rootfs).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    volume: Vec<String>,
+    /// Keep guest file ownership (uid, gid, mode, device numbers) in the host xattr
+    /// `user.containers.override_stat` instead of changing host owners: lets a user without
+    /// root share an image whose files belong to root in the guest.
+    #[arg(long)]
+    xattr_ownership: bool,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -173,6 +191,9 @@ fn main() -> ExitCode {
             timings: r.timings,
             console: r.console,
             kernel_args: r.kernel_arg,
+            rootfs: r.rootfs,
+            volumes: r.volume,
+            xattr_ownership: r.xattr_ownership,
             args: r.cmd,
         };
         return match run::run(&opts, Timings::new(start)) {
@@ -200,7 +221,17 @@ fn main() -> ExitCode {
             Pit::Off => PitMode::Off,
         },
     };
-    match vm::run(&cfg, Timings::new(start)) {
+    let mut devices = Vec::new();
+    for s in &cli.share {
+        match fs_device::parse_share(s).and_then(|s| fs_device::create(&s)) {
+            Ok(d) => devices.push(d),
+            Err(e) => {
+                eprintln!("vmm: error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match vm::run_with_devices(&cfg, Timings::new(start), devices) {
         Ok(res) => {
             if cli.timings {
                 eprint!("{}", res.timings.report());

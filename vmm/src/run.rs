@@ -17,6 +17,7 @@ use oci_spec::runtime::{BoxBuilder, Spec, User};
 use skiff_protocol::stream::StreamHub;
 use skiff_protocol::{Client, StreamKind, CONTROL_PORT, STREAM_PORT};
 
+use crate::fs_device::{self, Share};
 use crate::sys;
 use crate::timings::{Phase, Timings};
 use crate::vm::{self, SerialOut, VmConfig, DEFAULT_CMDLINE};
@@ -25,6 +26,8 @@ use crate::vm::{self, SerialOut, VmConfig, DEFAULT_CMDLINE};
 const CONTAINER: &str = "skiff";
 /// The container root filesystem inside the guest (a busybox tree in the initramfs).
 const GUEST_ROOTFS: &str = "/rootfs";
+/// virtio-mmio slots left for shares (one goes to vsock).
+const MAX_SHARES: usize = 9;
 /// How long the agent may take to dial in (nested, emulated boots are slow).
 const AGENT_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -55,8 +58,59 @@ pub struct RunOptions {
     pub console: Option<PathBuf>,
     /// Extra kernel command-line arguments.
     pub kernel_args: Vec<String>,
+    /// Host directory to use as the container's root filesystem (over virtio-fs); default:
+    /// the busybox root in Skiff's initramfs.
+    pub rootfs: Option<PathBuf>,
+    /// Volumes, `HOST:GUEST[:ro|:rw]`.
+    pub volumes: Vec<String>,
+    /// Keep guest ownership (uid, gid, mode, device numbers) in the xattr
+    /// `user.containers.override_stat` instead of chown on the host (rootless sharing).
+    pub xattr_ownership: bool,
     /// The command and its arguments.
     pub args: Vec<String>,
+}
+
+/// Where the agent mounts the rootfs share in the guest.
+const GUEST_SHARED_ROOTFS: &str = "/run/skiff/rootfs";
+
+/// A parsed `-v HOST:GUEST[:ro|:rw]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// Host directory (absolute).
+    pub host: PathBuf,
+    /// Mount point in the container (absolute).
+    pub guest: String,
+    /// Read-only.
+    pub read_only: bool,
+}
+
+/// Parses `HOST:GUEST[:ro|:rw]`; the host directory must exist.
+pub fn parse_volume(s: &str) -> Result<Volume, Error> {
+    let bad = |why: &str| Error::Input(format!("-v {s:?}: {why}"));
+    let mut parts: Vec<&str> = s.split(':').collect();
+    let read_only = match parts.last() {
+        Some(&"ro") if parts.len() == 3 => true,
+        Some(&"rw") if parts.len() == 3 => false,
+        _ if parts.len() == 2 => false,
+        _ => return Err(bad("expected HOST:GUEST[:ro|:rw]")),
+    };
+    parts.truncate(2);
+    let (host, guest) = (parts[0], parts[1]);
+    if !guest.starts_with('/') || guest.split('/').any(|c| c == "..") || guest == "/" {
+        return Err(bad(
+            "the container path must be absolute, not / and without ..",
+        ));
+    }
+    let host =
+        std::fs::canonicalize(host).map_err(|e| bad(&format!("host directory {host}: {e}")))?;
+    if !host.is_dir() {
+        return Err(bad(&format!("{} is not a directory", host.display())));
+    }
+    Ok(Volume {
+        host,
+        guest: guest.into(),
+        read_only,
+    })
 }
 
 /// Errors of `vmm run`.
@@ -205,7 +259,53 @@ fn copy_out(
 
 /// Runs the container; returns its exit status (code, or 128 + signal).
 pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
-    let spec = build_spec(opts)?;
+    let mut spec = build_spec(opts)?;
+    // Shares: the rootfs (tag "rootfs") and one per volume ("vol0", ...), checked before boot.
+    let mut shares = Vec::new();
+    if let Some(r) = &opts.rootfs {
+        shares.push((
+            Share {
+                tag: "rootfs".into(),
+                host: r.clone(),
+                read_only: false,
+                xattr_ownership: opts.xattr_ownership,
+            },
+            GUEST_SHARED_ROOTFS.to_string(),
+        ));
+    }
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for (n, v) in opts.volumes.iter().enumerate() {
+        let v = parse_volume(v)?;
+        let target = format!("/run/skiff/volumes/{n}");
+        let mut m = oci_spec::runtime::Mount::default();
+        m.set_destination(PathBuf::from(&v.guest));
+        m.set_typ(Some("bind".into()));
+        m.set_source(Some(PathBuf::from(&target)));
+        m.set_options(Some(vec![
+            "rbind".into(),
+            if v.read_only { "ro" } else { "rw" }.into(),
+        ]));
+        mounts.push(m);
+        shares.push((
+            Share {
+                tag: format!("vol{n}"),
+                host: v.host,
+                read_only: v.read_only,
+                xattr_ownership: opts.xattr_ownership,
+            },
+            target,
+        ));
+    }
+    spec.set_mounts(Some(mounts));
+    if shares.len() > MAX_SHARES {
+        return Err(Error::Input(format!(
+            "too many volumes: at most {MAX_SHARES} shares (rootfs and volumes) fit one VM"
+        )));
+    }
+    let mut share_devices = Vec::new();
+    for (share, _) in &shares {
+        share_devices.push(fs_device::create(share).map_err(|e| Error::Input(e.to_string()))?);
+    }
     let (kernel, initrd) = match (&opts.kernel, &opts.initrd) {
         (Some(k), Some(i)) => (k.clone(), i.clone()),
         (k, i) => {
@@ -252,7 +352,8 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     let (vm_tx, vm_rx) = mpsc::channel();
     let vm_timings = timings.clone();
     let (factory, events) = crate::vsock_device::create(&uds).map_err(Error::Failed)?;
-    let devices = vec![factory];
+    let mut devices = vec![factory];
+    devices.extend(share_devices);
     // When the VM ends, the vsock event loop stops and closes every guest connection, so a
     // host call waiting on the agent (Wait, stdio copies) ends instead of hanging.
     let events = std::sync::Arc::new(std::sync::Mutex::new(Some(events)));
@@ -302,11 +403,27 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     let (client, _hello) =
         Client::from_stream(stream).map_err(|e| Error::Failed(format!("agent handshake: {e}")))?;
 
+    for (share, target) in &shares {
+        client
+            .mount_share(&share.tag, target, share.read_only)
+            .map_err(|e| {
+                Error::Failed(format!(
+                    "mounting {} in the guest: {e}",
+                    share.host.display()
+                ))
+            })?;
+    }
+    let rootfs = if opts.rootfs.is_some() {
+        GUEST_SHARED_ROOTFS
+    } else {
+        GUEST_ROOTFS
+    };
+
     let stdio = skiff_protocol::Stdio {
         stdin: opts.interactive,
     };
     client
-        .create_container(CONTAINER, spec, GUEST_ROOTFS, opts.tty, stdio)
+        .create_container(CONTAINER, spec, rootfs, opts.tty, stdio)
         .map_err(|e| Error::Failed(format!("creating the container: {e}")))?;
     let take = |kind| {
         hub.take(CONTAINER, "", kind, Duration::from_secs(30))
@@ -402,10 +519,14 @@ fn spawn_signal_thread(started: Arc<Mutex<Option<Arc<Client<UnixStream>>>>>, dir
                         if unanswered < 3 {
                             continue;
                         }
-                        eprintln!("vmm run: the container did not exit after 3 signals; stopping the VM");
+                        eprintln!(
+                            "vmm run: the container did not exit after 3 signals; stopping the VM"
+                        );
                     }
                     None if fatal => {
-                        eprintln!("vmm run: signal {sig} before the container started; stopping the VM");
+                        eprintln!(
+                            "vmm run: signal {sig} before the container started; stopping the VM"
+                        );
                     }
                     None => continue,
                 }
@@ -448,6 +569,9 @@ mod tests {
             timings: false,
             console: None,
             kernel_args: Vec::new(),
+            rootfs: None,
+            volumes: Vec::new(),
+            xattr_ownership: false,
             args: args.iter().map(|s| s.to_string()).collect(),
         }
     }

@@ -116,3 +116,21 @@ impl Drop for RawModeGuard {
         unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
     }
 }
+
+/// Raises this process's open-file limit to its hard limit (every inode a virtio-fs guest has
+/// looked up holds a host descriptor). Best effort, once.
+pub fn raise_nofile_limit() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `r` is valid for writing one rlimit.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            // SAFETY: `r` is a valid rlimit.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
+        }
+    });
+}

@@ -31,6 +31,12 @@ pub trait FuseHandler: Send + Sync + 'static {
     fn handle(&self, req: &[u8], max_out: usize) -> Option<Vec<u8>>;
 }
 
+impl FuseHandler for super::fs::Server {
+    fn handle(&self, req: &[u8], max_out: usize) -> Option<Vec<u8>> {
+        super::fs::Server::handle(self, req, max_out)
+    }
+}
+
 #[derive(Debug, Default)]
 struct WakeState {
     pending: bool,

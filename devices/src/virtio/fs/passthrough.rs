@@ -128,6 +128,7 @@ pub(crate) struct Fs {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     euid: u32,
+    egid: u32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -210,6 +211,7 @@ impl Fs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             euid: sys::geteuid(),
+            egid: sys::getegid(),
         };
         fs.reset();
         Ok(fs)
@@ -375,6 +377,16 @@ impl Fs {
             } else {
                 0
             };
+        } else if self.cfg.ownership == Ownership::Xattr {
+            // No override: what the VMM's user owns on the host belongs to root in the guest
+            // (as in a rootless user namespace), so an image unpacked by an unprivileged user
+            // looks like it belongs to root.
+            if a.uid == self.euid {
+                a.uid = 0;
+            }
+            if a.gid == self.egid {
+                a.gid = 0;
+            }
         }
         a
     }

@@ -512,3 +512,8 @@ pub fn get_lock(fd: &OwnedFd, l: &Lock) -> Result<Lock> {
 pub fn geteuid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
+
+/// The effective group id of this process.
+pub fn getegid() -> u32 {
+    rustix::process::getegid().as_raw()
+}
