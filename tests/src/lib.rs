@@ -163,13 +163,28 @@ pub fn run_script_on_real_kvm(name: &str, script: &Path, rw: &Path, timeout_s: u
         c.arg(script);
         c
     };
+    // One nested VM at a time (tests of one binary run in parallel; the host has 2 cores).
+    static LOCK: OnceLock<std::sync::Mutex<()>> = OnceLock::new();
+    let _g = LOCK
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let t0 = std::time::Instant::now();
-    let mut rc = build().status().map(|s| s.code().unwrap_or(-1)).unwrap_or(-1);
+    let mut rc = build()
+        .status()
+        .map(|s| s.code().unwrap_or(-1))
+        .unwrap_or(-1);
     if rc == 124 {
         eprintln!("RETRY: case {name} timed out after {timeout_s} s on nested KVM (a hung guest); running it once more");
-        rc = build().status().map(|s| s.code().unwrap_or(-1)).unwrap_or(-1);
+        rc = build()
+            .status()
+            .map(|s| s.code().unwrap_or(-1))
+            .unwrap_or(-1);
     }
-    eprintln!("case {name}: script exit {rc} after {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "case {name}: script exit {rc} after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     rc
 }
 

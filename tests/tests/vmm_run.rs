@@ -229,7 +229,10 @@ fn vmm_run_cases() {
         "timings",
     );
     check(rc("segv") == 139, "segv");
-    let secs: u64 = read("sigterm-before-start", "secs").trim().parse().unwrap_or(999);
+    let secs: u64 = read("sigterm-before-start", "secs")
+        .trim()
+        .parse()
+        .unwrap_or(999);
     check(
         rc("sigterm-before-start") == 143
             && secs < 60

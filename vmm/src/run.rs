@@ -222,6 +222,36 @@ pub fn build_spec(opts: &RunOptions) -> Result<Spec, Error> {
         user.set_gid(gid);
         process.set_user(user);
     }
+    // Docker's default capability set (runc's `runc spec` default is narrower: no CHOWN,
+    // MKNOD, DAC_OVERRIDE..., which package managers need).
+    {
+        use oci_spec::runtime::{Capability as C, LinuxCapabilities};
+        let set: oci_spec::runtime::Capabilities = [
+            C::Chown,
+            C::DacOverride,
+            C::Fsetid,
+            C::Fowner,
+            C::Mknod,
+            C::NetRaw,
+            C::Setgid,
+            C::Setuid,
+            C::Setfcap,
+            C::Setpcap,
+            C::NetBindService,
+            C::SysChroot,
+            C::Kill,
+            C::AuditWrite,
+        ]
+        .into_iter()
+        .collect();
+        let mut caps = LinuxCapabilities::default();
+        caps.set_bounding(Some(set.clone()));
+        caps.set_effective(Some(set.clone()));
+        caps.set_permitted(Some(set));
+        caps.set_inheritable(None);
+        caps.set_ambient(None);
+        process.set_capabilities(Some(caps));
+    }
     process.set_terminal(Some(opts.tty));
     if opts.tty {
         if let Some((rows, cols)) = sys::window_size(0) {
@@ -235,6 +265,10 @@ pub fn build_spec(opts: &RunOptions) -> Result<Spec, Error> {
         }
     }
     spec.set_process(Some(process));
+    // A writable root, as `docker run` gives (oci-spec's default root is read-only).
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_readonly(Some(false));
+    spec.set_root(Some(root));
     Ok(spec)
 }
 
