@@ -854,10 +854,17 @@ impl Handler for Agent {
 fn mount_share(tag: &str, target: &str, read_only: bool) -> Result<Response, ErrorReply> {
     let t = std::path::Path::new(target);
     if !t.is_absolute() {
-        return Err(err(libc::EINVAL, format!("share target {target:?} is not absolute")));
+        return Err(err(
+            libc::EINVAL,
+            format!("share target {target:?} is not absolute"),
+        ));
     }
-    std::fs::create_dir_all(t)
-        .map_err(|e| err(e.raw_os_error().unwrap_or(libc::EIO), format!("{target}: {e}")))?;
+    std::fs::create_dir_all(t).map_err(|e| {
+        err(
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!("{target}: {e}"),
+        )
+    })?;
     let flags = if read_only { libc::MS_RDONLY } else { 0 };
     sys::mount_full(Some(tag), t, Some("virtiofs"), flags, None).map_err(|e| {
         err(

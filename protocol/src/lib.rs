@@ -418,7 +418,9 @@ pub fn validate(msg: &Message) -> Result<(), FrameError> {
                 return Err(FrameError::Malformed(format!("bad share tag {tag:?}")));
             }
             if !target.starts_with('/') || target.split('/').any(|c| c == "..") {
-                return Err(FrameError::Malformed(format!("bad share target {target:?}")));
+                return Err(FrameError::Malformed(format!(
+                    "bad share target {target:?}"
+                )));
             }
             Ok(())
         }
