@@ -1,0 +1,317 @@
+//! A booted VM with its guest agent connected, as a library: what the containerd shim (and,
+//! later, `vmm run`) builds containers on.
+//!
+//! [`Sandbox::boot`] listens on the hybrid-vsock Unix sockets in a fresh run directory
+//! (`<dir>/vsock.sock_1024` for the agent's control connection, `_1025` for its stdio streams),
+//! boots the VM on its own thread with a virtio-vsock device, one virtio-fs device per share and
+//! `skiff.agent=serve`, waits for the agent to dial in, mounts the shares in the guest, and
+//! returns the agent [`Client`] and the [`StreamHub`] that files the stdio streams.
+//! [`Sandbox::shutdown`] asks the agent to power off and waits for the VM thread.
+//!
+//! The VM runs inside the calling process: when the process dies, so does the VM.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use skiff_devices::event_loop::RunningLoop;
+use skiff_protocol::stream::StreamHub;
+use skiff_protocol::{Client, ClientError, Hello, CONTROL_PORT, STREAM_PORT};
+
+use crate::fs_device::{self, Share};
+use crate::timings::Timings;
+use crate::vm::{self, RunResult, SerialOut, VmConfig, DEFAULT_CMDLINE};
+
+/// virtio-mmio slots left for shares (one goes to vsock).
+pub const MAX_SHARES: usize = 9;
+
+/// A host directory shared into the guest and where the agent mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxShare {
+    /// The share (tag, host directory, read-only, ownership mode).
+    pub share: Share,
+    /// Mount point in the guest, outside any container (e.g. `/run/skiff/rootfs`).
+    pub guest_path: String,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Initramfs with the agent.
+    pub initrd: PathBuf,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Shares, mounted by the agent in this order before [`Sandbox::boot`] returns.
+    pub shares: Vec<SandboxShare>,
+    /// Where the guest console goes (default: `console.log` in the run directory).
+    pub console: Option<PathBuf>,
+    /// Extra kernel command-line arguments.
+    pub kernel_args: Vec<String>,
+    /// The run directory (vsock sockets, console log); created, and removed when the
+    /// sandbox is dropped.
+    pub run_dir: PathBuf,
+    /// How long the agent may take to dial in.
+    pub agent_timeout: Duration,
+}
+
+/// Errors of [`Sandbox::boot`] and [`Sandbox::shutdown`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input (too many shares, a share that cannot be exported).
+    #[error("{0}")]
+    Input(String),
+    /// A host-side operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The VM failed or ended before the agent connected.
+    #[error("{0}")]
+    Vm(String),
+    /// The agent failed a request (handshake, share mount, shutdown).
+    #[error("{what}: {source}")]
+    Agent {
+        /// What was being done.
+        what: String,
+        /// The client error.
+        source: ClientError,
+    },
+}
+
+fn io_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        what: what.into(),
+        source,
+    }
+}
+
+/// A running VM whose agent is connected.
+pub struct Sandbox {
+    client: Arc<Client<UnixStream>>,
+    hello: Hello,
+    hub: StreamHub<UnixStream>,
+    run_dir: PathBuf,
+    console: PathBuf,
+    vm_result: Mutex<Option<mpsc::Receiver<Result<RunResult, vm::Error>>>>,
+    events: Arc<Mutex<Option<RunningLoop>>>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("run_dir", &self.run_dir)
+            .field("console", &self.console)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sandbox {
+    /// Boots the VM and waits for its agent (see the module docs).
+    pub fn boot(cfg: SandboxConfig) -> Result<Self, Error> {
+        if cfg.shares.len() > MAX_SHARES {
+            return Err(Error::Input(format!(
+                "too many shares ({}): at most {MAX_SHARES} fit one VM",
+                cfg.shares.len()
+            )));
+        }
+        let mut share_devices = Vec::new();
+        for s in &cfg.shares {
+            share_devices
+                .push(fs_device::create(&s.share).map_err(|e| Error::Input(e.to_string()))?);
+        }
+        let dir = cfg.run_dir.clone();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(io_err("creating the run directory"))?;
+        // Removes the directory if boot fails; defused on success (the Sandbox removes it).
+        let mut guard = DirGuard(Some(dir.clone()));
+        let uds = dir.join("vsock.sock");
+        let control = UnixListener::bind(format!("{}_{CONTROL_PORT}", uds.display()))
+            .map_err(io_err("listening for the agent"))?;
+        let streams = UnixListener::bind(format!("{}_{STREAM_PORT}", uds.display()))
+            .map_err(io_err("listening for stdio streams"))?;
+        let hub: StreamHub<UnixStream> = StreamHub::new();
+        hub.accept_loop(move || streams.accept().map(|(s, _)| s));
+
+        let console = cfg
+            .console
+            .clone()
+            .unwrap_or_else(|| dir.join("console.log"));
+        let vm_cfg = VmConfig {
+            kernel: cfg.kernel.clone(),
+            initrd: Some(cfg.initrd.clone()),
+            cmdline: std::iter::once(format!("{DEFAULT_CMDLINE} skiff.agent=serve"))
+                .chain(cfg.kernel_args.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(" "),
+            cpus: cfg.cpus,
+            memory_mib: cfg.memory_mib,
+            serial: SerialOut::File(console.clone()),
+            pit: vm::PitMode::Auto,
+        };
+        let (factory, events) = crate::vsock_device::create(&uds).map_err(Error::Vm)?;
+        let mut devices = vec![factory];
+        devices.extend(share_devices);
+        // When the VM ends, the vsock event loop stops and closes every guest connection, so
+        // a host call waiting on the agent (Wait, stdio copies) ends instead of hanging.
+        let events = Arc::new(Mutex::new(Some(events)));
+        let vm_events = events.clone();
+        let (vm_tx, vm_rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("vm".into())
+            .spawn(move || {
+                let r = vm::run_with_devices(&vm_cfg, Timings::new(Instant::now()), devices);
+                if let Some(l) = vm_events.lock().ok().and_then(|mut g| g.take()) {
+                    let _ = l.stop();
+                }
+                let _ = vm_tx.send(r);
+            })
+            .map_err(io_err("starting the VM thread"))?;
+
+        // The agent's control connection is the readiness signal.
+        control
+            .set_nonblocking(true)
+            .map_err(io_err("agent listener"))?;
+        let deadline = Instant::now() + cfg.agent_timeout;
+        let stream = loop {
+            match control.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(io_err("accepting the agent")(e)),
+            }
+            if let Ok(r) = vm_rx.try_recv() {
+                let tail = console_tail(&console);
+                return Err(Error::Vm(match r {
+                    Ok(res) => format!(
+                        "the VM ended ({:?}) before the agent connected; console:\n{tail}",
+                        res.exit
+                    ),
+                    Err(e) => format!("the VM failed: {e}"),
+                }));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Vm(format!(
+                    "the agent did not connect within {:?}; console:\n{}",
+                    cfg.agent_timeout,
+                    console_tail(&console)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        stream
+            .set_nonblocking(false)
+            .map_err(io_err("agent connection"))?;
+        let (client, hello) = Client::from_stream(stream).map_err(|source| Error::Agent {
+            what: "agent handshake".into(),
+            source,
+        })?;
+        for s in &cfg.shares {
+            client
+                .mount_share(&s.share.tag, &s.guest_path, s.share.read_only)
+                .map_err(|source| Error::Agent {
+                    what: format!(
+                        "mounting {} at {} in the guest",
+                        s.share.host.display(),
+                        s.guest_path
+                    ),
+                    source,
+                })?;
+        }
+        guard.0 = None;
+        Ok(Self {
+            client: Arc::new(client),
+            hello,
+            hub,
+            run_dir: dir,
+            console,
+            vm_result: Mutex::new(Some(vm_rx)),
+            events,
+        })
+    }
+
+    /// The agent client (shareable: several threads may call it at once).
+    pub fn client(&self) -> &Arc<Client<UnixStream>> {
+        &self.client
+    }
+
+    /// The agent's greeting (version, boot stamps).
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// The stdio streams the agent dials in (take them by container, exec id and kind).
+    pub fn streams(&self) -> &StreamHub<UnixStream> {
+        &self.hub
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// The guest console log.
+    pub fn console(&self) -> &Path {
+        &self.console
+    }
+
+    /// The last lines of the guest console (for error messages).
+    pub fn console_tail(&self) -> String {
+        console_tail(&self.console)
+    }
+
+    /// Asks the agent to power the VM off and waits up to `timeout` for the VM thread.
+    /// Returns the VM's result, or `None` when it was already collected or did not end in
+    /// time (the VM then keeps running until the process exits). Safe to call twice.
+    pub fn shutdown(&self, timeout: Duration) -> Option<Result<RunResult, vm::Error>> {
+        let rx = self.vm_result.lock().ok().and_then(|mut g| g.take())?;
+        if let Err(e) = self.client.shutdown() {
+            tracing::debug!("agent shutdown: {e}");
+        }
+        let r = match rx.recv_timeout(timeout) {
+            Ok(r) => Some(r),
+            Err(_) => {
+                tracing::warn!("the VM did not power off within {timeout:?}");
+                None
+            }
+        };
+        self.stop_events();
+        r
+    }
+
+    fn stop_events(&self) {
+        if let Some(l) = self.events.lock().ok().and_then(|mut g| g.take()) {
+            let _ = l.stop();
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stop_events();
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+/// Removes a directory when dropped, unless defused (`.0 = None`).
+struct DirGuard(Option<PathBuf>);
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// The last 20 lines of a console log.
+pub fn console_tail(path: &Path) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
