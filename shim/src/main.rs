@@ -1,6 +1,21 @@
-//! `containerd-shim-skiff-v2`: not implemented yet (see the containerd shim issue).
+//! `containerd-shim-skiff-v2`: the containerd runtime v2 shim (`io.containerd.skiff.v2`) that
+//! runs each container in its own Skiff microVM.
+//!
+//! containerd starts one shim per container. `start` spawns the shim server (a daemon with the
+//! same binary) and prints its `unix://` address; the server serves the Task API (v2, ttrpc)
+//! and runs the VM **inside its own process** (the VMM is a library here), so a crashed or
+//! killed shim cannot leak a VM. `delete` cleans up after a server that died.
+//!
+//! Kernel and initramfs: `$SKIFF_KERNEL`/`$SKIFF_INITRD`, else
+//! `/usr/local/share/skiff/{vmlinux,initramfs.cpio}`.
+
+mod io;
+mod service;
+mod spec;
+
+/// The runtime name containerd uses for this shim.
+pub const RUNTIME_ID: &str = "io.containerd.skiff.v2";
 
 fn main() {
-    eprintln!("containerd-shim-skiff-v2: not implemented yet; see docs/ARCHITECTURE.md");
-    std::process::exit(2);
+    containerd_shim::run::<service::Service>(RUNTIME_ID, None);
 }

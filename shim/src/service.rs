@@ -1,0 +1,991 @@
+//! The shim: `start`/`delete` binary modes ([`Service`]) and the Task service ([`TaskService`]).
+//!
+//! One container per shim and per VM. Host-visible pids (Create, Start, State, events) are
+//! the shim's own pid, which is the VMM's (as Kata reports its hypervisor's pid); guest pids
+//! are only in `Pids`. Agent calls are made outside the state lock, so `State` stays cheap
+//! while `Start`, `Wait` or `Create` are in flight.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use containerd_shim::api::{self, Status};
+use containerd_shim::event::Event;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{EnumOrUnknown, MessageDyn, MessageField};
+use containerd_shim::protos::ttrpc::context::Context;
+use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult};
+use oci_spec::runtime::{Process, Spec};
+use skiff_protocol::{Client, StreamKind};
+use skiff_vmm::sandbox::{Sandbox, SandboxConfig};
+
+use crate::io;
+use crate::spec::{self, GUEST_ROOTFS};
+
+/// The container's id inside the VM (one container per VM).
+const CONTAINER: &str = "skiff";
+/// How long the agent may take to dial in (nested, emulated boots are slow).
+const AGENT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a stdio stream may take to arrive after Create/Exec.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on output copies after the agent reported an exit.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long Delete waits for the VM to power off.
+const POWEROFF_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default kernel and initramfs locations.
+const DEFAULT_KERNEL: &str = "/usr/local/share/skiff/vmlinux";
+const DEFAULT_INITRD: &str = "/usr/local/share/skiff/initramfs.cpio";
+/// The file in the bundle holding the shim server's pid (for `delete` after a crash).
+const PID_FILE: &str = "shim.pid";
+
+fn rpc_err(code: Code, msg: impl ToString) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+fn not_found(what: &str) -> ttrpc::Error {
+    rpc_err(Code::NOT_FOUND, format!("{what} not found"))
+}
+
+fn agent_err(what: &str) -> impl Fn(skiff_protocol::ClientError) -> ttrpc::Error + '_ {
+    move |e| {
+        let code = match &e {
+            skiff_protocol::ClientError::Agent(r) if r.code == libc::ENOENT => Code::NOT_FOUND,
+            skiff_protocol::ClientError::Agent(r) if r.code == libc::EEXIST => Code::ALREADY_EXISTS,
+            skiff_protocol::ClientError::Agent(r) if r.code == libc::EINVAL => {
+                Code::INVALID_ARGUMENT
+            }
+            skiff_protocol::ClientError::Agent(r) if r.code == libc::EBUSY => {
+                Code::FAILED_PRECONDITION
+            }
+            _ => Code::UNKNOWN,
+        };
+        rpc_err(code, format!("{what}: {e}"))
+    }
+}
+
+/// The kernel and initramfs to boot: `$SKIFF_KERNEL`/`$SKIFF_INITRD`, else the installed ones.
+pub fn artifacts() -> Result<(PathBuf, PathBuf), String> {
+    let pick = |var: &str, default: &str| -> Result<PathBuf, String> {
+        let p = std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(default));
+        if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!(
+                "Skiff kernel not installed: {} missing (set {var} or install it there)",
+                p.display()
+            ))
+        }
+    };
+    Ok((
+        pick("SKIFF_KERNEL", DEFAULT_KERNEL)?,
+        pick("SKIFF_INITRD", DEFAULT_INITRD)?,
+    ))
+}
+
+fn env_number<T: std::str::FromStr>(var: &str, default: T) -> T {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The `containerd_shim::Shim` implementation (binary modes and server lifetime).
+pub struct Service {
+    exit: Arc<ExitSignal>,
+    namespace: String,
+    id: String,
+    bundle: PathBuf,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("namespace", &self.namespace)
+            .field("id", &self.id)
+            .field("bundle", &self.bundle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for TaskService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskService").finish_non_exhaustive()
+    }
+}
+
+fn bundle_dir(flags: &Flags) -> PathBuf {
+    if flags.bundle.is_empty() {
+        std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
+    } else {
+        PathBuf::from(&flags.bundle)
+    }
+}
+
+impl containerd_shim::Shim for Service {
+    type T = TaskService;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut containerd_shim::Config) -> Self {
+        Self {
+            exit: Arc::new(ExitSignal::default()),
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            bundle: bundle_dir(args),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> Result<String, containerd_shim::Error> {
+        // `spawn` starts `<this binary> -namespace … -id … -address … -socket …` with stdin and
+        // stderr on /dev/null and stdout on a pipe it reads until the server, once listening,
+        // points its stdout elsewhere: containerd's pipe is never held by the server.
+        let grouping = opts.id.clone();
+        let (pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        tracing::info!("shim server started: pid {pid}, {address}");
+        // containerd reconnects through `<bundle>/address` after a restart.
+        containerd_shim::util::write_address(&address)?;
+        Ok(address)
+    }
+
+    fn delete_shim(&mut self) -> Result<api::DeleteResponse, containerd_shim::Error> {
+        let pid = cleanup_after_crash(&self.bundle, &self.id);
+        let mut r = api::DeleteResponse::new();
+        r.pid = pid.unwrap_or(0);
+        r.exit_status = 137;
+        r.exited_at = MessageField::some(Timestamp::now());
+        Ok(r)
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let pid = std::process::id();
+        if let Err(e) = std::fs::write(self.bundle.join(PID_FILE), pid.to_string()) {
+            tracing::warn!("writing {PID_FILE}: {e}");
+        }
+        let (tx, rx) = mpsc::channel::<(String, Box<dyn MessageDyn + Send>)>();
+        let namespace = self.namespace.clone();
+        // One thread publishes in order (a TaskStart is always sent before its TaskExit).
+        std::thread::spawn(move || {
+            for (topic, event) in rx {
+                let mut ctx = Context::default();
+                ctx.add("containerd-namespace-ttrpc".into(), namespace.clone());
+                ctx.timeout_nano = 5_000_000_000;
+                if let Err(e) = publisher.publish(ctx, &topic, &namespace, event) {
+                    tracing::warn!("publishing {topic}: {e}");
+                }
+            }
+        });
+        TaskService {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                changed: Condvar::new(),
+                events: Mutex::new(tx),
+                exit: self.exit.clone(),
+                id: self.id.clone(),
+            }),
+        }
+    }
+}
+
+/// `delete` after the server died: kills a surviving server (its VM goes with it), unmounts
+/// the rootfs, removes the socket. Returns the server's pid if known.
+fn cleanup_after_crash(bundle: &Path, id: &str) -> Option<u32> {
+    let pid: Option<u32> = std::fs::read_to_string(bundle.join(PID_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    if let Some(p) = pid {
+        // Only a shim server for this container (pids are reused).
+        let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        let ours = cmdline
+            .split(|b| *b == 0)
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|w| w[0] == b"-id" && w[1] == id.as_bytes());
+        if ours && p != std::process::id() {
+            if let Some(raw) = rustix::process::Pid::from_raw(p as i32) {
+                let _ = rustix::process::kill_process(raw, rustix::process::Signal::KILL);
+            }
+            // Let the kernel tear down its mappings and descriptors before unmounting.
+            for _ in 0..50 {
+                if !Path::new(&format!("/proc/{p}")).exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    unmount_rootfs(&bundle.join("rootfs"));
+    if let Ok(addr) = std::fs::read_to_string(bundle.join("address")) {
+        let path = addr.trim().trim_start_matches("unix://");
+        if std::fs::symlink_metadata(path)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            .unwrap_or(false)
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    pid
+}
+
+fn unmount_rootfs(target: &Path) {
+    if let Some(t) = target.to_str() {
+        if let Err(e) = containerd_shim::mount::umount_recursive(Some(t), libc::MNT_DETACH) {
+            tracing::warn!("unmounting {t}: {e}");
+        }
+    }
+}
+
+/// One process: the container's init (exec id "") or an exec.
+#[derive(Debug)]
+struct Proc {
+    /// Its id in the guest: None for init, `e<N>` for execs.
+    guest_exec: Option<String>,
+    status: Status,
+    exit: Option<(u32, Timestamp)>,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+    /// Our handle on the stdin stream (CloseIO shuts it down).
+    stdin_stream: Option<UnixStream>,
+    /// Output copies, handed to the exit watcher on Start.
+    outputs: Vec<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Container {
+    bundle: PathBuf,
+    /// `<bundle>/rootfs` when Create mounted containerd's rootfs mounts there.
+    mounted_rootfs: Option<PathBuf>,
+    sandbox: Arc<Sandbox>,
+    procs: HashMap<String, Proc>,
+    next_exec: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    container: Option<Container>,
+    /// Create is in flight (a second Create is refused).
+    creating: bool,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    changed: Condvar,
+    events: Mutex<mpsc::Sender<(String, Box<dyn MessageDyn + Send>)>>,
+    exit: Arc<ExitSignal>,
+    id: String,
+}
+
+/// The Task API (v2) served to containerd.
+#[derive(Clone)]
+pub struct TaskService {
+    inner: Arc<Inner>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish<E: Event + Send + 'static>(&self, e: E) {
+        let topic = e.topic();
+        let tx = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = tx.send((topic, Box::new(e)));
+    }
+
+    fn check_id(&self, id: &str) -> TtrpcResult<()> {
+        if id == self.id {
+            Ok(())
+        } else {
+            Err(not_found(&format!("task {id}")))
+        }
+    }
+
+    /// Takes the stdio streams of a just-created process and starts the copies.
+    fn connect_stdio(
+        &self,
+        sandbox: &Sandbox,
+        guest_exec: &str,
+        terminal: bool,
+        stdin: &str,
+        stdout: &str,
+        stderr: &str,
+    ) -> TtrpcResult<(Option<UnixStream>, Vec<JoinHandle<()>>)> {
+        let take = |kind| {
+            sandbox
+                .streams()
+                .take(CONTAINER, guest_exec, kind, STREAM_TIMEOUT)
+                .map_err(|e| rpc_err(Code::INTERNAL, format!("stdio stream: {e}")))
+        };
+        let mut outputs = Vec::new();
+        if terminal {
+            outputs.push(io::copy_out(take(StreamKind::Pty)?, stdout.to_string()));
+        } else {
+            outputs.push(io::copy_out(take(StreamKind::Stdout)?, stdout.to_string()));
+            outputs.push(io::copy_out(take(StreamKind::Stderr)?, stderr.to_string()));
+        }
+        let stdin_stream = if stdin.is_empty() {
+            None
+        } else {
+            let s = take(StreamKind::Stdin)?;
+            Some(
+                io::copy_in(stdin.to_string(), s)
+                    .map_err(|e| rpc_err(Code::INTERNAL, format!("stdin stream: {e}")))?,
+            )
+        };
+        Ok((stdin_stream, outputs))
+    }
+
+    /// Watches a started process: the agent answers Wait once it exited and its output was
+    /// drained in the guest; then the host copies are finished, the exit recorded (waking
+    /// `Wait`), and TaskExit published.
+    fn watch_exit(
+        self: &Arc<Self>,
+        client: Arc<Client<UnixStream>>,
+        exec_id: String,
+        guest_exec: Option<String>,
+        outputs: Vec<JoinHandle<()>>,
+    ) {
+        let inner = self.clone();
+        std::thread::spawn(move || {
+            let status = match client.wait(CONTAINER, guest_exec.as_deref()) {
+                Ok(s) => u32::try_from(s).unwrap_or(255),
+                Err(e) => {
+                    tracing::warn!("waiting for process {exec_id:?}: {e}");
+                    255
+                }
+            };
+            io::join_all(outputs, DRAIN_TIMEOUT);
+            let at = Timestamp::now();
+            {
+                let mut st = inner.lock();
+                if let Some(p) = st
+                    .container
+                    .as_mut()
+                    .and_then(|c| c.procs.get_mut(&exec_id))
+                {
+                    p.status = Status::STOPPED;
+                    p.exit = Some((status, at.clone()));
+                    p.stdin_stream = None;
+                }
+                inner.changed.notify_all();
+            }
+            let mut ev = TaskExit::new();
+            ev.container_id = inner.id.clone();
+            ev.id = if exec_id.is_empty() {
+                inner.id.clone()
+            } else {
+                exec_id
+            };
+            ev.pid = std::process::id();
+            ev.exit_status = status;
+            ev.exited_at = MessageField::some(at);
+            inner.publish(ev);
+        });
+    }
+}
+
+impl TaskService {
+    fn create_inner(&self, req: &api::CreateTaskRequest) -> TtrpcResult<Container> {
+        let bundle = PathBuf::from(&req.bundle);
+        let config = bundle.join("config.json");
+        let text = std::fs::read_to_string(&config)
+            .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, format!("{}: {e}", config.display())))?;
+        let mut spec: Spec = serde_json::from_str(&text)
+            .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, format!("{}: {e}", config.display())))?;
+        let (kernel, initrd) = artifacts().map_err(|e| rpc_err(Code::FAILED_PRECONDITION, e))?;
+
+        // The rootfs: containerd's mounts (overlay, bind) on <bundle>/rootfs, or, without
+        // mounts, the spec's root path as it is.
+        let (rootfs_host, mounted) = if req.rootfs.is_empty() {
+            let root = spec
+                .root()
+                .as_ref()
+                .map(|r| r.path().clone())
+                .unwrap_or_else(|| PathBuf::from("rootfs"));
+            (bundle.join(root), None)
+        } else {
+            let target = bundle.join("rootfs");
+            std::fs::create_dir_all(&target)
+                .map_err(|e| rpc_err(Code::INTERNAL, format!("{}: {e}", target.display())))?;
+            for m in &req.rootfs {
+                let typ = (!m.type_.is_empty()).then_some(m.type_.as_str());
+                let src = (!m.source.is_empty()).then_some(m.source.as_str());
+                if let Err(e) = containerd_shim::mount::mount_rootfs(typ, src, &m.options, &target)
+                {
+                    unmount_rootfs(&target);
+                    return Err(rpc_err(
+                        Code::INTERNAL,
+                        format!("mounting the rootfs ({} {}): {e}", m.type_, m.source),
+                    ));
+                }
+            }
+            (target.clone(), Some(target))
+        };
+        let fail = |e: ttrpc::Error| {
+            if let Some(t) = &mounted {
+                unmount_rootfs(t);
+            }
+            e
+        };
+        let shares = spec::plan_shares(&mut spec, &bundle, rootfs_host)
+            .map_err(|e| fail(rpc_err(Code::INVALID_ARGUMENT, e)))?;
+        let process = spec.process().clone().unwrap_or_default();
+        let mut process = process;
+        process.set_terminal(Some(req.terminal));
+        spec.set_process(Some(process));
+
+        let run_dir = std::env::temp_dir().join(format!("skiff-shim-{}", std::process::id()));
+        let sandbox = Sandbox::boot(SandboxConfig {
+            kernel,
+            initrd,
+            cpus: env_number("SKIFF_CPUS", 1),
+            memory_mib: env_number("SKIFF_MEMORY_MIB", 512),
+            shares,
+            console: std::env::var_os("SKIFF_CONSOLE").map(PathBuf::from),
+            kernel_args: Vec::new(),
+            run_dir,
+            agent_timeout: AGENT_TIMEOUT,
+        })
+        .map_err(|e| fail(rpc_err(Code::INTERNAL, format!("booting the VM: {e}"))))?;
+        let sandbox = Arc::new(sandbox);
+        let client = sandbox.client().clone();
+        let stdio = skiff_protocol::Stdio {
+            stdin: !req.stdin.is_empty(),
+        };
+        let boot_fail = |e: ttrpc::Error| {
+            let _ = sandbox.shutdown(POWEROFF_TIMEOUT);
+            fail(e)
+        };
+        client
+            .create_container(CONTAINER, spec, GUEST_ROOTFS, req.terminal, stdio)
+            .map_err(|e| boot_fail(agent_err("creating the container")(e)))?;
+        let (stdin_stream, outputs) = self
+            .inner
+            .connect_stdio(
+                &sandbox,
+                "",
+                req.terminal,
+                &req.stdin,
+                &req.stdout,
+                &req.stderr,
+            )
+            .map_err(boot_fail)?;
+        let init = Proc {
+            guest_exec: None,
+            status: Status::CREATED,
+            exit: None,
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+            stdin_stream,
+            outputs,
+        };
+        Ok(Container {
+            bundle,
+            mounted_rootfs: mounted,
+            sandbox,
+            procs: HashMap::from([(String::new(), init)]),
+            next_exec: 1,
+        })
+    }
+
+    /// The sandbox and the process's guest exec id, without holding the lock afterwards.
+    fn lookup(&self, exec_id: &str) -> TtrpcResult<(Arc<Sandbox>, Option<String>, Status)> {
+        let st = self.inner.lock();
+        let c = st
+            .container
+            .as_ref()
+            .ok_or_else(|| not_found("container"))?;
+        let p = c
+            .procs
+            .get(exec_id)
+            .ok_or_else(|| not_found(&format!("process {exec_id:?}")))?;
+        Ok((c.sandbox.clone(), p.guest_exec.clone(), p.status))
+    }
+}
+
+impl containerd_shim::Task for TaskService {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        self.inner.check_id(&req.id)?;
+        if !req.checkpoint.is_empty() {
+            return Err(rpc_err(
+                Code::UNIMPLEMENTED,
+                "restoring from a checkpoint is not implemented",
+            ));
+        }
+        {
+            let mut st = self.inner.lock();
+            if st.container.is_some() || st.creating {
+                return Err(rpc_err(Code::ALREADY_EXISTS, "the task exists"));
+            }
+            st.creating = true;
+        }
+        let r = self.create_inner(&req);
+        let mut st = self.inner.lock();
+        st.creating = false;
+        let c = r?;
+        st.container = Some(c);
+        drop(st);
+        let pid = std::process::id();
+        let mut ev = TaskCreate::new();
+        ev.container_id = req.id.clone();
+        ev.bundle = req.bundle.clone();
+        ev.rootfs = req.rootfs.clone();
+        let mut io = TaskIO::new();
+        io.stdin = req.stdin.clone();
+        io.stdout = req.stdout.clone();
+        io.stderr = req.stderr.clone();
+        io.terminal = req.terminal;
+        ev.io = MessageField::some(io);
+        ev.pid = pid;
+        self.inner.publish(ev);
+        let mut resp = api::CreateTaskResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        self.inner.check_id(&req.id)?;
+        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        if status != Status::CREATED {
+            return Err(rpc_err(
+                Code::FAILED_PRECONDITION,
+                format!("process {:?} was already started", req.exec_id),
+            ));
+        }
+        sandbox
+            .client()
+            .start(CONTAINER, guest_exec.as_deref())
+            .map_err(agent_err("starting the process"))?;
+        let pid = std::process::id();
+        let outputs = {
+            let mut st = self.inner.lock();
+            let p = st
+                .container
+                .as_mut()
+                .and_then(|c| c.procs.get_mut(&req.exec_id))
+                .ok_or_else(|| not_found("process"))?;
+            p.status = Status::RUNNING;
+            std::mem::take(&mut p.outputs)
+        };
+        // Published before the watcher can publish the exit.
+        if req.exec_id.is_empty() {
+            let mut ev = TaskStart::new();
+            ev.container_id = req.id.clone();
+            ev.pid = pid;
+            self.inner.publish(ev);
+        } else {
+            let mut ev = TaskExecStarted::new();
+            ev.container_id = req.id.clone();
+            ev.exec_id = req.exec_id.clone();
+            ev.pid = pid;
+            self.inner.publish(ev);
+        }
+        self.inner.watch_exit(
+            sandbox.client().clone(),
+            req.exec_id.clone(),
+            guest_exec,
+            outputs,
+        );
+        let mut resp = api::StartResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        self.inner.check_id(&req.id)?;
+        let mut st = self.inner.lock();
+        loop {
+            let p = st
+                .container
+                .as_ref()
+                .and_then(|c| c.procs.get(&req.exec_id))
+                .ok_or_else(|| not_found(&format!("process {:?}", req.exec_id)))?;
+            if let Some((status, at)) = &p.exit {
+                let mut resp = api::WaitResponse::new();
+                resp.exit_status = *status;
+                resp.exited_at = MessageField::some(at.clone());
+                return Ok(resp);
+            }
+            st = self
+                .inner
+                .changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        self.inner.check_id(&req.id)?;
+        let st = self.inner.lock();
+        let c = st
+            .container
+            .as_ref()
+            .ok_or_else(|| not_found("container"))?;
+        let p = c
+            .procs
+            .get(&req.exec_id)
+            .ok_or_else(|| not_found(&format!("process {:?}", req.exec_id)))?;
+        let mut resp = api::StateResponse::new();
+        resp.id = req.id.clone();
+        resp.bundle = c.bundle.display().to_string();
+        resp.pid = std::process::id();
+        resp.status = EnumOrUnknown::new(p.status);
+        resp.stdin = p.stdin.clone();
+        resp.stdout = p.stdout.clone();
+        resp.stderr = p.stderr.clone();
+        resp.terminal = p.terminal;
+        if let Some((status, at)) = &p.exit {
+            resp.exit_status = *status;
+            resp.exited_at = MessageField::some(at.clone());
+        }
+        resp.exec_id = req.exec_id.clone();
+        Ok(resp)
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        self.inner.check_id(&req.id)?;
+        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        if status == Status::STOPPED && !req.all {
+            return Err(rpc_err(Code::NOT_FOUND, "process already finished"));
+        }
+        let signal = i32::try_from(req.signal)
+            .map_err(|_| rpc_err(Code::INVALID_ARGUMENT, "bad signal number"))?;
+        sandbox
+            .client()
+            .signal(CONTAINER, guest_exec.as_deref(), signal, req.all)
+            .map_err(agent_err("signalling"))?;
+        Ok(api::Empty::new())
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        self.inner.check_id(&req.id)?;
+        if req.exec_id.is_empty() {
+            return Err(rpc_err(Code::INVALID_ARGUMENT, "empty exec id"));
+        }
+        let mut process: Process = serde_json::from_slice(&req.spec.value)
+            .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, format!("exec process spec: {e}")))?;
+        process.set_terminal(Some(req.terminal));
+        let (sandbox, guest_exec) = {
+            let mut st = self.inner.lock();
+            let c = st
+                .container
+                .as_mut()
+                .ok_or_else(|| not_found("container"))?;
+            if c.procs.contains_key(&req.exec_id) {
+                return Err(rpc_err(
+                    Code::ALREADY_EXISTS,
+                    format!("exec {:?} exists", req.exec_id),
+                ));
+            }
+            let g = format!("e{}", c.next_exec);
+            c.next_exec += 1;
+            // Reserve the id while the agent works.
+            c.procs.insert(
+                req.exec_id.clone(),
+                Proc {
+                    guest_exec: Some(g.clone()),
+                    status: Status::UNKNOWN,
+                    exit: None,
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    stdin_stream: None,
+                    outputs: Vec::new(),
+                },
+            );
+            (c.sandbox.clone(), g)
+        };
+        let r = sandbox
+            .client()
+            .exec(
+                CONTAINER,
+                &guest_exec,
+                process,
+                skiff_protocol::Stdio {
+                    stdin: !req.stdin.is_empty(),
+                },
+            )
+            .map_err(agent_err("creating the exec"))
+            .and_then(|_| {
+                self.inner.connect_stdio(
+                    &sandbox,
+                    &guest_exec,
+                    req.terminal,
+                    &req.stdin,
+                    &req.stdout,
+                    &req.stderr,
+                )
+            });
+        let mut st = self.inner.lock();
+        let Some(c) = st.container.as_mut() else {
+            return Err(not_found("container"));
+        };
+        match r {
+            Ok((stdin_stream, outputs)) => {
+                if let Some(p) = c.procs.get_mut(&req.exec_id) {
+                    p.status = Status::CREATED;
+                    p.stdin_stream = stdin_stream;
+                    p.outputs = outputs;
+                }
+                drop(st);
+                let mut ev = TaskExecAdded::new();
+                ev.container_id = req.id.clone();
+                ev.exec_id = req.exec_id.clone();
+                self.inner.publish(ev);
+                Ok(api::Empty::new())
+            }
+            Err(e) => {
+                c.procs.remove(&req.exec_id);
+                self.inner.changed.notify_all();
+                Err(e)
+            }
+        }
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        self.inner.check_id(&req.id)?;
+        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        if status == Status::STOPPED {
+            return Ok(api::Empty::new());
+        }
+        let rows = u16::try_from(req.height).unwrap_or(u16::MAX);
+        let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
+        sandbox
+            .client()
+            .resize_pty(CONTAINER, guest_exec.as_deref(), rows, cols)
+            .map_err(agent_err("resizing the terminal"))?;
+        Ok(api::Empty::new())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        self.inner.check_id(&req.id)?;
+        if !req.stdin {
+            return Ok(api::Empty::new());
+        }
+        let stream = {
+            let mut st = self.inner.lock();
+            st.container
+                .as_mut()
+                .and_then(|c| c.procs.get_mut(&req.exec_id))
+                .ok_or_else(|| not_found(&format!("process {:?}", req.exec_id)))?
+                .stdin_stream
+                .take()
+        };
+        // A half-close is EOF for the process, after every byte already copied.
+        if let Some(s) = stream {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        self.inner.check_id(&req.id)?;
+        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        if status == Status::RUNNING || status == Status::UNKNOWN {
+            return Err(rpc_err(
+                Code::FAILED_PRECONDITION,
+                format!("process {:?} is still running", req.exec_id),
+            ));
+        }
+        let client = sandbox.client().clone();
+        if status == Status::CREATED {
+            // Never started: kill it so the agent can remove it.
+            let _ = client.signal(CONTAINER, guest_exec.as_deref(), libc::SIGKILL, false);
+        }
+        if let Err(e) = client.delete(CONTAINER, guest_exec.as_deref()) {
+            if !req.exec_id.is_empty() {
+                return Err(agent_err("deleting the exec")(e));
+            }
+            // The VM goes away anyway.
+            tracing::warn!("deleting the container in the guest: {e}");
+        }
+        let mut resp = api::DeleteResponse::new();
+        resp.pid = std::process::id();
+        let (exit_status, exited_at) = {
+            let mut st = self.inner.lock();
+            let c = st
+                .container
+                .as_mut()
+                .ok_or_else(|| not_found("container"))?;
+            let p = c.procs.remove(&req.exec_id);
+            p.and_then(|p| p.exit).unwrap_or((137, Timestamp::now()))
+        };
+        resp.exit_status = exit_status;
+        resp.exited_at = MessageField::some(exited_at.clone());
+        if req.exec_id.is_empty() {
+            // The container: power the VM off, unmount the rootfs, forget it.
+            if sandbox.shutdown(POWEROFF_TIMEOUT).is_none() {
+                tracing::warn!("the VM did not power off; it ends with the shim");
+            }
+            let c = {
+                let mut st = self.inner.lock();
+                let c = st.container.take();
+                self.inner.changed.notify_all();
+                c
+            };
+            if let Some(t) = c.as_ref().and_then(|c| c.mounted_rootfs.as_ref()) {
+                unmount_rootfs(t);
+            }
+            let mut ev = TaskDelete::new();
+            ev.container_id = req.id.clone();
+            ev.id = req.id.clone();
+            ev.pid = resp.pid;
+            ev.exit_status = exit_status;
+            ev.exited_at = MessageField::some(exited_at);
+            self.inner.publish(ev);
+        }
+        Ok(resp)
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        self.inner.check_id(&req.id)?;
+        let (sandbox, _, _) = self.lookup("")?;
+        let pids = sandbox
+            .client()
+            .pids(CONTAINER)
+            .map_err(agent_err("listing processes"))?;
+        let mut resp = api::PidsResponse::new();
+        resp.processes = pids
+            .into_iter()
+            .map(|pid| {
+                let mut p = containerd_shim::protos::types::task::ProcessInfo::new();
+                p.pid = pid;
+                p
+            })
+            .collect();
+        Ok(resp)
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.inner.check_id(&req.id)?;
+        Err(rpc_err(
+            Code::UNIMPLEMENTED,
+            "pause is not available yet in Skiff (vCPU pause is not implemented)",
+        ))
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        self.inner.check_id(&req.id)?;
+        Err(rpc_err(
+            Code::UNIMPLEMENTED,
+            "resume is not available yet in Skiff (vCPU pause is not implemented)",
+        ))
+    }
+
+    fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(rpc_err(
+            Code::UNIMPLEMENTED,
+            "checkpoint is not implemented by Skiff",
+        ))
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        self.inner.check_id(&req.id)?;
+        Err(rpc_err(
+            Code::UNIMPLEMENTED,
+            "update is not available yet in Skiff (the guest agent has no resource update)",
+        ))
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        use containerd_shim::protos::cgroups_v2::metrics::{
+            CPUStat, MemoryStat, Metrics, PidsStat,
+        };
+        self.inner.check_id(&req.id)?;
+        let (sandbox, _, _) = self.lookup("")?;
+        let s = sandbox
+            .client()
+            .stats(CONTAINER)
+            .map_err(agent_err("reading statistics"))?;
+        let mut m = Metrics::new();
+        let mut pids = PidsStat::new();
+        pids.current = s.pids_current.unwrap_or(0);
+        pids.limit = s.pids_max.unwrap_or(0);
+        m.pids = MessageField::some(pids);
+        let mut cpu = CPUStat::new();
+        cpu.usage_usec = s.cpu_usage_usec.unwrap_or(0);
+        cpu.user_usec = s.cpu_user_usec.unwrap_or(0);
+        cpu.system_usec = s.cpu_system_usec.unwrap_or(0);
+        m.cpu = MessageField::some(cpu);
+        let mut mem = MemoryStat::new();
+        mem.usage = s.memory_current.unwrap_or(0);
+        mem.usage_limit = s.memory_max.unwrap_or(0);
+        m.memory = MessageField::some(mem);
+        let any = containerd_shim::util::convert_to_any(Box::new(m))
+            .map_err(|e| rpc_err(Code::INTERNAL, e))?;
+        let mut resp = api::StatsResponse::new();
+        resp.stats = MessageField::some(any);
+        Ok(resp)
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        self.inner.check_id(&req.id)?;
+        let mut resp = api::ConnectResponse::new();
+        resp.shim_pid = std::process::id();
+        resp.task_pid = std::process::id();
+        resp.version = format!("skiff {}", env!("CARGO_PKG_VERSION"));
+        Ok(resp)
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        self.inner.check_id(&req.id)?;
+        let busy = {
+            let st = self.inner.lock();
+            st.container.is_some() || st.creating
+        };
+        if busy && !req.now {
+            return Ok(api::Empty::new());
+        }
+        // The VM (if any) ends with this process.
+        self.inner.exit.signal();
+        Ok(api::Empty::new())
+    }
+}
