@@ -43,6 +43,8 @@ const POWEROFF_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default kernel and initramfs locations.
 const DEFAULT_KERNEL: &str = "/usr/local/share/skiff/vmlinux";
 const DEFAULT_INITRD: &str = "/usr/local/share/skiff/initramfs.cpio";
+/// How long the server may take to stop after Shutdown before the process exits anyway.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// The file in the bundle holding the shim server's pid (for `delete` after a crash).
 const PID_FILE: &str = "shim.pid";
 
@@ -166,6 +168,13 @@ impl containerd_shim::Shim for Service {
 
     fn wait(&mut self) {
         self.exit.wait();
+        // The server's shutdown joins its connections, which could wait on a handler still
+        // blocked in Wait (Shutdown{now}); the process, and the VM in it, must end anyway.
+        std::thread::spawn(|| {
+            std::thread::sleep(EXIT_GRACE);
+            tracing::warn!("shim server did not stop within {EXIT_GRACE:?}; exiting");
+            std::process::exit(0);
+        });
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
@@ -218,7 +227,7 @@ fn cleanup_after_crash(bundle: &Path, id: &str) -> Option<u32> {
             }
             // Let the kernel tear down its mappings and descriptors before unmounting.
             for _ in 0..50 {
-                if !Path::new(&format!("/proc/{p}")).exists() {
+                if !alive(p) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -236,6 +245,17 @@ fn cleanup_after_crash(bundle: &Path, id: &str) -> Option<u32> {
         }
     }
     pid
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 fn unmount_rootfs(target: &Path) {

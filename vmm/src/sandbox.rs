@@ -315,3 +315,46 @@ pub fn console_tail(path: &Path) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cfg(shares: Vec<SandboxShare>, run_dir: PathBuf) -> SandboxConfig {
+        SandboxConfig {
+            kernel: PathBuf::from("/no/such/kernel"),
+            initrd: PathBuf::from("/no/such/initrd"),
+            cpus: 1,
+            memory_mib: 64,
+            shares,
+            console: None,
+            kernel_args: Vec::new(),
+            run_dir,
+            agent_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn share(n: usize, host: &str) -> SandboxShare {
+        SandboxShare {
+            share: Share {
+                tag: format!("s{n}"),
+                host: PathBuf::from(host),
+                read_only: false,
+                xattr_ownership: false,
+            },
+            guest_path: format!("/mnt/{n}"),
+        }
+    }
+
+    #[test]
+    fn bad_shares_are_refused_before_boot() {
+        let dir = std::env::temp_dir().join(format!("skiff-sandbox-test-{}", std::process::id()));
+        let many = (0..=MAX_SHARES).map(|n| share(n, "/")).collect();
+        let e = Sandbox::boot(cfg(many, dir.clone())).unwrap_err();
+        assert!(matches!(e, Error::Input(_)), "{e}");
+        let e = Sandbox::boot(cfg(vec![share(0, "/no/such/dir")], dir.clone())).unwrap_err();
+        assert!(e.to_string().contains("/no/such/dir"), "{e}");
+        assert!(!dir.exists(), "no run directory is left behind");
+    }
+}
