@@ -538,6 +538,182 @@ impl TaskService {
     }
 }
 
+/// The Task methods that tests drive without a ttrpc context.
+impl TaskService {
+    fn handle_start(&self, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        self.inner.check_id(&req.id)?;
+        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        if status != Status::CREATED {
+            return Err(rpc_err(
+                Code::FAILED_PRECONDITION,
+                format!("process {:?} was already started", req.exec_id),
+            ));
+        }
+        sandbox
+            .client()
+            .start(CONTAINER, guest_exec.as_deref())
+            .map_err(agent_err("starting the process"))?;
+        let pid = std::process::id();
+        let outputs = {
+            let mut st = self.inner.lock();
+            let p = st
+                .container
+                .as_mut()
+                .and_then(|c| c.procs.get_mut(&req.exec_id))
+                .ok_or_else(|| not_found("process"))?;
+            p.status = Status::RUNNING;
+            std::mem::take(&mut p.outputs)
+        };
+        // Published before the watcher can publish the exit.
+        if req.exec_id.is_empty() {
+            let mut ev = TaskStart::new();
+            ev.container_id = req.id.clone();
+            ev.pid = pid;
+            self.inner.publish(ev);
+        } else {
+            let mut ev = TaskExecStarted::new();
+            ev.container_id = req.id.clone();
+            ev.exec_id = req.exec_id.clone();
+            ev.pid = pid;
+            self.inner.publish(ev);
+        }
+        self.inner.watch_exit(
+            sandbox.client().clone(),
+            req.exec_id.clone(),
+            guest_exec,
+            outputs,
+        );
+        let mut resp = api::StartResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    fn handle_wait(&self, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        self.inner.check_id(&req.id)?;
+        let mut st = self.inner.lock();
+        loop {
+            let p = st
+                .container
+                .as_ref()
+                .and_then(|c| c.procs.get(&req.exec_id))
+                .ok_or_else(|| not_found(&format!("process {:?}", req.exec_id)))?;
+            if let Some((status, at)) = &p.exit {
+                let mut resp = api::WaitResponse::new();
+                resp.exit_status = *status;
+                resp.exited_at = MessageField::some(at.clone());
+                return Ok(resp);
+            }
+            st = self
+                .inner
+                .changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn handle_state(&self, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+        self.inner.check_id(&req.id)?;
+        let st = self.inner.lock();
+        let c = st
+            .container
+            .as_ref()
+            .ok_or_else(|| not_found("container"))?;
+        let p = c
+            .procs
+            .get(&req.exec_id)
+            .ok_or_else(|| not_found(&format!("process {:?}", req.exec_id)))?;
+        let mut resp = api::StateResponse::new();
+        resp.id = req.id.clone();
+        resp.bundle = c.bundle.display().to_string();
+        resp.pid = std::process::id();
+        resp.status = EnumOrUnknown::new(p.status);
+        resp.stdin = p.stdin.clone();
+        resp.stdout = p.stdout.clone();
+        resp.stderr = p.stderr.clone();
+        resp.terminal = p.terminal;
+        if let Some((status, at)) = &p.exit {
+            resp.exit_status = *status;
+            resp.exited_at = MessageField::some(at.clone());
+        }
+        resp.exec_id = req.exec_id.clone();
+        Ok(resp)
+    }
+
+    fn handle_kill(&self, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        self.inner.check_id(&req.id)?;
+        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        if status == Status::STOPPED && !req.all {
+            return Err(rpc_err(Code::NOT_FOUND, "process already finished"));
+        }
+        let signal = i32::try_from(req.signal)
+            .map_err(|_| rpc_err(Code::INVALID_ARGUMENT, "bad signal number"))?;
+        sandbox
+            .client()
+            .signal(CONTAINER, guest_exec.as_deref(), signal, req.all)
+            .map_err(agent_err("signalling"))?;
+        Ok(api::Empty::new())
+    }
+
+    fn handle_delete(&self, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+        self.inner.check_id(&req.id)?;
+        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        if status == Status::RUNNING || status == Status::UNKNOWN {
+            return Err(rpc_err(
+                Code::FAILED_PRECONDITION,
+                format!("process {:?} is still running", req.exec_id),
+            ));
+        }
+        let client = sandbox.client().clone();
+        if status == Status::CREATED {
+            // Never started: kill it so the agent can remove it.
+            let _ = client.signal(CONTAINER, guest_exec.as_deref(), libc::SIGKILL, false);
+        }
+        if let Err(e) = client.delete(CONTAINER, guest_exec.as_deref()) {
+            if !req.exec_id.is_empty() {
+                return Err(agent_err("deleting the exec")(e));
+            }
+            // The VM goes away anyway.
+            tracing::warn!("deleting the container in the guest: {e}");
+        }
+        let mut resp = api::DeleteResponse::new();
+        resp.pid = std::process::id();
+        let (exit_status, exited_at) = {
+            let mut st = self.inner.lock();
+            let c = st
+                .container
+                .as_mut()
+                .ok_or_else(|| not_found("container"))?;
+            let p = c.procs.remove(&req.exec_id);
+            p.and_then(|p| p.exit).unwrap_or((137, Timestamp::now()))
+        };
+        resp.exit_status = exit_status;
+        resp.exited_at = MessageField::some(exited_at.clone());
+        if req.exec_id.is_empty() {
+            // The container: power the VM off, unmount the rootfs, forget it.
+            if sandbox.shutdown(POWEROFF_TIMEOUT).is_none() {
+                tracing::warn!("the VM did not power off; it ends with the shim");
+            }
+            let c = {
+                let mut st = self.inner.lock();
+                let c = st.container.take();
+                self.inner.changed.notify_all();
+                c
+            };
+            if let Some(t) = c.as_ref().and_then(|c| c.mounted_rootfs.as_ref()) {
+                unmount_rootfs(t);
+            }
+            let mut ev = TaskDelete::new();
+            ev.container_id = req.id.clone();
+            ev.id = req.id.clone();
+            ev.pid = resp.pid;
+            ev.exit_status = exit_status;
+            ev.exited_at = MessageField::some(exited_at);
+            self.inner.publish(ev);
+        }
+        Ok(resp)
+    }
+}
+
 impl containerd_shim::Task for TaskService {
     fn create(
         &self,
@@ -587,74 +763,11 @@ impl containerd_shim::Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        self.inner.check_id(&req.id)?;
-        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
-        if status != Status::CREATED {
-            return Err(rpc_err(
-                Code::FAILED_PRECONDITION,
-                format!("process {:?} was already started", req.exec_id),
-            ));
-        }
-        sandbox
-            .client()
-            .start(CONTAINER, guest_exec.as_deref())
-            .map_err(agent_err("starting the process"))?;
-        let pid = std::process::id();
-        let outputs = {
-            let mut st = self.inner.lock();
-            let p = st
-                .container
-                .as_mut()
-                .and_then(|c| c.procs.get_mut(&req.exec_id))
-                .ok_or_else(|| not_found("process"))?;
-            p.status = Status::RUNNING;
-            std::mem::take(&mut p.outputs)
-        };
-        // Published before the watcher can publish the exit.
-        if req.exec_id.is_empty() {
-            let mut ev = TaskStart::new();
-            ev.container_id = req.id.clone();
-            ev.pid = pid;
-            self.inner.publish(ev);
-        } else {
-            let mut ev = TaskExecStarted::new();
-            ev.container_id = req.id.clone();
-            ev.exec_id = req.exec_id.clone();
-            ev.pid = pid;
-            self.inner.publish(ev);
-        }
-        self.inner.watch_exit(
-            sandbox.client().clone(),
-            req.exec_id.clone(),
-            guest_exec,
-            outputs,
-        );
-        let mut resp = api::StartResponse::new();
-        resp.pid = pid;
-        Ok(resp)
+        self.handle_start(req)
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        self.inner.check_id(&req.id)?;
-        let mut st = self.inner.lock();
-        loop {
-            let p = st
-                .container
-                .as_ref()
-                .and_then(|c| c.procs.get(&req.exec_id))
-                .ok_or_else(|| not_found(&format!("process {:?}", req.exec_id)))?;
-            if let Some((status, at)) = &p.exit {
-                let mut resp = api::WaitResponse::new();
-                resp.exit_status = *status;
-                resp.exited_at = MessageField::some(at.clone());
-                return Ok(resp);
-            }
-            st = self
-                .inner
-                .changed
-                .wait(st)
-                .unwrap_or_else(|p| p.into_inner());
-        }
+        self.handle_wait(req)
     }
 
     fn state(
@@ -662,46 +775,11 @@ impl containerd_shim::Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        self.inner.check_id(&req.id)?;
-        let st = self.inner.lock();
-        let c = st
-            .container
-            .as_ref()
-            .ok_or_else(|| not_found("container"))?;
-        let p = c
-            .procs
-            .get(&req.exec_id)
-            .ok_or_else(|| not_found(&format!("process {:?}", req.exec_id)))?;
-        let mut resp = api::StateResponse::new();
-        resp.id = req.id.clone();
-        resp.bundle = c.bundle.display().to_string();
-        resp.pid = std::process::id();
-        resp.status = EnumOrUnknown::new(p.status);
-        resp.stdin = p.stdin.clone();
-        resp.stdout = p.stdout.clone();
-        resp.stderr = p.stderr.clone();
-        resp.terminal = p.terminal;
-        if let Some((status, at)) = &p.exit {
-            resp.exit_status = *status;
-            resp.exited_at = MessageField::some(at.clone());
-        }
-        resp.exec_id = req.exec_id.clone();
-        Ok(resp)
+        self.handle_state(req)
     }
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        self.inner.check_id(&req.id)?;
-        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
-        if status == Status::STOPPED && !req.all {
-            return Err(rpc_err(Code::NOT_FOUND, "process already finished"));
-        }
-        let signal = i32::try_from(req.signal)
-            .map_err(|_| rpc_err(Code::INVALID_ARGUMENT, "bad signal number"))?;
-        sandbox
-            .client()
-            .signal(CONTAINER, guest_exec.as_deref(), signal, req.all)
-            .map_err(agent_err("signalling"))?;
-        Ok(api::Empty::new())
+        self.handle_kill(req)
     }
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
@@ -835,62 +913,7 @@ impl containerd_shim::Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        self.inner.check_id(&req.id)?;
-        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
-        if status == Status::RUNNING || status == Status::UNKNOWN {
-            return Err(rpc_err(
-                Code::FAILED_PRECONDITION,
-                format!("process {:?} is still running", req.exec_id),
-            ));
-        }
-        let client = sandbox.client().clone();
-        if status == Status::CREATED {
-            // Never started: kill it so the agent can remove it.
-            let _ = client.signal(CONTAINER, guest_exec.as_deref(), libc::SIGKILL, false);
-        }
-        if let Err(e) = client.delete(CONTAINER, guest_exec.as_deref()) {
-            if !req.exec_id.is_empty() {
-                return Err(agent_err("deleting the exec")(e));
-            }
-            // The VM goes away anyway.
-            tracing::warn!("deleting the container in the guest: {e}");
-        }
-        let mut resp = api::DeleteResponse::new();
-        resp.pid = std::process::id();
-        let (exit_status, exited_at) = {
-            let mut st = self.inner.lock();
-            let c = st
-                .container
-                .as_mut()
-                .ok_or_else(|| not_found("container"))?;
-            let p = c.procs.remove(&req.exec_id);
-            p.and_then(|p| p.exit).unwrap_or((137, Timestamp::now()))
-        };
-        resp.exit_status = exit_status;
-        resp.exited_at = MessageField::some(exited_at.clone());
-        if req.exec_id.is_empty() {
-            // The container: power the VM off, unmount the rootfs, forget it.
-            if sandbox.shutdown(POWEROFF_TIMEOUT).is_none() {
-                tracing::warn!("the VM did not power off; it ends with the shim");
-            }
-            let c = {
-                let mut st = self.inner.lock();
-                let c = st.container.take();
-                self.inner.changed.notify_all();
-                c
-            };
-            if let Some(t) = c.as_ref().and_then(|c| c.mounted_rootfs.as_ref()) {
-                unmount_rootfs(t);
-            }
-            let mut ev = TaskDelete::new();
-            ev.container_id = req.id.clone();
-            ev.id = req.id.clone();
-            ev.pid = resp.pid;
-            ev.exit_status = exit_status;
-            ev.exited_at = MessageField::some(exited_at);
-            self.inner.publish(ev);
-        }
-        Ok(resp)
+        self.handle_delete(req)
     }
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
@@ -1007,5 +1030,186 @@ impl containerd_shim::Task for TaskService {
         // The VM (if any) ends with this process.
         self.inner.exit.signal();
         Ok(api::Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use skiff_protocol::stream::{StreamHeader, StreamHub};
+    use skiff_protocol::{ErrorReply, Handler, Hello, Replier, Request, Response};
+    use std::io::{Read, Write};
+
+    type Flag = Arc<(Mutex<bool>, Condvar)>;
+
+    /// Answers like the agent: Start writes "hello\n" on stdout, closes it, then the process
+    /// "exits" with status 3; Wait answers after that.
+    struct FakeAgent {
+        stdout: Mutex<Option<UnixStream>>,
+        exited: Flag,
+    }
+
+    impl Handler for FakeAgent {
+        fn handle(&self, request: Request, reply: Replier) {
+            match request {
+                Request::Start { .. } => {
+                    let out = self.stdout.lock().unwrap().take();
+                    let exited = self.exited.clone();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_millis(50));
+                        if let Some(mut o) = out {
+                            o.write_all(b"hello\n").unwrap();
+                        }
+                        *exited.0.lock().unwrap() = true;
+                        exited.1.notify_all();
+                    });
+                    reply.send(Ok(Response::Started { pid: 7 }));
+                }
+                Request::Wait { .. } => {
+                    let exited = self.exited.clone();
+                    std::thread::spawn(move || {
+                        let mut g = exited.0.lock().unwrap();
+                        while !*g {
+                            g = exited.1.wait(g).unwrap();
+                        }
+                        reply.send(Ok(Response::Exited { status: 3 }));
+                    });
+                }
+                Request::Delete { .. } | Request::Signal { .. } => reply.send(Ok(Response::Ok)),
+                _ => reply.send(Err(ErrorReply::new(libc::EINVAL, "unexpected"))),
+            }
+        }
+    }
+
+    fn stream(hub: &StreamHub<UnixStream>, kind: StreamKind) -> UnixStream {
+        let (mut agent, host) = UnixStream::pair().unwrap();
+        StreamHeader::new(CONTAINER, "", kind)
+            .write_to(&mut agent)
+            .unwrap();
+        hub.add(host).unwrap();
+        agent
+    }
+
+    #[test]
+    fn wait_before_start_then_exit_after_output_then_delete() {
+        let tmp = std::env::temp_dir().join(format!("skiff-shim-task-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let fifo = tmp.join("stdout");
+        let st = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let (got_tx, got_rx) = mpsc::channel();
+        let reader_path = fifo.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            std::fs::File::open(reader_path)
+                .unwrap()
+                .read_to_string(&mut s)
+                .unwrap();
+            got_tx.send(s).unwrap();
+        });
+
+        let hub = StreamHub::new();
+        let agent_stdout = stream(&hub, StreamKind::Stdout);
+        drop(stream(&hub, StreamKind::Stderr)); // empty stderr
+        let (host_ctl, agent_ctl) = UnixStream::pair().unwrap();
+        let fake = FakeAgent {
+            stdout: Mutex::new(Some(agent_stdout)),
+            exited: Arc::new((Mutex::new(false), Condvar::new())),
+        };
+        std::thread::spawn(move || {
+            let hello = Hello {
+                protocol_version: skiff_protocol::PROTOCOL_VERSION,
+                agent_version: "fake".into(),
+                boot_stamps: Vec::new(),
+            };
+            let _ = skiff_protocol::serve(agent_ctl.try_clone().unwrap(), agent_ctl, hello, &fake);
+        });
+        let (client, hello) = Client::from_stream(host_ctl).unwrap();
+        let sandbox = Arc::new(Sandbox::attach(client, hello, hub, tmp.join("run")));
+
+        let (ev_tx, ev_rx) = mpsc::channel();
+        let task = TaskService {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                changed: Condvar::new(),
+                events: Mutex::new(ev_tx),
+                exit: Arc::new(ExitSignal::default()),
+                id: "c1".into(),
+            }),
+        };
+        let (stdin_stream, outputs) = task
+            .inner
+            .connect_stdio(&sandbox, "", false, "", fifo.to_str().unwrap(), "")
+            .unwrap();
+        task.inner.lock().container = Some(Container {
+            bundle: tmp.clone(),
+            mounted_rootfs: None,
+            sandbox,
+            procs: HashMap::from([(
+                String::new(),
+                Proc {
+                    guest_exec: None,
+                    status: Status::CREATED,
+                    exit: None,
+                    stdin: String::new(),
+                    stdout: fifo.display().to_string(),
+                    stderr: String::new(),
+                    terminal: false,
+                    stdin_stream,
+                    outputs,
+                },
+            )]),
+            next_exec: 1,
+        });
+        let state = |exec: &str| {
+            let mut r = api::StateRequest::new();
+            r.id = "c1".into();
+            r.exec_id = exec.into();
+            task.handle_state(r)
+        };
+        assert_eq!(state("").unwrap().status.enum_value(), Ok(Status::CREATED));
+        assert!(state("nope").is_err());
+
+        // containerd sends Wait while (or before) Start is in flight.
+        let waiter = {
+            let task = task.clone();
+            std::thread::spawn(move || {
+                let mut r = api::WaitRequest::new();
+                r.id = "c1".into();
+                task.handle_wait(r)
+            })
+        };
+        let mut start = api::StartRequest::new();
+        start.id = "c1".into();
+        task.handle_start(start).unwrap();
+        let waited = waiter.join().unwrap().unwrap();
+        assert_eq!(waited.exit_status, 3);
+        // The output was complete (FIFO writer closed) by the time Wait answered.
+        assert_eq!(
+            got_rx.recv_timeout(Duration::from_secs(2)).unwrap(),
+            "hello\n"
+        );
+        let s = state("").unwrap();
+        assert_eq!(s.status.enum_value(), Ok(Status::STOPPED));
+        assert_eq!(s.exit_status, 3);
+
+        let mut kill = api::KillRequest::new();
+        kill.id = "c1".into();
+        kill.signal = 15;
+        assert!(task.handle_kill(kill).is_err(), "killing an exited process");
+
+        let mut del = api::DeleteRequest::new();
+        del.id = "c1".into();
+        let d = task.handle_delete(del).unwrap();
+        assert_eq!(d.exit_status, 3);
+        assert!(state("").is_err(), "deleted");
+
+        let topics: Vec<String> = ev_rx.try_iter().map(|(t, _)| t).collect();
+        assert_eq!(topics, ["/tasks/start", "/tasks/exit", "/tasks/delete"]);
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 }

@@ -236,6 +236,27 @@ impl Sandbox {
         })
     }
 
+    /// Wraps an already connected agent without a VM of its own (tests with a fake agent, or
+    /// a VM managed elsewhere): [`Sandbox::shutdown`] then only asks the agent to power off.
+    /// `run_dir` is removed when the sandbox is dropped.
+    pub fn attach(
+        client: Client<UnixStream>,
+        hello: Hello,
+        hub: StreamHub<UnixStream>,
+        run_dir: PathBuf,
+    ) -> Self {
+        let console = run_dir.join("console.log");
+        Self {
+            client: Arc::new(client),
+            hello,
+            hub,
+            run_dir,
+            console,
+            vm_result: Mutex::new(None),
+            events: Arc::new(Mutex::new(None)),
+        }
+    }
+
     /// The agent client (shareable: several threads may call it at once).
     pub fn client(&self) -> &Arc<Client<UnixStream>> {
         &self.client
@@ -270,10 +291,11 @@ impl Sandbox {
     /// Returns the VM's result, or `None` when it was already collected or did not end in
     /// time (the VM then keeps running until the process exits). Safe to call twice.
     pub fn shutdown(&self, timeout: Duration) -> Option<Result<RunResult, vm::Error>> {
-        let rx = self.vm_result.lock().ok().and_then(|mut g| g.take())?;
+        let rx = self.vm_result.lock().ok().and_then(|mut g| g.take());
         if let Err(e) = self.client.shutdown() {
             tracing::debug!("agent shutdown: {e}");
         }
+        let rx = rx?;
         let r = match rx.recv_timeout(timeout) {
             Ok(r) => Some(r),
             Err(_) => {
