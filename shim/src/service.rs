@@ -266,6 +266,17 @@ fn unmount_rootfs(target: &Path) {
     }
 }
 
+/// The host end of a process's stdin: the stream, and a message when the FIFO copy ended.
+#[derive(Debug)]
+struct Stdin {
+    stream: UnixStream,
+    done: mpsc::Receiver<()>,
+}
+
+/// How long CloseIO lets the stdin copy finish on its own (the client closing its FIFO
+/// writer races its CloseIO) before cutting it.
+const STDIN_FLUSH: Duration = Duration::from_secs(1);
+
 /// One process: the container's init (exec id "") or an exec.
 #[derive(Debug)]
 struct Proc {
@@ -277,8 +288,8 @@ struct Proc {
     stdout: String,
     stderr: String,
     terminal: bool,
-    /// Our handle on the stdin stream (CloseIO shuts it down).
-    stdin_stream: Option<UnixStream>,
+    /// Our handle on the stdin stream (CloseIO shuts it down) and the end of its copy.
+    stdin_stream: Option<Stdin>,
     /// Output copies, handed to the exit watcher on Start.
     outputs: Vec<JoinHandle<()>>,
 }
@@ -342,7 +353,7 @@ impl Inner {
         stdin: &str,
         stdout: &str,
         stderr: &str,
-    ) -> TtrpcResult<(Option<UnixStream>, Vec<JoinHandle<()>>)> {
+    ) -> TtrpcResult<(Option<Stdin>, Vec<JoinHandle<()>>)> {
         let take = |kind| {
             sandbox
                 .streams()
@@ -360,10 +371,9 @@ impl Inner {
             None
         } else {
             let s = take(StreamKind::Stdin)?;
-            Some(
-                io::copy_in(stdin.to_string(), s)
-                    .map_err(|e| rpc_err(Code::INTERNAL, format!("stdin stream: {e}")))?,
-            )
+            let (stream, done) = io::copy_in(stdin.to_string(), s)
+                .map_err(|e| rpc_err(Code::INTERNAL, format!("stdin stream: {e}")))?;
+            Some(Stdin { stream, done })
         };
         Ok((stdin_stream, outputs))
     }
@@ -387,7 +397,7 @@ impl Inner {
                     255
                 }
             };
-            io::join_all(outputs, DRAIN_TIMEOUT);
+            let _ = io::join_all(outputs, DRAIN_TIMEOUT);
             let at = Timestamp::now();
             {
                 let mut st = inner.lock();
@@ -901,9 +911,12 @@ impl containerd_shim::Task for TaskService {
                 .stdin_stream
                 .take()
         };
-        // A half-close is EOF for the process, after every byte already copied.
+        // A half-close is EOF for the process, after every byte already copied. If the
+        // client closed its FIFO writer too, the copy ends by itself with all the bytes.
         if let Some(s) = stream {
-            let _ = s.shutdown(std::net::Shutdown::Write);
+            if s.done.recv_timeout(STDIN_FLUSH).is_err() {
+                let _ = s.stream.shutdown(std::net::Shutdown::Write);
+            }
         }
         Ok(api::Empty::new())
     }
