@@ -550,6 +550,92 @@ impl TaskService {
 
 /// The Task methods that tests drive without a ttrpc context.
 impl TaskService {
+    fn handle_exec(&self, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        self.inner.check_id(&req.id)?;
+        if req.exec_id.is_empty() {
+            return Err(rpc_err(Code::INVALID_ARGUMENT, "empty exec id"));
+        }
+        let mut process: Process = serde_json::from_slice(&req.spec.value)
+            .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, format!("exec process spec: {e}")))?;
+        process.set_terminal(Some(req.terminal));
+        let (sandbox, guest_exec) = {
+            let mut st = self.inner.lock();
+            let c = st
+                .container
+                .as_mut()
+                .ok_or_else(|| not_found("container"))?;
+            if c.procs.contains_key(&req.exec_id) {
+                return Err(rpc_err(
+                    Code::ALREADY_EXISTS,
+                    format!("exec {:?} exists", req.exec_id),
+                ));
+            }
+            let g = format!("e{}", c.next_exec);
+            c.next_exec += 1;
+            // Reserve the id while the agent works.
+            c.procs.insert(
+                req.exec_id.clone(),
+                Proc {
+                    guest_exec: Some(g.clone()),
+                    status: Status::UNKNOWN,
+                    exit: None,
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    stdin_stream: None,
+                    outputs: Vec::new(),
+                },
+            );
+            (c.sandbox.clone(), g)
+        };
+        let r = sandbox
+            .client()
+            .exec(
+                CONTAINER,
+                &guest_exec,
+                process,
+                skiff_protocol::Stdio {
+                    stdin: !req.stdin.is_empty(),
+                },
+            )
+            .map_err(agent_err("creating the exec"))
+            .and_then(|_| {
+                self.inner.connect_stdio(
+                    &sandbox,
+                    &guest_exec,
+                    req.terminal,
+                    &req.stdin,
+                    &req.stdout,
+                    &req.stderr,
+                )
+            });
+        let mut st = self.inner.lock();
+        let Some(c) = st.container.as_mut() else {
+            return Err(not_found("container"));
+        };
+        match r {
+            Ok((stdin_stream, outputs)) => {
+                if let Some(p) = c.procs.get_mut(&req.exec_id) {
+                    p.status = Status::CREATED;
+                    p.stdin_stream = stdin_stream;
+                    p.outputs = outputs;
+                }
+                drop(st);
+                let mut ev = TaskExecAdded::new();
+                ev.container_id = req.id.clone();
+                ev.exec_id = req.exec_id.clone();
+                self.inner.publish(ev);
+                Ok(api::Empty::new())
+            }
+            Err(e) => {
+                c.procs.remove(&req.exec_id);
+                self.inner.changed.notify_all();
+                Err(e)
+            }
+        }
+    }
+
     fn handle_start(&self, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
         self.inner.check_id(&req.id)?;
         let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
@@ -793,89 +879,7 @@ impl containerd_shim::Task for TaskService {
     }
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
-        self.inner.check_id(&req.id)?;
-        if req.exec_id.is_empty() {
-            return Err(rpc_err(Code::INVALID_ARGUMENT, "empty exec id"));
-        }
-        let mut process: Process = serde_json::from_slice(&req.spec.value)
-            .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, format!("exec process spec: {e}")))?;
-        process.set_terminal(Some(req.terminal));
-        let (sandbox, guest_exec) = {
-            let mut st = self.inner.lock();
-            let c = st
-                .container
-                .as_mut()
-                .ok_or_else(|| not_found("container"))?;
-            if c.procs.contains_key(&req.exec_id) {
-                return Err(rpc_err(
-                    Code::ALREADY_EXISTS,
-                    format!("exec {:?} exists", req.exec_id),
-                ));
-            }
-            let g = format!("e{}", c.next_exec);
-            c.next_exec += 1;
-            // Reserve the id while the agent works.
-            c.procs.insert(
-                req.exec_id.clone(),
-                Proc {
-                    guest_exec: Some(g.clone()),
-                    status: Status::UNKNOWN,
-                    exit: None,
-                    stdin: req.stdin.clone(),
-                    stdout: req.stdout.clone(),
-                    stderr: req.stderr.clone(),
-                    terminal: req.terminal,
-                    stdin_stream: None,
-                    outputs: Vec::new(),
-                },
-            );
-            (c.sandbox.clone(), g)
-        };
-        let r = sandbox
-            .client()
-            .exec(
-                CONTAINER,
-                &guest_exec,
-                process,
-                skiff_protocol::Stdio {
-                    stdin: !req.stdin.is_empty(),
-                },
-            )
-            .map_err(agent_err("creating the exec"))
-            .and_then(|_| {
-                self.inner.connect_stdio(
-                    &sandbox,
-                    &guest_exec,
-                    req.terminal,
-                    &req.stdin,
-                    &req.stdout,
-                    &req.stderr,
-                )
-            });
-        let mut st = self.inner.lock();
-        let Some(c) = st.container.as_mut() else {
-            return Err(not_found("container"));
-        };
-        match r {
-            Ok((stdin_stream, outputs)) => {
-                if let Some(p) = c.procs.get_mut(&req.exec_id) {
-                    p.status = Status::CREATED;
-                    p.stdin_stream = stdin_stream;
-                    p.outputs = outputs;
-                }
-                drop(st);
-                let mut ev = TaskExecAdded::new();
-                ev.container_id = req.id.clone();
-                ev.exec_id = req.exec_id.clone();
-                self.inner.publish(ev);
-                Ok(api::Empty::new())
-            }
-            Err(e) => {
-                c.procs.remove(&req.exec_id);
-                self.inner.changed.notify_all();
-                Err(e)
-            }
-        }
+        self.handle_exec(req)
     }
 
     fn resize_pty(
@@ -1056,37 +1060,62 @@ mod tests {
 
     type Flag = Arc<(Mutex<bool>, Condvar)>;
 
-    /// Answers like the agent: Start writes "hello\n" on stdout, closes it, then the process
-    /// "exits" with status 3; Wait answers after that.
+    /// Answers like the agent: Exec files the exec's streams; Start writes "hello <exec>\n"
+    /// on the process's stdout, closes it, then the process "exits" (status 3 for init, 4 for
+    /// execs); Wait answers after that.
     struct FakeAgent {
-        stdout: Mutex<Option<UnixStream>>,
-        exited: Flag,
+        hub: StreamHub<UnixStream>,
+        stdout: Mutex<HashMap<String, UnixStream>>,
+        exited: Mutex<HashMap<String, Flag>>,
+    }
+
+    impl FakeAgent {
+        fn flag(&self, exec: &str) -> Flag {
+            self.exited
+                .lock()
+                .unwrap()
+                .entry(exec.to_string())
+                .or_insert_with(|| Arc::new((Mutex::new(false), Condvar::new())))
+                .clone()
+        }
+
+        fn add_streams(&self, exec: &str) {
+            let out = stream(&self.hub, exec, StreamKind::Stdout);
+            drop(stream(&self.hub, exec, StreamKind::Stderr)); // empty stderr
+            self.stdout.lock().unwrap().insert(exec.to_string(), out);
+        }
     }
 
     impl Handler for FakeAgent {
         fn handle(&self, request: Request, reply: Replier) {
             match request {
-                Request::Start { .. } => {
-                    let out = self.stdout.lock().unwrap().take();
-                    let exited = self.exited.clone();
+                Request::Exec { exec_id, .. } => {
+                    self.add_streams(&exec_id);
+                    reply.send(Ok(Response::Created { pid: 9 }));
+                }
+                Request::Start { exec_id, .. } => {
+                    let key = exec_id.unwrap_or_default();
+                    let out = self.stdout.lock().unwrap().remove(&key);
+                    let exited = self.flag(&key);
                     std::thread::spawn(move || {
                         std::thread::sleep(Duration::from_millis(50));
                         if let Some(mut o) = out {
-                            o.write_all(b"hello\n").unwrap();
+                            o.write_all(format!("hello {key}\n").as_bytes()).unwrap();
                         }
                         *exited.0.lock().unwrap() = true;
                         exited.1.notify_all();
                     });
                     reply.send(Ok(Response::Started { pid: 7 }));
                 }
-                Request::Wait { .. } => {
-                    let exited = self.exited.clone();
+                Request::Wait { exec_id, .. } => {
+                    let status = if exec_id.is_some() { 4 } else { 3 };
+                    let exited = self.flag(&exec_id.unwrap_or_default());
                     std::thread::spawn(move || {
                         let mut g = exited.0.lock().unwrap();
                         while !*g {
                             g = exited.1.wait(g).unwrap();
                         }
-                        reply.send(Ok(Response::Exited { status: 3 }));
+                        reply.send(Ok(Response::Exited { status }));
                     });
                 }
                 Request::Delete { .. } | Request::Signal { .. } => reply.send(Ok(Response::Ok)),
@@ -1095,44 +1124,51 @@ mod tests {
         }
     }
 
-    fn stream(hub: &StreamHub<UnixStream>, kind: StreamKind) -> UnixStream {
+    fn stream(hub: &StreamHub<UnixStream>, exec: &str, kind: StreamKind) -> UnixStream {
         let (mut agent, host) = UnixStream::pair().unwrap();
-        StreamHeader::new(CONTAINER, "", kind)
+        StreamHeader::new(CONTAINER, exec, kind)
             .write_to(&mut agent)
             .unwrap();
         hub.add(host).unwrap();
         agent
     }
 
-    #[test]
-    fn wait_before_start_then_exit_after_output_then_delete() {
-        let tmp = std::env::temp_dir().join(format!("skiff-shim-task-{}", std::process::id()));
-        std::fs::create_dir_all(&tmp).unwrap();
-        let fifo = tmp.join("stdout");
+    /// A FIFO at `path` and a reader thread that sends everything read until EOF.
+    fn fifo_reader(path: &Path) -> mpsc::Receiver<String> {
         let st = std::process::Command::new("mkfifo")
-            .arg(&fifo)
+            .arg(path)
             .status()
             .unwrap();
         assert!(st.success());
-        let (got_tx, got_rx) = mpsc::channel();
-        let reader_path = fifo.clone();
+        let (tx, rx) = mpsc::channel();
+        let path = path.to_path_buf();
         std::thread::spawn(move || {
             let mut s = String::new();
-            std::fs::File::open(reader_path)
+            std::fs::File::open(path)
                 .unwrap()
                 .read_to_string(&mut s)
                 .unwrap();
-            got_tx.send(s).unwrap();
+            tx.send(s).unwrap();
         });
+        rx
+    }
 
+    type Events = mpsc::Receiver<(String, Box<dyn MessageDyn + Send>)>;
+
+    /// A task service whose container "c1" (created, init stdout into `<tmp>/stdout`) runs on
+    /// a fake agent.
+    fn created_task(tmp: &Path) -> (TaskService, Events, mpsc::Receiver<String>) {
+        std::fs::create_dir_all(tmp).unwrap();
+        let fifo = tmp.join("stdout");
+        let got = fifo_reader(&fifo);
         let hub = StreamHub::new();
-        let agent_stdout = stream(&hub, StreamKind::Stdout);
-        drop(stream(&hub, StreamKind::Stderr)); // empty stderr
         let (host_ctl, agent_ctl) = UnixStream::pair().unwrap();
         let fake = FakeAgent {
-            stdout: Mutex::new(Some(agent_stdout)),
-            exited: Arc::new((Mutex::new(false), Condvar::new())),
+            hub: hub.clone(),
+            stdout: Mutex::new(HashMap::new()),
+            exited: Mutex::new(HashMap::new()),
         };
+        fake.add_streams("");
         std::thread::spawn(move || {
             let hello = Hello {
                 protocol_version: skiff_protocol::PROTOCOL_VERSION,
@@ -1143,7 +1179,6 @@ mod tests {
         });
         let (client, hello) = Client::from_stream(host_ctl).unwrap();
         let sandbox = Arc::new(Sandbox::attach(client, hello, hub, tmp.join("run")));
-
         let (ev_tx, ev_rx) = mpsc::channel();
         let task = TaskService {
             inner: Arc::new(Inner {
@@ -1159,7 +1194,7 @@ mod tests {
             .connect_stdio(&sandbox, "", false, "", fifo.to_str().unwrap(), "")
             .unwrap();
         task.inner.lock().container = Some(Container {
-            bundle: tmp.clone(),
+            bundle: tmp.to_path_buf(),
             mounted_rootfs: None,
             sandbox,
             procs: HashMap::from([(
@@ -1178,35 +1213,60 @@ mod tests {
             )]),
             next_exec: 1,
         });
-        let state = |exec: &str| {
-            let mut r = api::StateRequest::new();
-            r.id = "c1".into();
-            r.exec_id = exec.into();
-            task.handle_state(r)
-        };
-        assert_eq!(state("").unwrap().status.enum_value(), Ok(Status::CREATED));
-        assert!(state("nope").is_err());
+        (task, ev_rx, got)
+    }
 
-        // containerd sends Wait while (or before) Start is in flight.
-        let waiter = {
-            let task = task.clone();
-            std::thread::spawn(move || {
-                let mut r = api::WaitRequest::new();
-                r.id = "c1".into();
-                task.handle_wait(r)
-            })
-        };
-        let mut start = api::StartRequest::new();
-        start.id = "c1".into();
-        task.handle_start(start).unwrap();
+    fn state(task: &TaskService, exec: &str) -> TtrpcResult<api::StateResponse> {
+        let mut r = api::StateRequest::new();
+        r.id = "c1".into();
+        r.exec_id = exec.into();
+        task.handle_state(r)
+    }
+
+    /// Sends Wait on its own thread (containerd sends it while or before Start is in flight).
+    fn wait_async(task: &TaskService, exec: &str) -> JoinHandle<TtrpcResult<api::WaitResponse>> {
+        let task = task.clone();
+        let mut r = api::WaitRequest::new();
+        r.id = "c1".into();
+        r.exec_id = exec.into();
+        std::thread::spawn(move || task.handle_wait(r))
+    }
+
+    fn start(task: &TaskService, exec: &str) -> TtrpcResult<api::StartResponse> {
+        let mut r = api::StartRequest::new();
+        r.id = "c1".into();
+        r.exec_id = exec.into();
+        task.handle_start(r)
+    }
+
+    fn delete(task: &TaskService, exec: &str) -> TtrpcResult<api::DeleteResponse> {
+        let mut r = api::DeleteRequest::new();
+        r.id = "c1".into();
+        r.exec_id = exec.into();
+        task.handle_delete(r)
+    }
+
+    #[test]
+    fn wait_before_start_then_exit_after_output_then_delete() {
+        let tmp = std::env::temp_dir().join(format!("skiff-shim-task1-{}", std::process::id()));
+        let (task, events, got) = created_task(&tmp);
+        assert_eq!(
+            state(&task, "").unwrap().status.enum_value(),
+            Ok(Status::CREATED)
+        );
+        assert!(state(&task, "nope").is_err());
+
+        let waiter = wait_async(&task, "");
+        start(&task, "").unwrap();
+        assert!(start(&task, "").is_err(), "started twice");
         let waited = waiter.join().unwrap().unwrap();
         assert_eq!(waited.exit_status, 3);
         // The output was complete (FIFO writer closed) by the time Wait answered.
         assert_eq!(
-            got_rx.recv_timeout(Duration::from_secs(2)).unwrap(),
-            "hello\n"
+            got.recv_timeout(Duration::from_secs(2)).unwrap(),
+            "hello \n"
         );
-        let s = state("").unwrap();
+        let s = state(&task, "").unwrap();
         assert_eq!(s.status.enum_value(), Ok(Status::STOPPED));
         assert_eq!(s.exit_status, 3);
 
@@ -1215,14 +1275,54 @@ mod tests {
         kill.signal = 15;
         assert!(task.handle_kill(kill).is_err(), "killing an exited process");
 
-        let mut del = api::DeleteRequest::new();
-        del.id = "c1".into();
-        let d = task.handle_delete(del).unwrap();
-        assert_eq!(d.exit_status, 3);
-        assert!(state("").is_err(), "deleted");
+        assert_eq!(delete(&task, "").unwrap().exit_status, 3);
+        assert!(state(&task, "").is_err(), "deleted");
 
-        let topics: Vec<String> = ev_rx.try_iter().map(|(t, _)| t).collect();
+        let topics: Vec<String> = events.try_iter().map(|(t, _)| t).collect();
         assert_eq!(topics, ["/tasks/start", "/tasks/exit", "/tasks/delete"]);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn exec_waited_before_start() {
+        let tmp = std::env::temp_dir().join(format!("skiff-shim-task2-{}", std::process::id()));
+        let (task, events, _got) = created_task(&tmp);
+        start(&task, "").unwrap();
+        let exec_fifo = tmp.join("exec-stdout");
+        let exec_got = fifo_reader(&exec_fifo);
+        let mut r = api::ExecProcessRequest::new();
+        r.id = "c1".into();
+        r.exec_id = "x1".into();
+        r.stdout = exec_fifo.display().to_string();
+        let mut spec = containerd_shim::protos::protobuf::well_known_types::any::Any::new();
+        spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Process".into();
+        spec.value = br#"{"user":{"uid":0,"gid":0},"args":["true"],"cwd":"/"}"#.to_vec();
+        r.spec = MessageField::some(spec);
+        task.handle_exec(r).unwrap();
+        assert_eq!(
+            state(&task, "x1").unwrap().status.enum_value(),
+            Ok(Status::CREATED)
+        );
+        let waiter = wait_async(&task, "x1");
+        std::thread::sleep(Duration::from_millis(20));
+        start(&task, "x1").unwrap();
+        assert_eq!(waiter.join().unwrap().unwrap().exit_status, 4);
+        assert_eq!(
+            exec_got.recv_timeout(Duration::from_secs(2)).unwrap(),
+            "hello e1\n"
+        );
+        assert_eq!(delete(&task, "x1").unwrap().exit_status, 4);
+        assert!(state(&task, "x1").is_err());
+        let topics: Vec<String> = events.try_iter().map(|(t, _)| t).collect();
+        assert_eq!(
+            topics,
+            [
+                "/tasks/start",
+                "/tasks/exec-added",
+                "/tasks/exec-started",
+                "/tasks/exit"
+            ]
+        );
         let _ = std::fs::remove_dir_all(&tmp);
     }
 }
