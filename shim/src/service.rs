@@ -472,8 +472,7 @@ impl TaskService {
         };
         let shares = spec::plan_shares(&mut spec, &bundle, rootfs_host)
             .map_err(|e| fail(rpc_err(Code::INVALID_ARGUMENT, e)))?;
-        let process = spec.process().clone().unwrap_or_default();
-        let mut process = process;
+        let mut process = spec.process().clone().unwrap_or_default();
         process.set_terminal(Some(req.terminal));
         spec.set_process(Some(process));
 
