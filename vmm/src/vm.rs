@@ -345,7 +345,12 @@ pub fn run_with_devices(
     for (slot, factory) in slots_used.iter().zip(devices) {
         let irq_vm = vm.clone();
         let line = slot.irq;
+        // One pulse at a time: a device may signal from several threads (virtio-fs has a
+        // worker per queue), and two overlapping high/low pulses make a single edge, so the
+        // second interrupt would be lost while the guest is already in its handler.
+        let pulse = Mutex::new(());
         let irq = IrqTrigger::new(move || {
+            let _g = pulse.lock().unwrap_or_else(|e| e.into_inner());
             let _ = irq_vm.trigger_edge_irq(line);
         });
         let dev = factory(&mem, irq).map_err(Error::Vmm)?;
