@@ -117,8 +117,9 @@ impl Drop for RawModeGuard {
     }
 }
 
-/// Raises this process's open-file limit to its hard limit (every inode a virtio-fs guest has
-/// looked up holds a host descriptor). Best effort, once.
+/// Raises this process's open-file limit (every inode a virtio-fs guest has looked up holds a
+/// host descriptor): to the kernel's `fs.nr_open` when allowed (root), else to the hard limit.
+/// Best effort, once.
 pub fn raise_nofile_limit() {
     static DONE: std::sync::Once = std::sync::Once::new();
     DONE.call_once(|| {
@@ -127,7 +128,24 @@ pub fn raise_nofile_limit() {
             rlim_max: 0,
         };
         // SAFETY: `r` is valid for writing one rlimit.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 && r.rlim_cur < r.rlim_max {
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+            return;
+        }
+        let nr_open: libc::rlim_t = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if nr_open > r.rlim_max {
+            let big = libc::rlimit {
+                rlim_cur: nr_open,
+                rlim_max: nr_open,
+            };
+            // SAFETY: `big` is a valid rlimit.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &big) } == 0 {
+                return;
+            }
+        }
+        if r.rlim_cur < r.rlim_max {
             r.rlim_cur = r.rlim_max;
             // SAFETY: `r` is a valid rlimit.
             unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
