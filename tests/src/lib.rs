@@ -227,3 +227,24 @@ pub fn assert_phases(stderr: &str, phases: &[&str]) {
         assert!(stderr.contains(phase), "timings lack '{phase}':\n{stderr}");
     }
 }
+
+/// A busybox-static root filesystem in `dir` (applets as relative symlinks, so it works as any
+/// root), with `extra_dirs` created and `passwd`/`group` as /etc/passwd and /etc/group.
+pub fn busybox_root(dir: &Path, extra_dirs: &[&str], passwd: &str, group: &str) {
+    let bb = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static is missing (tools/setup installs it)");
+    for d in ["bin", "etc", "tmp", "root"].iter().chain(extra_dirs) {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::copy(bb, dir.join("bin/busybox")).unwrap();
+    let list = Command::new(bb).arg("--list").output().unwrap();
+    for name in String::from_utf8(list.stdout).unwrap().lines() {
+        if name != "busybox" {
+            std::os::unix::fs::symlink("busybox", dir.join("bin").join(name)).unwrap();
+        }
+    }
+    std::fs::write(dir.join("etc/passwd"), passwd).unwrap();
+    std::fs::write(dir.join("etc/group"), group).unwrap();
+}

@@ -16,28 +16,14 @@ fn sh(cmd: &str) {
     assert!(st.success(), "{cmd} failed: {st}");
 }
 
-/// A busybox-static root filesystem (relative symlinks, so it works as any root).
+/// A busybox-static root filesystem with root and nobody.
 fn busybox_root(dir: &Path) {
-    let bb = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is missing (tools/setup installs it)");
-    for d in ["bin", "etc", "tmp", "root"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    std::fs::copy(bb, dir.join("bin/busybox")).unwrap();
-    let list = Command::new(bb).arg("--list").output().unwrap();
-    for name in String::from_utf8(list.stdout).unwrap().lines() {
-        if name != "busybox" {
-            std::os::unix::fs::symlink("busybox", dir.join("bin").join(name)).unwrap();
-        }
-    }
-    std::fs::write(
-        dir.join("etc/passwd"),
+    skiff_tests::busybox_root(
+        dir,
+        &[],
         "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+        "root:x:0:\nnogroup:x:65534:\n",
+    );
 }
 
 struct Env {
