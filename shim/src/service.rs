@@ -24,7 +24,7 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult};
 use oci_spec::runtime::{Process, Spec};
-use skiff_protocol::{Client, StreamKind};
+use skiff_protocol::StreamKind;
 use skiff_vmm::sandbox::{Sandbox, SandboxConfig};
 
 use crate::io;
@@ -383,14 +383,14 @@ impl Inner {
     /// `Wait`), and TaskExit published.
     fn watch_exit(
         self: &Arc<Self>,
-        client: Arc<Client<UnixStream>>,
+        sandbox: Arc<Sandbox>,
         exec_id: String,
         guest_exec: Option<String>,
         outputs: Vec<JoinHandle<()>>,
     ) {
         let inner = self.clone();
         std::thread::spawn(move || {
-            let status = match client.wait(CONTAINER, guest_exec.as_deref()) {
+            let status = match sandbox.client().wait(CONTAINER, guest_exec.as_deref()) {
                 Ok(s) => u32::try_from(s).unwrap_or(255),
                 Err(e) => {
                     tracing::warn!("waiting for process {exec_id:?}: {e}");
@@ -398,6 +398,12 @@ impl Inner {
                 }
             };
             let _ = io::join_all(outputs, DRAIN_TIMEOUT);
+            tracing::info!(
+                exec = exec_id.as_str(),
+                status,
+                ms = format!("{:.1}", sandbox.ms_since_start()),
+                "boot phase (ms since VMM start): process exited, output drained"
+            );
             let at = Timestamp::now();
             {
                 let mut st = inner.lock();
@@ -672,12 +678,13 @@ impl TaskService {
             ev.pid = pid;
             self.inner.publish(ev);
         }
-        self.inner.watch_exit(
-            sandbox.client().clone(),
-            req.exec_id.clone(),
-            guest_exec,
-            outputs,
+        tracing::info!(
+            exec = req.exec_id.as_str(),
+            ms = format!("{:.1}", sandbox.ms_since_start()),
+            "boot phase (ms since VMM start): process started"
         );
+        self.inner
+            .watch_exit(sandbox.clone(), req.exec_id.clone(), guest_exec, outputs);
         let mut resp = api::StartResponse::new();
         resp.pid = pid;
         Ok(resp)
@@ -1054,7 +1061,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use skiff_protocol::stream::{StreamHeader, StreamHub};
-    use skiff_protocol::{ErrorReply, Handler, Hello, Replier, Request, Response};
+    use skiff_protocol::{Client, ErrorReply, Handler, Hello, Replier, Request, Response};
     use std::io::{Read, Write};
 
     type Flag = Arc<(Mutex<bool>, Condvar)>;

@@ -50,7 +50,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [ttrpc]
   address = "$LAB/containerd.sock.ttrpc"
 EOC
-PATH={shim}:$PATH SKIFF_KERNEL={k} SKIFF_INITRD={i} SKIFF_MEMORY_MIB=256 containerd --config $LAB/config.toml > $OUT/containerd.log 2>&1 &
+PATH={shim}:$PATH SKIFF_KERNEL={k} SKIFF_INITRD={i} SKIFF_MEMORY_MIB=256 containerd --config $LAB/config.toml > $OUT/$CASE.containerd.log 2>&1 &
 CTRD=$!
 for n in $(seq 300); do [ -S $LAB/containerd.sock ] && break; sleep 0.1; done
 S=$LAB/containerd.sock
@@ -60,7 +60,10 @@ IMG=docker.io/skiff/busybox:latest
 $C images import $OUT/busybox.tar > $OUT/import.log 2>&1 && $C images import $OUT/busybox-user.tar >> $OUT/import.log 2>&1
 echo $? > $OUT/import.rc
 # res NAME CMD...: stdout+stderr to NAME.out, status to NAME.rc
-res() {{ n=$1; shift; "$@" > $OUT/$n.out 2>&1; echo $? > $OUT/$n.rc; echo "case $n: $(cat $OUT/$n.rc)" >&2; }}
+# A case whose ctr hit its timeout makes the script exit 124: the harness treats it like a
+# hung nested VM and retries the case once (loudly).
+HUNG=0
+res() {{ n=$1; shift; "$@" > $OUT/$n.out 2>&1; r=$?; echo $r > $OUT/$n.rc; echo "case $n: $r" >&2; [ $r = 124 ] && HUNG=1; }}
 "#,
         out = out.display(),
         shim = shim_dir.display(),
@@ -76,6 +79,8 @@ fn epilogue(name: &str) -> String {
 sleep 1
 {{ pgrep -fa containerd-shim-skiff-v2; ls /run/containerd/s 2>/dev/null; grep $LAB /proc/mounts; }} > $OUT/{name}.leaks 2>&1
 kill $CTRD; wait $CTRD
+[ $HUNG = 1 ] && exit 124
+exit 0
 "#
     )
 }
@@ -133,7 +138,11 @@ impl Lab {
     /// containerd: a wedged nested VM then costs one case's timeout, not the suite's.
     fn run(&self, name: &str, body: &str) {
         let path = self.out.join(format!("{name}.sh"));
-        std::fs::write(&path, format!("{}{body}{}", self.prologue, epilogue(name))).unwrap();
+        std::fs::write(
+            &path,
+            format!("CASE={name}\n{}{body}{}", self.prologue, epilogue(name)),
+        )
+        .unwrap();
         run_script_on_real_kvm(name, &path, &self.out, 240);
     }
 
@@ -153,9 +162,15 @@ impl Lab {
             .unwrap_or(-1)
     }
 
+    /// The failure report: status, output, and the end of that case's containerd log (the
+    /// shim logs there).
     fn show(&self, n: &str) -> String {
+        let log = std::fs::read_to_string(self.out.join(format!("{n}.containerd.log")))
+            .unwrap_or_default();
+        let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = lines[lines.len().saturating_sub(25)..].join("\n");
         format!(
-            "case {n}: rc={} out={:?}",
+            "case {n}: rc={} out={:?}\n--- end of {n}.containerd.log ---\n{tail}",
             self.rc(n),
             self.out(n).chars().take(400).collect::<String>()
         )

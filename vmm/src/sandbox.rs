@@ -102,6 +102,7 @@ pub struct Sandbox {
     console: PathBuf,
     vm_result: Mutex<Option<mpsc::Receiver<Result<RunResult, vm::Error>>>>,
     events: Arc<Mutex<Option<RunningLoop>>>,
+    started: Instant,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -116,6 +117,7 @@ impl std::fmt::Debug for Sandbox {
 impl Sandbox {
     /// Boots the VM and waits for its agent (see the module docs).
     pub fn boot(cfg: SandboxConfig) -> Result<Self, Error> {
+        let started = Instant::now();
         if cfg.shares.len() > MAX_SHARES {
             return Err(Error::Input(format!(
                 "too many shares ({}): at most {MAX_SHARES} fit one VM",
@@ -167,7 +169,7 @@ impl Sandbox {
         std::thread::Builder::new()
             .name("vm".into())
             .spawn(move || {
-                let r = vm::run_with_devices(&vm_cfg, Timings::new(Instant::now()), devices);
+                let r = vm::run_with_devices(&vm_cfg, Timings::new(started), devices);
                 if let Some(l) = vm_events.lock().ok().and_then(|mut g| g.take()) {
                     let _ = l.stop();
                 }
@@ -224,8 +226,13 @@ impl Sandbox {
                     source,
                 })?;
         }
+        tracing::info!(
+            ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+            "boot phase (ms since VMM start): agent ready, shares mounted"
+        );
         guard.0 = None;
         Ok(Self {
+            started,
             client: Arc::new(client),
             hello,
             hub,
@@ -254,7 +261,13 @@ impl Sandbox {
             console,
             vm_result: Mutex::new(None),
             events: Arc::new(Mutex::new(None)),
+            started: Instant::now(),
         }
+    }
+
+    /// Milliseconds since the VMM started booting this sandbox (for phase logs).
+    pub fn ms_since_start(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1e3
     }
 
     /// The agent client (shareable: several threads may call it at once).

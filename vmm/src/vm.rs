@@ -419,7 +419,11 @@ pub fn run_with_devices(
     let exit = loop {
         match rx.recv() {
             Ok(Event::Stamp(p, at)) => {
-                tracing::debug!(phase = ?p, "boot phase");
+                tracing::info!(
+                    phase = ?p,
+                    ms = format!("{:.1}", timings.ms_since_start(at)),
+                    "boot phase (ms since VMM start)"
+                );
                 timings.mark_at(p, at);
             }
             Ok(Event::Exit(GuestExit::Reset)) => {

@@ -201,7 +201,7 @@ impl Server {
         if h.len as usize != req.len() {
             return (!no_reply && can_reply).then(|| error_reply(h.unique, errno::EINVAL));
         }
-        tracing::debug!(
+        tracing::trace!(
             opcode = h.opcode,
             unique = h.unique,
             nodeid = h.nodeid,
