@@ -6,9 +6,10 @@
 //! and runs the VM **inside its own process** (the VMM is a library here), so a crashed or
 //! killed shim cannot leak a VM. `delete` cleans up after a server that died.
 //!
-//! Kernel and initramfs: `$SKIFF_KERNEL`/`$SKIFF_INITRD`, else
-//! `/usr/local/share/skiff/{vmlinux,initramfs.cpio}`.
+//! Kernel, initramfs and VM size: see [`config`] (defaults, `/etc/skiff/skiff.toml`,
+//! `SKIFF_*` environment, containerd runtime options, `io.skiff.vm.*` annotations).
 
+mod config;
 mod io;
 mod service;
 mod spec;

@@ -27,13 +27,12 @@ use oci_spec::runtime::{Process, Spec};
 use skiff_protocol::StreamKind;
 use skiff_vmm::sandbox::{Sandbox, SandboxConfig};
 
+use crate::config::VmSettings;
 use crate::io;
 use crate::spec::{self, GUEST_ROOTFS};
 
 /// The container's id inside the VM (one container per VM).
 const CONTAINER: &str = "skiff";
-/// How long the agent may take to dial in (nested, emulated boots are slow).
-const AGENT_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a stdio stream may take to arrive after Create/Exec.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on output copies after the agent reported an exit.
@@ -41,8 +40,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long Delete waits for the VM to power off.
 const POWEROFF_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default kernel and initramfs locations.
-const DEFAULT_KERNEL: &str = "/usr/local/share/skiff/vmlinux";
-const DEFAULT_INITRD: &str = "/usr/local/share/skiff/initramfs.cpio";
 /// How long the server may take to stop after Shutdown before the process exits anyway.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// The file in the bundle holding the shim server's pid (for `delete` after a crash).
@@ -71,34 +68,6 @@ fn agent_err(what: &str) -> impl Fn(skiff_protocol::ClientError) -> ttrpc::Error
         };
         rpc_err(code, format!("{what}: {e}"))
     }
-}
-
-/// The kernel and initramfs to boot: `$SKIFF_KERNEL`/`$SKIFF_INITRD`, else the installed ones.
-pub fn artifacts() -> Result<(PathBuf, PathBuf), String> {
-    let pick = |var: &str, default: &str| -> Result<PathBuf, String> {
-        let p = std::env::var_os(var)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(default));
-        if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!(
-                "Skiff kernel not installed: {} missing (set {var} or install it there)",
-                p.display()
-            ))
-        }
-    };
-    Ok((
-        pick("SKIFF_KERNEL", DEFAULT_KERNEL)?,
-        pick("SKIFF_INITRD", DEFAULT_INITRD)?,
-    ))
-}
-
-fn env_number<T: std::str::FromStr>(var: &str, default: T) -> T {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// The `containerd_shim::Shim` implementation (binary modes and server lifetime).
@@ -441,7 +410,14 @@ impl TaskService {
             .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, format!("{}: {e}", config.display())))?;
         let mut spec: Spec = serde_json::from_str(&text)
             .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, format!("{}: {e}", config.display())))?;
-        let (kernel, initrd) = artifacts().map_err(|e| rpc_err(Code::FAILED_PRECONDITION, e))?;
+        let vm = VmSettings::resolve(req.options.as_ref(), spec.annotations().as_ref())
+            .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, e))?;
+        tracing::info!(
+            cpus = vm.cpus,
+            memory_mib = vm.memory_mib,
+            kernel = %vm.kernel.display(),
+            "VM settings"
+        );
 
         // The rootfs: containerd's mounts (overlay, bind) on <bundle>/rootfs, or, without
         // mounts, the spec's root path as it is.
@@ -484,15 +460,15 @@ impl TaskService {
 
         let run_dir = std::env::temp_dir().join(format!("skiff-shim-{}", std::process::id()));
         let sandbox = Sandbox::boot(SandboxConfig {
-            kernel,
-            initrd,
-            cpus: env_number("SKIFF_CPUS", 1),
-            memory_mib: env_number("SKIFF_MEMORY_MIB", 512),
+            kernel: vm.kernel,
+            initrd: vm.initrd,
+            cpus: vm.cpus,
+            memory_mib: vm.memory_mib,
             shares,
-            console: std::env::var_os("SKIFF_CONSOLE").map(PathBuf::from),
+            console: vm.console,
             kernel_args: Vec::new(),
             run_dir,
-            agent_timeout: AGENT_TIMEOUT,
+            agent_timeout: vm.agent_timeout,
         })
         .map_err(|e| fail(rpc_err(Code::INTERNAL, format!("booting the VM: {e}"))))?;
         let sandbox = Arc::new(sandbox);

@@ -50,20 +50,28 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [ttrpc]
   address = "$LAB/containerd.sock.ttrpc"
 EOC
-PATH={shim}:$PATH SKIFF_KERNEL={k} SKIFF_INITRD={i} SKIFF_MEMORY_MIB=256 containerd --config $LAB/config.toml > $OUT/$CASE.containerd.log 2>&1 &
-CTRD=$!
-for n in $(seq 300); do [ -S $LAB/containerd.sock ] && break; sleep 0.1; done
+# The shim's environment (a case may set SHIM_ENV before the prologue, e.g. to use an install).
+: "${{SHIM_ENV:=PATH={shim}:$PATH SKIFF_KERNEL={k} SKIFF_INITRD={i} SKIFF_MEMORY_MIB=256}}"
+start_containerd() {{
+  rm -f $LAB/containerd.sock
+  env $SHIM_ENV containerd --config $LAB/config.toml >> $OUT/$CASE.containerd.log 2>&1 &
+  CTRD=$!
+  for n in $(seq 300); do [ -S $LAB/containerd.sock ] && break; sleep 0.1; done
+}}
+start_containerd
 S=$LAB/containerd.sock
 C="timeout 150 ctr -a $S"
 R="--runtime io.containerd.skiff.v2"
 IMG=docker.io/skiff/busybox:latest
-$C images import $OUT/busybox.tar > $OUT/import.log 2>&1 && $C images import $OUT/busybox-user.tar >> $OUT/import.log 2>&1
+for t in busybox busybox-user busybox-baduser; do $C images import $OUT/$t.tar >> $OUT/import.log 2>&1 || break; done
 echo $? > $OUT/import.rc
 # res NAME CMD...: stdout+stderr to NAME.out, status to NAME.rc
 # A case whose ctr hit its timeout makes the script exit 124: the harness treats it like a
 # hung nested VM and retries the case once (loudly).
 HUNG=0
 res() {{ n=$1; shift; "$@" > $OUT/$n.out 2>&1; r=$?; echo $r > $OUT/$n.rc; echo "case $n: $r" >&2; [ $r = 124 ] && HUNG=1; }}
+# stopped ID: waits (up to 30 s) until `ctr task ls` shows ID as STOPPED or no longer lists it.
+stopped() {{ for n in $(seq 150); do $C task ls | grep -q "^$1 .*\(RUNNING\|PAUSED\|CREATED\)" || return 0; sleep 0.2; done; return 1; }}
 "#,
         out = out.display(),
         shim = shim_dir.display(),
@@ -125,6 +133,12 @@ impl Lab {
             "docker.io/skiff/busybox-user:latest",
             &["--user", "1234:1234", "--workdir", "/home/app"],
         );
+        image(
+            &root,
+            &out.join("busybox-baduser.tar"),
+            "docker.io/skiff/busybox-baduser:latest",
+            &["--user", "nosuchuser"],
+        );
         let shim_dir = vmm_binary().parent().unwrap().to_path_buf();
         assert!(
             shim_dir.join("containerd-shim-skiff-v2").exists(),
@@ -137,10 +151,19 @@ impl Lab {
     /// Runs one case (`body` uses `res NAME CMD...`) in its own nested VM with a fresh
     /// containerd: a wedged nested VM then costs one case's timeout, not the suite's.
     fn run(&self, name: &str, body: &str) {
+        self.run_with(name, "", body);
+    }
+
+    /// Like [`Lab::run`], with `pre` run before the prologue (before containerd starts).
+    fn run_with(&self, name: &str, pre: &str, body: &str) {
         let path = self.out.join(format!("{name}.sh"));
         std::fs::write(
             &path,
-            format!("CASE={name}\n{}{body}{}", self.prologue, epilogue(name)),
+            format!(
+                "CASE={name}\n{pre}\n{}{body}{}",
+                self.prologue,
+                epilogue(name)
+            ),
         )
         .unwrap();
         run_script_on_real_kvm(name, &path, &self.out, 240);
@@ -194,11 +217,22 @@ fn ctr_runs_containers_in_skiff_vms() {
         ("burst", "res burst $C run --rm $R $IMG t-burst sh -c 'head -c 10485760 /dev/zero | tr \"\\0\" a'".into()),
         ("tty", "res tty script -qec \"stty rows 30 cols 100; $C run --rm -t $R $IMG t-tty stty size\" /dev/null".into()),
         ("notfound", "res notfound $C run --rm $R $IMG t-nf /no/such/binary".into()),
+        // The behaviour reference: the same runs under runc.
+        ("runc", [
+            "RC=\"--runtime io.containerd.runc.v2\"",
+            "res runc_echo $C run --rm $RC $IMG r-echo echo hi",
+            "res runc_exit42 $C run --rm $RC $IMG r-exit sh -c 'exit 42'",
+            "res runc_env $C run --rm $RC --env FOO=bar $IMG r-env sh -c 'echo $FOO'",
+            "res runc_cwd $C run --rm $RC --cwd /tmp $IMG r-cwd pwd",
+            "res runc_user $C run --rm $RC docker.io/skiff/busybox-user:latest r-user sh -c 'id -u; pwd'",
+            "res runc_notfound $C run --rm $RC $IMG r-nf /no/such/binary",
+        ].join("\n")),
     ];
     for (name, body) in &cases {
         lab.run(name, &format!("{body}\n"));
     }
     let mut failures = Vec::new();
+    let mut extra = Vec::new();
     let mut check = |ok: bool, n: &str| {
         if !ok {
             failures.push(lab.show(n));
@@ -237,7 +271,234 @@ fn ctr_runs_containers_in_skiff_vms() {
         lab.rc("notfound") != 0 && !lab.out("notfound").is_empty(),
         "notfound",
     );
+    // Same status and output as runc.
+    for n in ["echo", "exit42", "env", "cwd", "user"] {
+        let r = format!("runc_{n}");
+        if lab.rc(n) != lab.rc(&r) || lab.out(n) != lab.out(&r) {
+            extra.push(format!(
+                "case {n} differs from runc: skiff rc={} {:?}, runc rc={} {:?}",
+                lab.rc(n),
+                lab.out(n),
+                lab.rc(&r),
+                lab.out(&r)
+            ));
+        }
+    }
+    check(lab.rc("runc_notfound") != 0, "runc_notfound");
+    failures.append(&mut extra);
     for (name, _) in &cases {
+        let leaks = lab.leaks(name);
+        if !leaks.trim().is_empty() {
+            failures.push(format!("case {name} leaked: {leaks:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "failed cases:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// Detached containers and the task verbs, a killed shim, concurrency, containerd's restart,
+/// bad input, and the documented install.
+#[test]
+fn ctr_task_lifecycle_and_failures() {
+    let lab = Lab::new("life");
+    let o = lab.out.display().to_string();
+    std::fs::write(lab.out.join("garbage-kernel"), vec![0x5a; 4096]).unwrap();
+    std::fs::write(
+        lab.out.join("bad-kernel.toml"),
+        format!("kernel = \"{o}/garbage-kernel\"\n"),
+    )
+    .unwrap();
+    let loop_term = r#"sh -c 'trap "exit 7" TERM; while :; do sleep 0.2; done'"#;
+    let cases: Vec<(&str, String, String)> = vec![
+        ("lifecycle", String::new(), [
+            format!("res lc_run $C run -d $R $IMG t-d {loop_term}"),
+            "res lc_ls $C task ls".to_string(),
+            "res lc_exec $C task exec --exec-id e1 t-d sh -c 'echo from-exec; exit 3'".to_string(),
+            "res lc_exec_tty script -qec \"stty rows 20 cols 70; $C task exec -t --exec-id e2 t-d stty size\" /dev/null".to_string(),
+            "res lc_ps $C task ps t-d".to_string(),
+            "res lc_metrics $C task metrics t-d".to_string(),
+            "res lc_kill $C task kill t-d".to_string(),
+            "stopped t-d; echo $? > $OUT/lc_stopped.rc".to_string(),
+            "res lc_ls2 $C task ls".to_string(),
+            "res lc_delete $C task delete t-d".to_string(),
+            "res lc_rm $C c rm t-d".to_string(),
+        ].join("\n")),
+        ("killall", String::new(), [
+            "res ka_run $C run -d $R $IMG t-a sh -c 'sleep 1000 & sleep 1000 & wait'".to_string(),
+            "sleep 1; res ka_ps $C task ps t-a".to_string(),
+            "res ka_kill $C task kill --all -s KILL t-a".to_string(),
+            "stopped t-a; echo $? > $OUT/ka_stopped.rc".to_string(),
+            "res ka_delete $C task delete t-a".to_string(),
+            "$C c rm t-a".to_string(),
+        ].join("\n")),
+        ("kill9", String::new(), [
+            "res k9_run $C run -d $R $IMG t-k sleep 1000".to_string(),
+            "pkill -9 -f 'containerd-shim-skiff-v2 .*-id t-k( |$)'; echo $? > $OUT/k9_pkill.rc".to_string(),
+            "stopped t-k; echo $? > $OUT/k9_stopped.rc".to_string(),
+            "res k9_ls $C task ls".to_string(),
+            "$C task delete t-k > /dev/null 2>&1; res k9_rm $C c rm t-k".to_string(),
+        ].join("\n")),
+        ("concurrent", String::new(), [
+            "for i in 1 2 3 4 5; do $C run --rm $R $IMG t-c$i sh -c \"echo c$i; exit $((i + 10))\" > $OUT/cc$i.out 2>&1 & eval P$i=$!; done".to_string(),
+            "for i in 1 2 3 4 5; do eval wait \\$P$i; echo $? > $OUT/cc$i.rc; done".to_string(),
+        ].join("\n")),
+        ("restart", String::new(), [
+            format!("res rs_run $C run -d $R $IMG t-r {loop_term}"),
+            "kill $CTRD; wait $CTRD; start_containerd".to_string(),
+            "res rs_ls $C task ls".to_string(),
+            "res rs_exec $C task exec --exec-id e1 t-r echo alive".to_string(),
+            "res rs_kill $C task kill t-r".to_string(),
+            "stopped t-r; echo $? > $OUT/rs_stopped.rc".to_string(),
+            "res rs_delete $C task delete t-r".to_string(),
+            "res rs_rm $C c rm t-r".to_string(),
+        ].join("\n")),
+        ("bad", String::new(), [
+            "res bad_user $C run --rm $R docker.io/skiff/busybox-baduser:latest t-bu true".to_string(),
+            "res bad_mount $C run --rm $R --mount type=nfs,src=server:/export,dst=/data,options=ro $IMG t-bm true".to_string(),
+            format!("res bad_kernel $C run --rm $R --runtime-config-path {o}/bad-kernel.toml $IMG t-bk true"),
+            "res bad_annotation $C run --rm $R --annotation io.skiff.vm.memory_mib=lots $IMG t-ba true".to_string(),
+            "res bad_ls $C task ls; $C c ls -q > $OUT/bad_containers.out".to_string(),
+            "for c in t-bu t-bm t-bk t-ba; do $C c rm $c > /dev/null 2>&1; done".to_string(),
+        ].join("\n")),
+        ("install", format!(
+            "{}/tools/install --no-build --kernel $SKIFF_KERNEL --initrd $SKIFF_INITRD --prefix /tmp/skiff-prefix --config-dir /tmp/skiff-etc > {o}/install.out 2>&1; echo $? > {o}/install.rc\nSHIM_ENV=\"PATH=/tmp/skiff-prefix/bin:$PATH\"",
+            repo_root().display()
+        ), "res installed $C run --rm $R --runtime-config-path /tmp/skiff-etc/skiff.toml --annotation io.skiff.vm.memory_mib=256 $IMG t-i sh -c 'echo installed; grep MemTotal /proc/meminfo'".to_string()),
+    ];
+    for (name, pre, body) in &cases {
+        lab.run_with(name, pre, &format!("{body}\n"));
+    }
+    let mut failures = Vec::new();
+    let mut extra = Vec::new();
+    let mut check = |ok: bool, n: &str| {
+        if !ok {
+            failures.push(lab.show(n));
+        }
+    };
+    let file = |n: &str| std::fs::read_to_string(lab.out.join(n)).unwrap_or_default();
+    // lifecycle
+    check(lab.rc("lc_run") == 0, "lc_run");
+    check(
+        lab.out("lc_ls")
+            .lines()
+            .any(|l| l.starts_with("t-d ") && l.contains("RUNNING")),
+        "lc_ls",
+    );
+    check(
+        lab.rc("lc_exec") == 3 && lab.out("lc_exec") == "from-exec\n",
+        "lc_exec",
+    );
+    check(
+        lab.rc("lc_exec_tty") == 0 && lab.out("lc_exec_tty").contains("20 70"),
+        "lc_exec_tty",
+    );
+    // `ctr task ps`: a header and at least the container's init.
+    check(
+        lab.rc("lc_ps") == 0 && lab.out("lc_ps").lines().count() >= 2,
+        "lc_ps",
+    );
+    check(
+        lab.rc("lc_metrics") == 0 && lab.out("lc_metrics").contains("memory"),
+        "lc_metrics",
+    );
+    check(
+        lab.rc("lc_kill") == 0 && file("lc_stopped.rc").trim() == "0",
+        "lc_kill",
+    );
+    check(
+        lab.out("lc_ls2")
+            .lines()
+            .any(|l| l.starts_with("t-d ") && l.contains("STOPPED")),
+        "lc_ls2",
+    );
+    check(
+        lab.rc("lc_delete") == 0 && lab.rc("lc_rm") == 0,
+        "lc_delete",
+    );
+    // kill --all
+    check(
+        lab.rc("ka_run") == 0 && lab.out("ka_ps").lines().count() >= 4,
+        "ka_ps",
+    );
+    check(
+        lab.rc("ka_kill") == 0 && file("ka_stopped.rc").trim() == "0",
+        "ka_kill",
+    );
+    check(lab.rc("ka_delete") == 0, "ka_delete");
+    // kill -9 of the shim
+    check(
+        lab.rc("k9_run") == 0 && file("k9_pkill.rc").trim() == "0",
+        "k9_run",
+    );
+    check(
+        file("k9_stopped.rc").trim() == "0"
+            && !lab
+                .out("k9_ls")
+                .lines()
+                .any(|l| l.starts_with("t-k ") && l.contains("RUNNING")),
+        "k9_ls",
+    );
+    check(lab.rc("k9_rm") == 0, "k9_rm");
+    // five at once, each with its own exit code and output
+    for i in 1..=5 {
+        let (rc, out) = (file(&format!("cc{i}.rc")), file(&format!("cc{i}.out")));
+        if rc.trim() != (i + 10).to_string() || out != format!("c{i}\n") {
+            extra.push(format!("concurrent container {i}: rc={rc:?} out={out:?}"));
+        }
+    }
+    // containerd restart: the task survives and is still managed
+    check(
+        lab.out("rs_ls")
+            .lines()
+            .any(|l| l.starts_with("t-r ") && l.contains("RUNNING")),
+        "rs_ls",
+    );
+    check(
+        lab.rc("rs_exec") == 0 && lab.out("rs_exec") == "alive\n",
+        "rs_exec",
+    );
+    check(
+        lab.rc("rs_kill") == 0 && file("rs_stopped.rc").trim() == "0",
+        "rs_kill",
+    );
+    check(
+        lab.rc("rs_delete") == 0 && lab.rc("rs_rm") == 0,
+        "rs_delete",
+    );
+    // bad input: a clear error naming the problem, the task gone
+    check(
+        lab.rc("bad_user") != 0 && lab.out("bad_user").contains("nosuchuser"),
+        "bad_user",
+    );
+    check(
+        lab.rc("bad_mount") != 0 && lab.out("bad_mount").contains("nfs"),
+        "bad_mount",
+    );
+    check(
+        lab.rc("bad_kernel") != 0 && lab.out("bad_kernel").contains("kernel"),
+        "bad_kernel",
+    );
+    check(
+        lab.rc("bad_annotation") != 0
+            && lab.out("bad_annotation").contains("io.skiff.vm.memory_mib"),
+        "bad_annotation",
+    );
+    check(
+        lab.rc("bad_ls") == 0 && lab.out("bad_ls").lines().count() <= 1,
+        "bad_ls",
+    );
+    // the documented install, used by a containerd without any SKIFF_* environment
+    check(file("install.rc").trim() == "0", "install");
+    let installed = lab.out("installed");
+    check(
+        lab.rc("installed") == 0 && installed.starts_with("installed\n"),
+        "installed",
+    );
+    failures.append(&mut extra);
+    for (name, _, _) in &cases {
         let leaks = lab.leaks(name);
         if !leaks.trim().is_empty() {
             failures.push(format!("case {name} leaked: {leaks:?}"));

@@ -1,0 +1,306 @@
+//! `ctrbench`: `ctr run --rm IMG ID true` under Skiff (`io.containerd.skiff.v2`) against runc
+//! (`io.containerd.runc.v2`, the anchor) with the same containerd, image and run. Figures and
+//! ratios, never assertions.
+//!
+//! It starts its own containerd (config, root, state and socket in a fresh directory under
+//! /tmp) with the Skiff shim on its PATH, imports a locally built busybox image
+//! (`tools/mkoci.py`, no registry), does one discarded warm-up run per runtime, then
+//! `--runs` interleaved rounds (Skiff, runc). Per run: the wall time of `ctr run --rm`, and for
+//! Skiff the VM phases the shim logged (into containerd's log, at info): first vCPU entry,
+//! first serial byte (kernel running), boot-timer stamp (guest userspace), agent ready,
+//! process started, process exited + output drained — all in ms since the shim started the
+//! VMM. Medians (and min/max) go to stdout and `--out`/results.txt.
+//!
+//! usage: ctrbench --kernel VMLINUX --initrd CPIO --out DIR [--runs N] [--shim-dir DIR]
+//!                 [--memory-mib N]
+//!
+//! Needs real KVM: on a PVM host run it inside tools/kvm-vm, e.g.
+//!   tools/kvm-vm --rw /work/rw/ctrbench --timeout 1200 -- target/release/ctrbench \
+//!     --kernel "$(kernel/build.sh --print-path)/vmlinux" \
+//!     --initrd "$(kernel/build-initramfs.sh --print-path)" --out /work/rw/ctrbench
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const PHASES: &[(&str, &str)] = &[
+    ("phase=FirstVcpuEntry", "first vCPU entry"),
+    ("phase=FirstSerialByte", "kernel (first serial byte)"),
+    ("phase=BootStamp(123)", "guest userspace (boot stamp)"),
+    ("agent ready", "agent ready + shares mounted"),
+    ("process started", "container started"),
+    ("process exited", "exited, output drained"),
+];
+
+fn usage() -> &'static str {
+    "usage: ctrbench --kernel VMLINUX --initrd CPIO --out DIR [--runs N] [--shim-dir DIR] [--memory-mib N]\n\
+     Needs real KVM (inside tools/kvm-vm on a PVM host) and containerd + ctr + runc\n\
+     (tools/setup installs them). See the module doc in benches/ctr/main.rs."
+}
+
+struct Containerd {
+    child: Child,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SIGTERM, then reap.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_containerd(out: &Path, shim_dir: &Path, env: &[(&str, String)]) -> Result<Containerd> {
+    let dir = PathBuf::from(format!("/tmp/ctrbench.{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{d}/containerd.sock\"\n\
+             [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n",
+            d = dir.display()
+        ),
+    )?;
+    let log = out.join("containerd.log");
+    let path = format!(
+        "{}:{}",
+        shim_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let child = Command::new("containerd")
+        .arg("--config")
+        .arg(&config)
+        .env("PATH", path)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting containerd (tools/setup installs it)")?;
+    let c = Containerd { child, dir, log };
+    let sock = c.dir.join("containerd.sock");
+    let t0 = Instant::now();
+    while !sock.exists() {
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("containerd did not create {} within 30 s", sock.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(c)
+}
+
+fn ctr(c: &Containerd, args: &[&str]) -> Result<(bool, String)> {
+    let o = Command::new("ctr")
+        .arg("-a")
+        .arg(c.dir.join("containerd.sock"))
+        .args(args)
+        .output()
+        .context("running ctr")?;
+    let mut text = String::from_utf8_lossy(&o.stdout).to_string();
+    text.push_str(&String::from_utf8_lossy(&o.stderr));
+    Ok((o.status.success(), text))
+}
+
+fn build_image(out: &Path) -> Result<PathBuf> {
+    let root = out.join("image-root");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("bin"))?;
+    for d in ["proc", "sys", "dev", "tmp", "etc"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .context("/bin/busybox (busybox-static) is needed for the image")?;
+    for a in ["sh", "true"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(a))?;
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
+    std::fs::write(root.join("etc/group"), "root:x:0:\n")?;
+    let tar = out.join("image.tar");
+    let mkoci = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tools/mkoci.py");
+    let st = Command::new(mkoci)
+        .arg(&root)
+        .arg(&tar)
+        .arg("docker.io/skiff/bench:latest")
+        .status()?;
+    if !st.success() {
+        bail!("tools/mkoci.py failed");
+    }
+    Ok(tar)
+}
+
+/// Milliseconds logged for each phase in `log` (the part of containerd's log one run wrote).
+fn phases(log: &str) -> Vec<Option<f64>> {
+    PHASES
+        .iter()
+        .map(|(key, _)| {
+            log.lines()
+                .find(|l| l.contains("boot phase") && l.contains(key))
+                .and_then(|l| {
+                    let i = l.find("ms=")? + 3;
+                    let v: String = l[i..]
+                        .trim_start_matches(['"', '\\'])
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit() || *c == '.')
+                        .collect();
+                    v.parse().ok()
+                })
+        })
+        .collect()
+}
+
+fn stats(v: &mut [f64]) -> Option<(f64, f64, f64)> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some((v[0], v[v.len() / 2], v[v.len() - 1]))
+}
+
+fn main() -> Result<()> {
+    let (mut kernel, mut initrd, mut out) = (None, None, None);
+    let mut runs = 10usize;
+    let mut memory = 256u64;
+    let mut shim_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--kernel" => kernel = Some(val()?),
+            "--initrd" => initrd = Some(val()?),
+            "--out" => out = Some(PathBuf::from(val()?)),
+            "--runs" => runs = val()?.parse().context("--runs N")?,
+            "--memory-mib" => memory = val()?.parse().context("--memory-mib N")?,
+            "--shim-dir" => shim_dir = val()?.into(),
+            "-h" | "--help" => {
+                println!("{}", usage());
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?}\n{}", usage()),
+        }
+    }
+    let (kernel, initrd, out) = (
+        kernel.context(usage())?,
+        initrd.context(usage())?,
+        out.context(usage())?,
+    );
+    if runs == 0 {
+        bail!("--runs must be > 0");
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        bail!(
+            "/dev/kvm is PVM here: Linux guests do not run on it; run ctrbench inside tools/kvm-vm"
+        );
+    }
+    if !shim_dir.join("containerd-shim-skiff-v2").exists() {
+        bail!(
+            "no containerd-shim-skiff-v2 in {} (cargo build --release -p skiff-shim, or --shim-dir)",
+            shim_dir.display()
+        );
+    }
+    std::fs::create_dir_all(&out)?;
+    eprintln!("ctrbench: building the image");
+    let tar = build_image(&out)?;
+    let c = start_containerd(
+        &out,
+        &shim_dir,
+        &[
+            ("SKIFF_KERNEL", kernel.clone()),
+            ("SKIFF_INITRD", initrd.clone()),
+            ("SKIFF_MEMORY_MIB", memory.to_string()),
+        ],
+    )?;
+    let (ok, text) = ctr(&c, &["images", "import", tar.to_str().unwrap_or_default()])?;
+    if !ok {
+        bail!("ctr images import failed: {text}");
+    }
+    let img = "docker.io/skiff/bench:latest";
+    let mut skiff_wall = Vec::new();
+    let mut runc_wall = Vec::new();
+    let mut skiff_phases: Vec<Vec<f64>> = vec![Vec::new(); PHASES.len()];
+    let mut failures = 0usize;
+    for round in 0..=runs {
+        for (rt, id) in [
+            ("io.containerd.skiff.v2", format!("bench-s{round}")),
+            ("io.containerd.runc.v2", format!("bench-r{round}")),
+        ] {
+            let before = std::fs::metadata(&c.log).map(|m| m.len()).unwrap_or(0);
+            let t0 = Instant::now();
+            let (ok, text) = ctr(&c, &["run", "--rm", "--runtime", rt, img, &id, "true"])?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            if !ok {
+                eprintln!("ctrbench: {rt} run {id} failed: {}", text.trim());
+                failures += 1;
+                continue;
+            }
+            if round == 0 {
+                eprintln!("ctrbench: warm-up {rt}: {ms:.0} ms (discarded)");
+                continue;
+            }
+            eprintln!("ctrbench: round {round}/{runs} {rt}: {ms:.0} ms");
+            if rt.contains("skiff") {
+                skiff_wall.push(ms);
+                // The shim's log lines reach containerd's log shortly after the run.
+                std::thread::sleep(Duration::from_millis(300));
+                let log = std::fs::read(&c.log).unwrap_or_default();
+                let part = String::from_utf8_lossy(&log[(before as usize).min(log.len())..]);
+                for (i, p) in phases(&part).into_iter().enumerate() {
+                    if let Some(v) = p {
+                        skiff_phases[i].push(v);
+                    }
+                }
+            } else {
+                runc_wall.push(ms);
+            }
+        }
+    }
+    let mut r = String::new();
+    let _ = writeln!(
+        r,
+        "ctr run --rm IMG ID true: {runs} interleaved rounds after a warm-up, {failures} failed runs\n\
+         (Skiff VM: 1 vCPU, {memory} MiB; kernel {kernel})\n"
+    );
+    let _ = writeln!(r, "{:<44} {:>9} {:>9} {:>9}", "ms", "min", "median", "max");
+    let sw = stats(&mut skiff_wall);
+    let rw = stats(&mut runc_wall);
+    for (name, s) in [
+        ("runc: ctr run wall time", rw),
+        ("skiff: ctr run wall time", sw),
+    ] {
+        if let Some((a, m, b)) = s {
+            let _ = writeln!(r, "{name:<44} {a:>9.1} {m:>9.1} {b:>9.1}");
+        }
+    }
+    for (i, (_, label)) in PHASES.iter().enumerate() {
+        if let Some((a, m, b)) = stats(&mut skiff_phases[i]) {
+            let _ = writeln!(
+                r,
+                "{:<44} {a:>9.1} {m:>9.1} {b:>9.1}",
+                format!("skiff VM: {label}")
+            );
+        }
+    }
+    if let (Some((_, s, _)), Some((_, rn, _))) = (sw, rw) {
+        let _ = writeln!(
+            r,
+            "\nmedian ratio skiff / runc: {:.2}x ({:+.0} ms per container)",
+            s / rn,
+            s - rn
+        );
+    }
+    print!("{r}");
+    std::fs::write(out.join("results.txt"), &r)?;
+    Ok(())
+}
