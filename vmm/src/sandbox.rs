@@ -447,4 +447,31 @@ mod tests {
         assert!(e.to_string().contains("/no/such/dir"), "{e}");
         assert!(!dir.exists(), "no run directory is left behind");
     }
+
+    /// Answers nothing: the attach test never calls the agent.
+    struct Mute;
+    impl skiff_protocol::server::Handler for Mute {
+        fn handle(&self, _: skiff_protocol::Request, _: skiff_protocol::server::Replier) {}
+    }
+
+    #[test]
+    fn an_attached_sandbox_cannot_be_paused() {
+        let (host, agent) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let hello = Hello {
+                protocol_version: skiff_protocol::PROTOCOL_VERSION,
+                agent_version: "mute".into(),
+                boot_stamps: Vec::new(),
+            };
+            let _ = skiff_protocol::serve(agent.try_clone().unwrap(), agent, hello, &Mute);
+        });
+        let (client, hello) = Client::from_stream(host).unwrap();
+        let dir = std::env::temp_dir().join(format!("skiff-attach-test-{}", std::process::id()));
+        let sb = Sandbox::attach(client, hello, StreamHub::new(), dir);
+        let e = sb.pause().unwrap_err();
+        assert!(matches!(e, Error::VmControl { op: "pause", .. }), "{e}");
+        assert!(e.to_string().contains("no VM of its own"), "{e}");
+        assert!(sb.resume().is_err());
+        assert!(!sb.is_paused());
+    }
 }
