@@ -9,4 +9,5 @@ pub mod sandbox;
 pub mod sys;
 pub mod timings;
 pub mod vm;
+pub mod vm_control;
 pub mod vsock_device;

@@ -7,6 +7,8 @@
 //! `skiff.agent=serve`, waits for the agent to dial in, mounts the shares in the guest, and
 //! returns the agent [`Client`] and the [`StreamHub`] that files the stdio streams.
 //! [`Sandbox::shutdown`] asks the agent to power off and waits for the VM thread.
+//! [`Sandbox::pause`] / [`Sandbox::resume`] stop and restart guest execution (every vCPU
+//! parked outside the guest; devices keep running), for `ctr task pause`/`resume`.
 //!
 //! The VM runs inside the calling process: when the process dies, so does the VM.
 
@@ -21,7 +23,7 @@ use skiff_protocol::{Client, ClientError, Hello, CONTROL_PORT, STREAM_PORT};
 
 use crate::fs_device::{self, Share};
 use crate::timings::Timings;
-use crate::vm::{self, RunResult, SerialOut, VmConfig, DEFAULT_CMDLINE};
+use crate::vm::{self, RunResult, SerialOut, VmConfig, VmControl, DEFAULT_CMDLINE};
 
 /// virtio-mmio slots left for shares (one goes to vsock).
 pub const MAX_SHARES: usize = 9;
@@ -59,7 +61,7 @@ pub struct SandboxConfig {
     pub agent_timeout: Duration,
 }
 
-/// Errors of [`Sandbox::boot`] and [`Sandbox::shutdown`].
+/// Errors of [`Sandbox::boot`], [`Sandbox::pause`] and [`Sandbox::resume`].
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Bad input (too many shares, a share that cannot be exported).
@@ -84,6 +86,15 @@ pub enum Error {
         /// The client error.
         source: ClientError,
     },
+    /// Pause or resume failed: the sandbox has no VM of its own ([`Sandbox::attach`]), the VM
+    /// has ended, or its vCPUs did not leave the guest in time.
+    #[error("cannot {op} the sandbox: {reason}")]
+    VmControl {
+        /// `pause` or `resume`.
+        op: &'static str,
+        /// Why.
+        reason: String,
+    },
 }
 
 fn io_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -102,6 +113,8 @@ pub struct Sandbox {
     console: PathBuf,
     vm_result: Mutex<Option<mpsc::Receiver<Result<RunResult, vm::Error>>>>,
     events: Arc<Mutex<Option<RunningLoop>>>,
+    /// Pause/resume of the VM; `None` for an attached sandbox (no VM of its own).
+    control: Option<VmControl>,
     started: Instant,
 }
 
@@ -166,10 +179,12 @@ impl Sandbox {
         let events = Arc::new(Mutex::new(Some(events)));
         let vm_events = events.clone();
         let (vm_tx, vm_rx) = mpsc::channel();
+        let vm_ctl = VmControl::new();
+        let vm_control = vm_ctl.clone();
         std::thread::Builder::new()
             .name("vm".into())
             .spawn(move || {
-                let r = vm::run_with_devices(&vm_cfg, Timings::new(started), devices);
+                let r = vm::run_controlled(&vm_cfg, Timings::new(started), devices, &vm_control);
                 if let Some(l) = vm_events.lock().ok().and_then(|mut g| g.take()) {
                     let _ = l.stop();
                 }
@@ -240,6 +255,7 @@ impl Sandbox {
             console,
             vm_result: Mutex::new(Some(vm_rx)),
             events,
+            control: Some(vm_ctl),
         })
     }
 
@@ -261,6 +277,7 @@ impl Sandbox {
             console,
             vm_result: Mutex::new(None),
             events: Arc::new(Mutex::new(None)),
+            control: None,
             started: Instant::now(),
         }
     }
@@ -300,10 +317,48 @@ impl Sandbox {
         console_tail(&self.console)
     }
 
+    /// Pauses the VM: returns once every vCPU is parked outside the guest. The guest's
+    /// processes stop; host-side device threads (vsock, virtio-fs) keep running, so agent
+    /// calls made while paused wait until [`Sandbox::resume`]. Idempotent.
+    pub fn pause(&self) -> Result<(), Error> {
+        self.control("pause")?
+            .pause()
+            .map_err(|e| Error::VmControl {
+                op: "pause",
+                reason: e.to_string(),
+            })
+    }
+
+    /// Lets a paused VM run again. Idempotent (resuming a running VM does nothing).
+    pub fn resume(&self) -> Result<(), Error> {
+        self.control("resume")?
+            .resume()
+            .map_err(|e| Error::VmControl {
+                op: "resume",
+                reason: e.to_string(),
+            })
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.control.as_ref().is_some_and(VmControl::is_paused)
+    }
+
+    fn control(&self, op: &'static str) -> Result<&VmControl, Error> {
+        self.control.as_ref().ok_or(Error::VmControl {
+            op,
+            reason: "this sandbox has no VM of its own (attached to an agent)".into(),
+        })
+    }
+
     /// Asks the agent to power the VM off and waits up to `timeout` for the VM thread.
     /// Returns the VM's result, or `None` when it was already collected or did not end in
-    /// time (the VM then keeps running until the process exits). Safe to call twice.
+    /// time (the VM then keeps running until the process exits). Safe to call twice. A
+    /// paused VM is resumed first (its agent could not answer otherwise).
     pub fn shutdown(&self, timeout: Duration) -> Option<Result<RunResult, vm::Error>> {
+        if let Some(c) = &self.control {
+            let _ = c.resume();
+        }
         let rx = self.vm_result.lock().ok().and_then(|mut g| g.take());
         if let Err(e) = self.client.shutdown() {
             tracing::debug!("agent shutdown: {e}");
@@ -391,5 +446,32 @@ mod tests {
         let e = Sandbox::boot(cfg(vec![share(0, "/no/such/dir")], dir.clone())).unwrap_err();
         assert!(e.to_string().contains("/no/such/dir"), "{e}");
         assert!(!dir.exists(), "no run directory is left behind");
+    }
+
+    /// Answers nothing: the attach test never calls the agent.
+    struct Mute;
+    impl skiff_protocol::server::Handler for Mute {
+        fn handle(&self, _: skiff_protocol::Request, _: skiff_protocol::server::Replier) {}
+    }
+
+    #[test]
+    fn an_attached_sandbox_cannot_be_paused() {
+        let (host, agent) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let hello = Hello {
+                protocol_version: skiff_protocol::PROTOCOL_VERSION,
+                agent_version: "mute".into(),
+                boot_stamps: Vec::new(),
+            };
+            let _ = skiff_protocol::serve(agent.try_clone().unwrap(), agent, hello, &Mute);
+        });
+        let (client, hello) = Client::from_stream(host).unwrap();
+        let dir = std::env::temp_dir().join(format!("skiff-attach-test-{}", std::process::id()));
+        let sb = Sandbox::attach(client, hello, StreamHub::new(), dir);
+        let e = sb.pause().unwrap_err();
+        assert!(matches!(e, Error::VmControl { op: "pause", .. }), "{e}");
+        assert!(e.to_string().contains("no VM of its own"), "{e}");
+        assert!(sb.resume().is_err());
+        assert!(!sb.is_paused());
     }
 }

@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,10 +15,9 @@ use vm_memory::{
 };
 
 use crate::arch::{self, BootConfig};
-use crate::hypervisor::{
-    self, Access, Hypervisor, MemoryRegion, SystemEvent, Vcpu, VcpuExit, VcpuKicker, Vm,
-};
+use crate::hypervisor::{self, Access, Hypervisor, MemoryRegion, SystemEvent, Vcpu, VcpuExit, Vm};
 use crate::timings::{Phase, Timings};
+pub use crate::vm_control::{ControlError, VmControl};
 
 type Hv = hypervisor::Backend;
 type HvVm = <Hv as Hypervisor>::Vm;
@@ -87,13 +85,15 @@ pub enum GuestExit {
     TripleFault,
     /// The hypervisor could not run the guest (emulation failure, bad state).
     HypervisorError(u64),
+    /// The host ended the VM ([`VmControl::stop`]), whatever the guest was doing.
+    Stopped,
 }
 
 impl GuestExit {
     /// The `vmm` process exit status for this ending (see `vmm --help`).
     pub fn exit_code(&self) -> i32 {
         match self {
-            GuestExit::PowerOff | GuestExit::Reset => 0,
+            GuestExit::PowerOff | GuestExit::Reset | GuestExit::Stopped => 0,
             GuestExit::Panic => 3,
             GuestExit::TripleFault | GuestExit::HypervisorError(_) => 4,
         }
@@ -153,6 +153,7 @@ pub struct RunResult {
 
 enum Event {
     Exit(GuestExit),
+    HostStop,
     Stamp(Phase, Instant),
     VcpuFailed(u32, String),
 }
@@ -218,9 +219,30 @@ pub fn run(cfg: &VmConfig, timings: Timings) -> Result<RunResult, Error> {
 /// interrupt per arch, described to the guest on the command line or in the FDT).
 pub fn run_with_devices(
     cfg: &VmConfig,
-    mut timings: Timings,
+    timings: Timings,
     devices: Vec<MmioDeviceFactory>,
 ) -> Result<RunResult, Error> {
+    run_controlled(cfg, timings, devices, &VmControl::new())
+}
+
+/// Like [`run_with_devices`], controlled from other threads through `control` (pause, resume,
+/// stop; see [`VmControl`]). Create the control before calling this and keep a clone. When
+/// this returns, for any reason, `control` is stopped.
+pub fn run_controlled(
+    cfg: &VmConfig,
+    mut timings: Timings,
+    devices: Vec<MmioDeviceFactory>,
+    control: &VmControl,
+) -> Result<RunResult, Error> {
+    // Every way out of here leaves the control stopped (a pause then fails instead of
+    // waiting on a VM that is gone).
+    struct StopOnReturn<'a>(&'a VmControl);
+    impl Drop for StopOnReturn<'_> {
+        fn drop(&mut self) {
+            self.0.stop_vcpus();
+        }
+    }
+    let _stop_on_return = StopOnReturn(control);
     let slots_used: Vec<arch::VirtioSlot> = (0..devices.len() as u32)
         .map(|i| {
             arch::current::virtio_slot(i)
@@ -360,20 +382,23 @@ pub fn run_with_devices(
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (kick_tx, kick_rx) = channel::<Arc<dyn VcpuKicker>>();
+    let stop_tx = Mutex::new(tx.clone());
+    control.set_on_stop(Box::new(move || {
+        if let Ok(tx) = stop_tx.lock() {
+            let _ = tx.send(Event::HostStop);
+        }
+    }));
     // Every vCPU must exist before the boot CPU runs: an INIT/SIPI sent to a vCPU that has not
     // been created yet is lost.
     let ready = Arc::new(std::sync::Barrier::new(cfg.cpus as usize + 1));
     let mut threads = Vec::new();
     for id in 0..cfg.cpus {
-        let (vm, pio, mmio, stop, tx, kick_tx, ready) = (
+        let (vm, pio, mmio, control, tx, ready) = (
             vm.clone(),
             pio.clone(),
             mmio.clone(),
-            stop.clone(),
+            control.clone(),
             tx.clone(),
-            kick_tx.clone(),
             ready.clone(),
         );
         let cpus = cfg.cpus;
@@ -387,9 +412,9 @@ pub fn run_with_devices(
                     boot: &boot,
                     pio: &pio,
                     mmio: &mmio,
-                    stop: &stop,
+                    control: &control,
                 };
-                if let Err(e) = vcpu_thread(&vm, &ctx, &sink, &kick_tx, &ready) {
+                if let Err(e) = vcpu_thread(&vm, &ctx, &sink, &ready) {
                     sink.send(Event::VcpuFailed(id, e.to_string()));
                 }
             })
@@ -397,21 +422,20 @@ pub fn run_with_devices(
         threads.push(t);
     }
     drop(tx);
-    drop(kick_tx);
     // Guest memory must be in place before any vCPU runs.
     let mapped = mem_thread.join();
     if !matches!(mapped, Ok(Ok(_))) {
-        stop.store(true, Ordering::SeqCst);
+        control.stop_vcpus();
     }
     ready.wait();
     match mapped {
         Ok(Ok(at)) => timings.mark_at(Phase::MemoryMapped, at),
         Ok(Err(e)) => {
-            stop_vcpus(&stop, &kick_rx, threads);
+            stop_vcpus(control, threads);
             return Err(e.into());
         }
         Err(_) => {
-            stop_vcpus(&stop, &kick_rx, threads);
+            stop_vcpus(control, threads);
             return Err(Error::Vmm("the memory-mapping thread panicked".into()));
         }
     }
@@ -434,8 +458,9 @@ pub fn run_with_devices(
                 }
             }
             Ok(Event::Exit(e)) => break e,
+            Ok(Event::HostStop) => break GuestExit::Stopped,
             Ok(Event::VcpuFailed(id, msg)) => {
-                stop_vcpus(&stop, &kick_rx, threads);
+                stop_vcpus(control, threads);
                 return Err(Error::Vmm(format!("vCPU {id} failed: {msg}")));
             }
             Err(_) => {
@@ -450,7 +475,7 @@ pub fn run_with_devices(
     while let Ok(Event::Stamp(p, at)) = rx.try_recv() {
         timings.mark_at(p, at);
     }
-    stop_vcpus(&stop, &kick_rx, threads);
+    stop_vcpus(control, threads);
     if let Ok(mut s) = serial.lock() {
         s.flush();
     }
@@ -467,18 +492,12 @@ fn warm_reset_flag(mem: &GuestMemoryMmap) -> bool {
         .unwrap_or(false)
 }
 
-fn stop_vcpus(
-    stop: &AtomicBool,
-    kick_rx: &std::sync::mpsc::Receiver<Arc<dyn VcpuKicker>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-) {
-    stop.store(true, Ordering::SeqCst);
-    let kickers: Vec<_> = kick_rx.try_iter().collect();
+/// Stops the vCPUs (parked ones included) and joins their threads, waiting up to 2 s.
+fn stop_vcpus(control: &VmControl, threads: Vec<std::thread::JoinHandle<()>>) {
+    control.stop_vcpus();
     let deadline = Instant::now() + Duration::from_secs(2);
     while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-        for k in &kickers {
-            k.kick();
-        }
+        control.kick_all();
         std::thread::sleep(Duration::from_micros(200));
     }
     for t in threads {
@@ -496,14 +515,13 @@ struct VcpuContext<'a> {
     boot: &'a arch::current::BootInfo,
     pio: &'a Bus,
     mmio: &'a Bus,
-    stop: &'a AtomicBool,
+    control: &'a VmControl,
 }
 
 fn vcpu_thread(
     vm: &HvVm,
     ctx: &VcpuContext<'_>,
     sink: &Sink,
-    kick_tx: &Sender<Arc<dyn VcpuKicker>>,
     ready: &std::sync::Barrier,
 ) -> Result<(), hypervisor::Error> {
     let VcpuContext {
@@ -512,7 +530,7 @@ fn vcpu_thread(
         boot,
         pio,
         mmio,
-        stop,
+        control,
     } = *ctx;
     let created = vm.create_vcpu(id).and_then(|mut v| {
         configure_vcpu(&mut v, id, boot, cpus)?;
@@ -521,7 +539,9 @@ fn vcpu_thread(
     // Wait for the others even on failure, so no thread blocks forever on the barrier.
     ready.wait();
     let mut vcpu = created?;
-    let _ = kick_tx.send(vcpu.kicker());
+    // Registered before the first entry: from here on a pause waits for this vCPU to park,
+    // and a stop kicks it. Dropped (unregistered) before the vCPU itself.
+    let gate = control.enter(vcpu.kicker());
     if id == 0 {
         sink.send(Event::Stamp(Phase::FirstVcpuEntry, Instant::now()));
     }
@@ -533,7 +553,7 @@ fn vcpu_thread(
             bus.read(a.addr, a.data);
         }
     };
-    while !stop.load(Ordering::Relaxed) {
+    while gate.may_run() {
         match vcpu.run()? {
             VcpuExit::Io => vcpu.handle_io(&mut |a| bus_access(pio, a))?,
             VcpuExit::Mmio => vcpu.handle_mmio(&mut |a| bus_access(mmio, a))?,
