@@ -15,7 +15,8 @@ use std::time::Duration;
 use containerd_shim::api::{self, Status};
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{EnumOrUnknown, MessageDyn, MessageField};
@@ -39,7 +40,6 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long Delete waits for the VM to power off.
 const POWEROFF_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default kernel and initramfs locations.
 /// How long the server may take to stop after Shutdown before the process exits anyway.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// The file in the bundle holding the shim server's pid (for `delete` after a crash).
@@ -67,6 +67,18 @@ fn agent_err(what: &str) -> impl Fn(skiff_protocol::ClientError) -> ttrpc::Error
             _ => Code::UNKNOWN,
         };
         rpc_err(code, format!("{what}: {e}"))
+    }
+}
+
+/// Calls that need the guest agent cannot run while the vCPUs are paused.
+fn awake(sandbox: &Sandbox, what: &str) -> TtrpcResult<()> {
+    if sandbox.is_paused() {
+        Err(rpc_err(
+            Code::FAILED_PRECONDITION,
+            format!("cannot {what}: the container is paused (resume it first)"),
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -531,11 +543,24 @@ impl TaskService {
 
 /// The Task methods that tests drive without a ttrpc context.
 impl TaskService {
+    /// Resumes the vCPUs and publishes TaskResumed.
+    fn resume_vm(&self, sandbox: &Sandbox) -> TtrpcResult<()> {
+        sandbox
+            .resume()
+            .map_err(|e| rpc_err(Code::INTERNAL, format!("resuming the VM: {e}")))?;
+        tracing::info!("VM resumed");
+        let mut ev = TaskResumed::new();
+        ev.container_id = self.inner.id.clone();
+        self.inner.publish(ev);
+        Ok(())
+    }
+
     fn handle_exec(&self, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
         self.inner.check_id(&req.id)?;
         if req.exec_id.is_empty() {
             return Err(rpc_err(Code::INVALID_ARGUMENT, "empty exec id"));
         }
+        awake(&self.lookup("")?.0, "exec a process")?;
         let mut process: Process = serde_json::from_slice(&req.spec.value)
             .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, format!("exec process spec: {e}")))?;
         process.set_terminal(Some(req.terminal));
@@ -626,6 +651,7 @@ impl TaskService {
                 format!("process {:?} was already started", req.exec_id),
             ));
         }
+        awake(&sandbox, "start a process")?;
         sandbox
             .client()
             .start(CONTAINER, guest_exec.as_deref())
@@ -704,7 +730,11 @@ impl TaskService {
         resp.id = req.id.clone();
         resp.bundle = c.bundle.display().to_string();
         resp.pid = std::process::id();
-        resp.status = EnumOrUnknown::new(p.status);
+        resp.status = EnumOrUnknown::new(if p.status == Status::RUNNING && c.sandbox.is_paused() {
+            Status::PAUSED
+        } else {
+            p.status
+        });
         resp.stdin = p.stdin.clone();
         resp.stdout = p.stdout.clone();
         resp.stderr = p.stderr.clone();
@@ -725,6 +755,13 @@ impl TaskService {
         }
         let signal = i32::try_from(req.signal)
             .map_err(|_| rpc_err(Code::INVALID_ARGUMENT, "bad signal number"))?;
+        if sandbox.is_paused() {
+            // Like a frozen cgroup: SIGKILL still kills; other signals wait for a resume.
+            if signal != libc::SIGKILL {
+                awake(&sandbox, "deliver a signal other than SIGKILL")?;
+            }
+            self.resume_vm(&sandbox)?;
+        }
         sandbox
             .client()
             .signal(CONTAINER, guest_exec.as_deref(), signal, req.all)
@@ -874,6 +911,7 @@ impl containerd_shim::Task for TaskService {
         if status == Status::STOPPED {
             return Ok(api::Empty::new());
         }
+        awake(&sandbox, "resize the terminal")?;
         let rows = u16::try_from(req.height).unwrap_or(u16::MAX);
         let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
         sandbox
@@ -918,6 +956,7 @@ impl containerd_shim::Task for TaskService {
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         self.inner.check_id(&req.id)?;
         let (sandbox, _, _) = self.lookup("")?;
+        awake(&sandbox, "list processes")?;
         let pids = sandbox
             .client()
             .pids(CONTAINER)
@@ -936,18 +975,37 @@ impl containerd_shim::Task for TaskService {
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         self.inner.check_id(&req.id)?;
-        Err(rpc_err(
-            Code::UNIMPLEMENTED,
-            "pause is not available yet in Skiff (vCPU pause is not implemented)",
-        ))
+        let (sandbox, _, status) = self.lookup("")?;
+        if status != Status::RUNNING {
+            return Err(rpc_err(
+                Code::FAILED_PRECONDITION,
+                format!("cannot pause: the container is {status:?}, not running"),
+            ));
+        }
+        if sandbox.is_paused() {
+            return Ok(api::Empty::new());
+        }
+        sandbox
+            .pause()
+            .map_err(|e| rpc_err(Code::INTERNAL, format!("pausing the VM: {e}")))?;
+        tracing::info!("VM paused");
+        let mut ev = TaskPaused::new();
+        ev.container_id = req.id;
+        self.inner.publish(ev);
+        Ok(api::Empty::new())
     }
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
         self.inner.check_id(&req.id)?;
-        Err(rpc_err(
-            Code::UNIMPLEMENTED,
-            "resume is not available yet in Skiff (vCPU pause is not implemented)",
-        ))
+        let (sandbox, _, _) = self.lookup("")?;
+        if !sandbox.is_paused() {
+            return Err(rpc_err(
+                Code::FAILED_PRECONDITION,
+                "cannot resume: the container is not paused",
+            ));
+        }
+        self.resume_vm(&sandbox)?;
+        Ok(api::Empty::new())
     }
 
     fn checkpoint(
@@ -979,6 +1037,7 @@ impl containerd_shim::Task for TaskService {
         };
         self.inner.check_id(&req.id)?;
         let (sandbox, _, _) = self.lookup("")?;
+        awake(&sandbox, "read statistics")?;
         let s = sandbox
             .client()
             .stats(CONTAINER)

@@ -96,6 +96,8 @@ exit 0
 struct Lab {
     out: PathBuf,
     prologue: String,
+    kernel: PathBuf,
+    initrd: PathBuf,
 }
 
 impl Lab {
@@ -145,7 +147,12 @@ impl Lab {
             "build the shim first: cargo build --release -p skiff-shim"
         );
         let prologue = prologue(&out, &shim_dir, &k, &i);
-        Lab { out, prologue }
+        Lab {
+            out,
+            prologue,
+            kernel: k,
+            initrd: i,
+        }
     }
 
     /// Runs one case (`body` uses `res NAME CMD...`) in its own nested VM with a fresh
@@ -226,6 +233,7 @@ fn ctr_runs_containers_in_skiff_vms() {
             "res runc_cwd $C run --rm $RC --cwd /tmp $IMG r-cwd pwd",
             "res runc_user $C run --rm $RC docker.io/skiff/busybox-user:latest r-user sh -c 'id -u; pwd'",
             "res runc_notfound $C run --rm $RC $IMG r-nf /no/such/binary",
+            "res runc_tty script -qec \"stty rows 30 cols 100; $C run --rm -t $RC $IMG r-tty stty size\" /dev/null",
         ].join("\n")),
     ];
     for (name, body) in &cases {
@@ -272,7 +280,7 @@ fn ctr_runs_containers_in_skiff_vms() {
         "notfound",
     );
     // Same status and output as runc.
-    for n in ["echo", "exit42", "env", "cwd", "user"] {
+    for n in ["echo", "exit42", "env", "cwd", "user", "tty"] {
         let r = format!("runc_{n}");
         if lab.rc(n) != lab.rc(&r) || lab.out(n) != lab.out(&r) {
             extra.push(format!(
@@ -326,6 +334,21 @@ fn ctr_task_lifecycle_and_failures() {
             "res lc_delete $C task delete t-d".to_string(),
             "res lc_rm $C c rm t-d".to_string(),
         ].join("\n")),
+        ("pause", String::new(), [
+            "res pa_run $C run -d $R $IMG t-p sh -c 'i=0; while :; do i=$((i+1)); echo $i > /n; sleep 0.05; done'".to_string(),
+            "N=$LAB/state/io.containerd.runtime.v2.task/default/t-p/rootfs/n; sleep 2".to_string(),
+            "res pa_pause $C task pause t-p".to_string(),
+            "res pa_ls $C task ls".to_string(),
+            "a=$(cat $N); sleep 2; b=$(cat $N); echo \"$a $b\" > $OUT/pa_frozen.out".to_string(),
+            "res pa_exec $C task exec --exec-id e1 t-p true".to_string(),
+            "res pa_resume $C task resume t-p".to_string(),
+            "sleep 2; c=$(cat $N); echo \"$b $c\" > $OUT/pa_thawed.out".to_string(),
+            "res pa_ls2 $C task ls".to_string(),
+            "res pa_kill $C task kill -s KILL t-p".to_string(),
+            "stopped t-p; echo $? > $OUT/pa_stopped.rc".to_string(),
+            "res pa_delete $C task delete t-p".to_string(),
+            "$C c rm t-p".to_string(),
+        ].join("\n")),
         ("killall", String::new(), [
             "res ka_run $C run -d $R $IMG t-a sh -c 'sleep 1000 & sleep 1000 & wait'".to_string(),
             "sleep 1; res ka_ps $C task ps t-a".to_string(),
@@ -364,8 +387,10 @@ fn ctr_task_lifecycle_and_failures() {
             "for c in t-bu t-bm t-bk t-ba; do $C c rm $c > /dev/null 2>&1; done".to_string(),
         ].join("\n")),
         ("install", format!(
-            "{}/tools/install --no-build --kernel $SKIFF_KERNEL --initrd $SKIFF_INITRD --prefix /tmp/skiff-prefix --config-dir /tmp/skiff-etc > {o}/install.out 2>&1; echo $? > {o}/install.rc\nSHIM_ENV=\"PATH=/tmp/skiff-prefix/bin:$PATH\"",
-            repo_root().display()
+            "{}/tools/install --no-build --kernel {} --initrd {} --prefix /tmp/skiff-prefix --config-dir /tmp/skiff-etc > {o}/install.out 2>&1; echo $? > {o}/install.rc\nSHIM_ENV=\"PATH=/tmp/skiff-prefix/bin:$PATH\"",
+            repo_root().display(),
+            lab.kernel.display(),
+            lab.initrd.display(),
         ), "res installed $C run --rm $R --runtime-config-path /tmp/skiff-etc/skiff.toml --annotation io.skiff.vm.memory_mib=256 $IMG t-i sh -c 'echo installed; grep MemTotal /proc/meminfo'".to_string()),
     ];
     for (name, pre, body) in &cases {
@@ -418,6 +443,45 @@ fn ctr_task_lifecycle_and_failures() {
         lab.rc("lc_delete") == 0 && lab.rc("lc_rm") == 0,
         "lc_delete",
     );
+    // pause / resume: the guest really stops (its counter freezes), then continues
+    check(lab.rc("pa_pause") == 0, "pa_pause");
+    check(
+        lab.out("pa_ls")
+            .lines()
+            .any(|l| l.starts_with("t-p ") && l.contains("PAUSED")),
+        "pa_ls",
+    );
+    let nums = |n: &str| -> Vec<u64> {
+        file(&format!("{n}.out"))
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect()
+    };
+    let frozen = nums("pa_frozen");
+    check(
+        frozen.len() == 2 && frozen[0] > 0 && frozen[0] == frozen[1],
+        "pa_frozen",
+    );
+    check(
+        lab.rc("pa_exec") != 0 && lab.out("pa_exec").contains("paused"),
+        "pa_exec",
+    );
+    let thawed = nums("pa_thawed");
+    check(
+        lab.rc("pa_resume") == 0 && thawed.len() == 2 && thawed[1] > thawed[0],
+        "pa_thawed",
+    );
+    check(
+        lab.out("pa_ls2")
+            .lines()
+            .any(|l| l.starts_with("t-p ") && l.contains("RUNNING")),
+        "pa_ls2",
+    );
+    check(
+        lab.rc("pa_kill") == 0 && file("pa_stopped.rc").trim() == "0",
+        "pa_kill",
+    );
+    check(lab.rc("pa_delete") == 0, "pa_delete");
     // kill --all
     check(
         lab.rc("ka_run") == 0 && lab.out("ka_ps").lines().count() >= 4,
@@ -469,8 +533,11 @@ fn ctr_task_lifecycle_and_failures() {
         "rs_delete",
     );
     // bad input: a clear error naming the problem, the task gone
+    // ctr resolves an image's user name itself (against the image's /etc/passwd), as for runc.
     check(
-        lab.rc("bad_user") != 0 && lab.out("bad_user").contains("nosuchuser"),
+        lab.rc("bad_user") != 0
+            && (lab.out("bad_user").contains("nosuchuser")
+                || lab.out("bad_user").contains("no users found")),
         "bad_user",
     );
     check(

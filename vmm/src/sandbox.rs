@@ -367,8 +367,12 @@ impl Sandbox {
         let r = match rx.recv_timeout(timeout) {
             Ok(r) => Some(r),
             Err(_) => {
-                tracing::warn!("the VM did not power off within {timeout:?}");
-                None
+                // A guest that ignores the power-off request is stopped from the host.
+                tracing::warn!("the VM did not power off within {timeout:?}; stopping it");
+                if let Some(c) = &self.control {
+                    c.stop();
+                }
+                rx.recv_timeout(Duration::from_secs(2)).ok()
             }
         };
         self.stop_events();
