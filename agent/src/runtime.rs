@@ -3,8 +3,8 @@
 use crate::container::{self, ChildFds, ProcPlan, RootPlan};
 use crate::sys;
 use skiff_protocol::{
-    ErrorReply, Event, Handler, Hello, OciSpec, Outbox, Replier, Request, Response, Stats, Stdio,
-    StreamHeader, StreamKind, STREAM_PORT,
+    ErrorReply, Event, Handler, Hello, LinuxResources, OciSpec, Outbox, Replier, Request, Response,
+    Stats, Stdio, StreamHeader, StreamKind, STREAM_PORT,
 };
 use std::collections::HashMap;
 use std::fs::File;
@@ -204,10 +204,104 @@ fn close_sink(s: &mut StdinSink) {
     }
 }
 
+/// Reports OOM kills in a container's cgroup: [`OomWatch::check`] compares the `oom_kill`
+/// count of `memory.events` with the last one reported and sends [`Event::Oom`] when it rose.
+/// A thread checks whenever the kernel marks the file modified (inotify), and a process's
+/// exit path checks once more before its `Exit`, so the OOM event always comes first.
+struct OomWatch {
+    id: String,
+    events: PathBuf,
+    seen: Mutex<u64>,
+    out: Outbox,
+    stop: AtomicBool,
+}
+
+/// The `oom_kill` counter of a cgroup v2 `memory.events` file.
+fn oom_kills(events: &Path) -> Option<u64> {
+    std::fs::read_to_string(events)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+}
+
+impl OomWatch {
+    fn new(id: &str, cgroup: &Path, out: &Outbox) -> Arc<Self> {
+        let events = cgroup.join("memory.events");
+        Arc::new(Self {
+            id: id.to_string(),
+            seen: Mutex::new(oom_kills(&events).unwrap_or(0)),
+            events,
+            out: out.clone(),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    fn check(&self) {
+        let Some(n) = oom_kills(&self.events) else {
+            return;
+        };
+        let mut seen = lock(&self.seen);
+        if n > *seen {
+            *seen = n;
+            self.out.event(Event::Oom {
+                id: self.id.clone(),
+            });
+        }
+    }
+
+    /// Watches until the container is deleted (or its cgroup is gone).
+    fn start(self: &Arc<Self>) {
+        let w = self.clone();
+        std::thread::spawn(move || {
+            let inotify = sys::FileWatch::new(&w.events).ok();
+            while !w.stop.load(Ordering::SeqCst) && w.events.exists() {
+                match &inotify {
+                    Some(i) => {
+                        let _ = i.wait(1000);
+                    }
+                    None => std::thread::sleep(std::time::Duration::from_secs(1)),
+                }
+                w.check();
+            }
+        });
+    }
+}
+
+/// The cgroup v2 files and values that apply `r` (memory, pids, cpu), as runc writes them.
+fn resource_writes(r: &LinuxResources) -> Vec<(&'static str, String)> {
+    let mut writes: Vec<(&'static str, String)> = Vec::new();
+    if let Some(m) = r.memory().as_ref().and_then(|m| m.limit()) {
+        writes.push((
+            "memory.max",
+            if m < 0 { "max".into() } else { m.to_string() },
+        ));
+    }
+    if let Some(p) = r.pids().as_ref().map(|p| p.limit()) {
+        writes.push((
+            "pids.max",
+            if p <= 0 { "max".into() } else { p.to_string() },
+        ));
+    }
+    if let Some(cpu) = r.cpu() {
+        let period = cpu.period().unwrap_or(100_000);
+        match cpu.quota() {
+            Some(q) if q > 0 => writes.push(("cpu.max", format!("{q} {period}"))),
+            Some(_) => writes.push(("cpu.max", format!("max {period}"))),
+            None => {}
+        }
+        if let Some(shares) = cpu.shares().filter(|&s| s >= 2) {
+            let weight = 1 + ((shares.min(262_144) - 2) * 9999) / 262_142;
+            writes.push(("cpu.weight", weight.to_string()));
+        }
+    }
+    writes
+}
+
 struct Container {
     init: Arc<Proc>,
     execs: HashMap<String, Arc<Proc>>,
     cgroup: Option<PathBuf>,
+    oom: Option<Arc<OomWatch>>,
     /// `/proc/<init>/ns/pid` link text when the container has its own PID namespace.
     pidns: Option<String>,
 }
@@ -290,7 +384,18 @@ impl Agent {
         } else {
             sys::PidNs::Inherit
         };
-        let spawned = self.spawn(id, None, Some(&rplan), &pplan, stdio, pidns, vec![], out);
+        let oom = cgroup.as_ref().map(|cg| OomWatch::new(id, cg, out));
+        let spawned = self.spawn(
+            id,
+            None,
+            Some(&rplan),
+            &pplan,
+            stdio,
+            pidns,
+            vec![],
+            out,
+            oom.clone(),
+        );
         let proc_ = match spawned {
             Ok(p) => p,
             Err(e) => {
@@ -319,9 +424,13 @@ impl Agent {
                 init: proc_,
                 execs: HashMap::new(),
                 cgroup,
+                oom: oom.clone(),
                 pidns,
             },
         );
+        if let Some(o) = &oom {
+            o.start();
+        }
         Ok(Response::Created { pid })
     }
 
@@ -341,34 +450,12 @@ impl Agent {
         }
         let cg = root.join(id);
         std::fs::create_dir_all(&cg).map_err(|e| io_err("create", e))?;
-        let res = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
-        let mut writes: Vec<(&str, String)> = Vec::new();
-        if let Some(r) = res {
-            if let Some(m) = r.memory().as_ref().and_then(|m| m.limit()) {
-                writes.push((
-                    "memory.max",
-                    if m < 0 { "max".into() } else { m.to_string() },
-                ));
-            }
-            if let Some(p) = r.pids().as_ref().map(|p| p.limit()) {
-                writes.push((
-                    "pids.max",
-                    if p <= 0 { "max".into() } else { p.to_string() },
-                ));
-            }
-            if let Some(cpu) = r.cpu() {
-                let period = cpu.period().unwrap_or(100_000);
-                match cpu.quota() {
-                    Some(q) if q > 0 => writes.push(("cpu.max", format!("{q} {period}"))),
-                    Some(_) => writes.push(("cpu.max", format!("max {period}"))),
-                    None => {}
-                }
-                if let Some(shares) = cpu.shares().filter(|&s| s >= 2) {
-                    let weight = 1 + ((shares.min(262_144) - 2) * 9999) / 262_142;
-                    writes.push(("cpu.weight", weight.to_string()));
-                }
-            }
-        }
+        let writes = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .map(resource_writes)
+            .unwrap_or_default();
         for (file, value) in writes {
             if let Err(e) = std::fs::write(cg.join(file), &value) {
                 let _ = std::fs::remove_dir(&cg);
@@ -391,6 +478,7 @@ impl Agent {
         pidns: sys::PidNs,
         join: Vec<(OwnedFd, libc::c_int)>,
         out: &Outbox,
+        oom: Option<Arc<OomWatch>>,
     ) -> Result<Arc<Proc>, ErrorReply> {
         let eid = exec_id.unwrap_or("");
         let dial = |kind| -> Result<UnixStream, ErrorReply> {
@@ -514,6 +602,9 @@ impl Agent {
                 let _ = h.join();
             }
             lock(&p2.stdin).file.take();
+            if let Some(o) = &oom {
+                o.check();
+            }
             let status = skiff_protocol::exit_status_from_wait(raw);
             *lock(&p2.done) = Some(status);
             p2.cv.notify_all();
@@ -549,7 +640,7 @@ impl Agent {
         stdio: Stdio,
         out: &Outbox,
     ) -> Reply {
-        let init = {
+        let (init, oom) = {
             let cs = lock(&self.containers);
             let c = cs
                 .get(id)
@@ -557,7 +648,7 @@ impl Agent {
             if c.execs.contains_key(exec_id) {
                 return Err(err(libc::EEXIST, format!("exec {exec_id} already exists")));
             }
-            c.init.clone()
+            (c.init.clone(), c.oom.clone())
         };
         if init.exited.load(Ordering::SeqCst) || !init.started.load(Ordering::SeqCst) {
             return Err(err(libc::ESRCH, format!("container {id} is not running")));
@@ -581,7 +672,17 @@ impl Agent {
             }
         }
         let pidns = sys::PidNs::Join(ns("pid").map_err(ErrorReply::from)?);
-        let proc_ = self.spawn(id, Some(exec_id), None, &pplan, stdio, pidns, join, out)?;
+        let proc_ = self.spawn(
+            id,
+            Some(exec_id),
+            None,
+            &pplan,
+            stdio,
+            pidns,
+            join,
+            out,
+            oom,
+        )?;
         let cg = lock(&self.containers)
             .get(id)
             .and_then(|c| c.cgroup.clone());
@@ -674,6 +775,9 @@ impl Agent {
             }
             None => {
                 if let Some(c) = cs.remove(id) {
+                    if let Some(o) = &c.oom {
+                        o.stop.store(true, Ordering::SeqCst);
+                    }
                     if let Some(cg) = c.cgroup {
                         for _ in 0..50 {
                             if std::fs::remove_dir(&cg).is_ok() {
@@ -689,6 +793,35 @@ impl Agent {
                     }
                 }
             }
+        }
+        Ok(Response::Ok)
+    }
+
+    /// New cgroup limits for a running container (`runc update`).
+    fn update(&self, id: &str, resources: &LinuxResources) -> Reply {
+        let cg = {
+            let cs = lock(&self.containers);
+            let c = cs
+                .get(id)
+                .ok_or_else(|| err(libc::ENOENT, format!("container {id} not found")))?;
+            if c.init.status().is_some() {
+                return Err(err(libc::ESRCH, format!("container {id} is not running")));
+            }
+            c.cgroup.clone()
+        };
+        let Some(cg) = cg else {
+            return Err(err(
+                libc::EOPNOTSUPP,
+                "resource update needs cgroup v2 in the guest, which this guest lacks",
+            ));
+        };
+        for (file, value) in resource_writes(resources) {
+            std::fs::write(cg.join(file), &value).map_err(|e| {
+                err(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("cgroup {file}={value}: {e}"),
+                )
+            })?;
         }
         Ok(Response::Ok)
     }
@@ -839,6 +972,7 @@ impl Handler for Agent {
             Request::Delete { id, exec_id } => self.delete(&id, exec_id.as_deref()),
             Request::Pids { id } => self.pids_of(&id).map(|pids| Response::Pids { pids }),
             Request::Stats { id } => self.stats(&id),
+            Request::Update { id, resources } => self.update(&id, &resources),
             Request::MountShare {
                 tag,
                 target,
@@ -872,7 +1006,30 @@ fn mount_share(tag: &str, target: &str, read_only: bool) -> Result<Response, Err
             format!("virtio-fs share {tag:?}: {e}"),
         )
     })?;
+    raise_readahead(t);
     Ok(Response::Ok)
+}
+
+/// Read-ahead window for virtio-fs mounts, in KiB. The kernel starts a FUSE mount at 128 KiB
+/// (INIT cannot raise it); 1 MiB lets sequential reads go out as 1 MiB requests (the
+/// `max_pages` Skiff's server grants), an eighth of the round trips.
+const VIRTIOFS_READAHEAD_KB: u32 = 1024;
+
+/// Sets the read-ahead of the filesystem mounted at `target` (its backing device info, named
+/// by the mount's anonymous device number) to [`VIRTIOFS_READAHEAD_KB`]. Best effort: a guest
+/// without sysfs keeps the default.
+fn raise_readahead(target: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(target) else {
+        return;
+    };
+    let dev = md.dev();
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&knob, VIRTIOFS_READAHEAD_KB.to_string()) {
+        eprintln!("SKIFF-AGENT: {knob}: {e} (keeping the default read-ahead)");
+    }
 }
 
 /// Serves one control connection (already dialed) until the host sends Shutdown or closes it.

@@ -518,3 +518,55 @@ pub fn boottime_us() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000
 }
+
+/// An inotify instance watching one file for modification (e.g. a cgroup's `memory.events`,
+/// which the kernel marks modified when a counter changes).
+#[derive(Debug)]
+pub struct FileWatch {
+    fd: OwnedFd,
+}
+
+impl FileWatch {
+    pub fn new(path: &Path) -> io::Result<Self> {
+        // SAFETY: a plain system call with integer arguments.
+        let raw = check(unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) })?;
+        // SAFETY: `raw` was just returned by inotify_init1 and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let c = cpath(path)?;
+        // SAFETY: `c` is a NUL-terminated string that outlives the call.
+        check(unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), libc::IN_MODIFY) })?;
+        Ok(Self { fd })
+    }
+
+    /// Waits up to `timeout_ms` for a change and drains the queued events. True when the
+    /// file changed (or may have: a spurious wakeup only costs the caller a re-read).
+    pub fn wait(&self, timeout_ms: i32) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(true)
+            } else {
+                Err(e)
+            };
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        let mut buf = [0u8; 1024];
+        loop {
+            // SAFETY: `buf` is writable for its whole length; the fd is non-blocking.
+            let r = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if r <= 0 {
+                break;
+            }
+        }
+        Ok(true)
+    }
+}

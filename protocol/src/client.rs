@@ -4,8 +4,8 @@
 //! the client at once (e.g. one blocked in [`Client::wait`] while another sends a signal).
 
 use crate::{
-    read_message, write_message, Event, FrameError, Hello, Message, OciProcess, OciSpec, Request,
-    Response, Stats, Stdio, PROTOCOL_VERSION,
+    read_message, write_message, Event, FrameError, Hello, LinuxResources, Message, OciProcess,
+    OciSpec, Request, Response, Stats, Stdio, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::fmt;
@@ -325,6 +325,14 @@ impl<W: Write + Send> Client<W> {
 
     /// Asks the agent to power the VM off (it answers first).
     /// Mounts the virtio-fs share `tag` at `target` in the guest.
+    /// New cgroup limits for a running container (`Request::Update`).
+    pub fn update(&self, id: &str, resources: LinuxResources) -> Result<(), ClientError> {
+        expect_ok(self.call(Request::Update {
+            id: id.into(),
+            resources: Box::new(resources),
+        })?)
+    }
+
     pub fn mount_share(&self, tag: &str, target: &str, read_only: bool) -> Result<(), ClientError> {
         expect_ok(self.call(Request::MountShare {
             tag: tag.into(),

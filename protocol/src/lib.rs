@@ -30,7 +30,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 
 pub use client::{Client, ClientError};
-pub use oci_spec::runtime::{Process as OciProcess, Spec as OciSpec};
+pub use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec as OciSpec};
 pub use server::{serve, Handler, Outbox, Replier, ServeEnd};
 pub use stream::{StreamHeader, StreamKind};
 
@@ -153,6 +153,12 @@ pub enum Request {
     Stats {
         id: String,
     },
+    /// Applies new cgroup v2 limits (memory, pids, cpu) to a running container, as
+    /// `runc update` does. Replies [`Response::Ok`].
+    Update {
+        id: String,
+        resources: Box<LinuxResources>,
+    },
     /// Mounts a virtio-fs share (by its device tag) at `target` in the guest (outside any
     /// container; the directory is created), read-only when `read_only`. Used for a
     /// container's rootfs and its volumes. Replies [`Response::Ok`].
@@ -241,6 +247,9 @@ pub enum Event {
         pid: u32,
         status: i32,
     },
+    /// The kernel's OOM killer killed a process of the container (its cgroup's
+    /// `memory.events` `oom_kill` count rose). Sent before that process's `Exit`.
+    Oom { id: String },
 }
 
 /// Frame and message decoding errors.
@@ -392,9 +401,10 @@ pub fn validate(msg: &Message) -> Result<(), FrameError> {
         return Ok(());
     };
     match request {
-        Request::CreateContainer { id, .. } | Request::Pids { id } | Request::Stats { id } => {
-            check_id(id)
-        }
+        Request::CreateContainer { id, .. }
+        | Request::Pids { id }
+        | Request::Stats { id }
+        | Request::Update { id, .. } => check_id(id),
         Request::Exec {
             container, exec_id, ..
         } => {

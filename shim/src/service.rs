@@ -15,7 +15,7 @@ use std::time::Duration;
 use containerd_shim::api::{self, Status};
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -357,6 +357,27 @@ impl Inner {
             Some(Stdin { stream, done })
         };
         Ok((stdin_stream, outputs))
+    }
+
+    /// Publishes the agent's unsolicited events that containerd has a topic for: an OOM kill
+    /// in the container's cgroup becomes TaskOOM. The thread ends with the control connection.
+    fn watch_events(self: &Arc<Self>, sandbox: &Sandbox) {
+        let Some(rx) = sandbox.client().take_events() else {
+            return;
+        };
+        let inner = self.clone();
+        std::thread::spawn(move || {
+            for e in rx {
+                if let skiff_protocol::Event::Oom { .. } = e {
+                    tracing::warn!(
+                        "the guest kernel's OOM killer killed a process of the container"
+                    );
+                    let mut ev = TaskOOM::new();
+                    ev.container_id = inner.id.clone();
+                    inner.publish(ev);
+                }
+            }
+        });
     }
 
     /// Watches a started process: the agent answers Wait once it exited and its output was
@@ -853,6 +874,7 @@ impl containerd_shim::Task for TaskService {
         let mut st = self.inner.lock();
         st.creating = false;
         let c = r?;
+        let sandbox = c.sandbox.clone();
         st.container = Some(c);
         drop(st);
         let pid = std::process::id();
@@ -868,6 +890,7 @@ impl containerd_shim::Task for TaskService {
         ev.io = MessageField::some(io);
         ev.pid = pid;
         self.inner.publish(ev);
+        self.inner.watch_events(&sandbox);
         let mut resp = api::CreateTaskResponse::new();
         resp.pid = pid;
         Ok(resp)
@@ -1021,10 +1044,30 @@ impl containerd_shim::Task for TaskService {
 
     fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
         self.inner.check_id(&req.id)?;
-        Err(rpc_err(
-            Code::UNIMPLEMENTED,
-            "update is not available yet in Skiff (the guest agent has no resource update)",
-        ))
+        // containerd sends the new limits as an Any holding the runtime spec's LinuxResources
+        // in JSON (typeurl's encoding of Go types without a protobuf definition).
+        let any = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| rpc_err(Code::INVALID_ARGUMENT, "update without resources"))?;
+        let resources: skiff_protocol::LinuxResources = serde_json::from_slice(&any.value)
+            .map_err(|e| {
+                rpc_err(
+                    Code::INVALID_ARGUMENT,
+                    format!(
+                        "update: resources ({}) are not LinuxResources JSON: {e}",
+                        any.type_url
+                    ),
+                )
+            })?;
+        let (sandbox, _, _) = self.lookup("")?;
+        awake(&sandbox, "update resources")?;
+        sandbox
+            .client()
+            .update(CONTAINER, resources)
+            .map_err(agent_err("updating resources"))?;
+        tracing::info!("resources updated");
+        Ok(api::Empty::new())
     }
 
     fn stats(

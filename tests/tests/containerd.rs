@@ -32,6 +32,41 @@ fn image(root: &Path, out: &Path, name: &str, extra: &[&str]) {
     assert!(st.success(), "mkoci failed");
 }
 
+/// Runs a command on a new pty of size 24x80, waits for its first output line, then resizes
+/// the terminal to 30x100 (the kernel sends SIGWINCH to the command, here `ctr run -t`, which
+/// passes the new size to the runtime). Prints the output (CRs removed) and exits with the
+/// command's status, or 124 after 150 s.
+const RESIZE_PY: &str = r#"import os, pty, sys, time, fcntl, termios, struct, select, signal
+def setsize(fd, rows, cols):
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+pid, fd = pty.fork()
+if pid == 0:
+    setsize(0, 24, 80)
+    os.execvp(sys.argv[1], sys.argv[1:])
+out, resized, deadline = b"", False, time.time() + 150
+while True:
+    if time.time() > deadline:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        sys.stdout.write(out.decode(errors="replace").replace("\r", ""))
+        sys.exit(124)
+    r, _, _ = select.select([fd], [], [], 0.5)
+    if r:
+        try:
+            b = os.read(fd, 4096)
+        except OSError:
+            b = b""
+        if not b:
+            break
+        out += b
+        if not resized and b"\n" in out:
+            setsize(fd, 30, 100)
+            resized = True
+_, st = os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace").replace("\r", ""))
+sys.exit(os.waitstatus_to_exitcode(st))
+"#;
+
 /// The lab prologue: containerd with its own config, root, state and socket under /tmp of
 /// the nested VM, the shim on its PATH, both images imported.
 fn prologue(out: &Path, shim_dir: &Path, kernel: &Path, initrd: &Path) -> String {
@@ -218,6 +253,7 @@ fn ctr_runs_containers_in_skiff_vms() {
     let lab = Lab::new("run");
     let vol = lab.out.join("vol");
     std::fs::write(vol.join("in.txt"), "from-host\n").unwrap();
+    std::fs::write(lab.out.join("resize.py"), RESIZE_PY).unwrap();
     let v = vol.display();
     let cases: Vec<(&str, String)> = vec![
         ("echo", "res echo $C run --rm $R $IMG t-echo echo hi".into()),
@@ -228,7 +264,11 @@ fn ctr_runs_containers_in_skiff_vms() {
         ("bindrw", format!("res bindrw $C run --rm $R --mount type=bind,src={v},dst=/data,options=rbind:rw $IMG t-rw sh -c 'cat /data/in.txt; echo written > /data/out.txt'")),
         ("bindro", format!("res bindro $C run --rm $R --mount type=bind,src={v},dst=/data,options=rbind:ro $IMG t-ro sh -c 'cat /data/in.txt; touch /data/x'")),
         ("burst", "res burst $C run --rm $R $IMG t-burst sh -c 'head -c 10485760 /dev/zero | tr \"\\0\" a'".into()),
-        ("tty", "res tty script -qec \"stty rows 30 cols 100; $C run --rm -t $R $IMG t-tty stty size\" /dev/null".into()),
+        ("tty", [
+            "res tty script -qec \"stty rows 30 cols 100; $C run --rm -t $R $IMG t-tty stty size\" /dev/null",
+            // A resize while the container runs reaches its terminal.
+            r#"res resize /usr/bin/python3 $OUT/resize.py ctr -a $S run --rm -t $R $IMG t-rs sh -c 'stty size; i=0; while [ "$(stty size)" != "30 100" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; stty size'"#,
+        ].join("\n")),
         ("notfound", "res notfound $C run --rm $R $IMG t-nf /no/such/binary".into()),
         // The behaviour reference: the same runs under runc.
         ("runc", [
@@ -281,6 +321,10 @@ fn ctr_runs_containers_in_skiff_vms() {
         "tty",
     );
     check(
+        lab.rc("resize") == 0 && lab.out("resize") == "24 80\n30 100\n",
+        "resize",
+    );
+    check(
         lab.rc("notfound") != 0 && !lab.out("notfound").is_empty(),
         "notfound",
     );
@@ -324,6 +368,8 @@ fn ctr_task_lifecycle_and_failures() {
         format!("kernel = \"{o}/garbage-kernel\"\n"),
     )
     .unwrap();
+    let update = repo_root().join("tools/containerd-update");
+    let update = update.display();
     let loop_term = r#"sh -c 'trap "exit 7" TERM; while :; do sleep 0.2; done'"#;
     let cases: Vec<(&str, String, String)> = vec![
         ("lifecycle", String::new(), [
@@ -368,6 +414,22 @@ fn ctr_task_lifecycle_and_failures() {
             "stopped t-k; echo $? > $OUT/k9_stopped.rc".to_string(),
             "res k9_ls $C task ls".to_string(),
             "$C task delete t-k > /dev/null 2>&1; res k9_rm $C c rm t-k".to_string(),
+        ].join("\n")),
+        ("resources", String::new(), [
+            "res up_run $C run -d $R $IMG t-u sleep 1000".to_string(),
+            format!("res up_update {update} --address $S t-u --memory-limit 33554432 --pids-limit 50"),
+            "res up_metrics $C task metrics t-u".to_string(),
+            "$C task kill -s KILL t-u; stopped t-u; $C task delete t-u; $C c rm t-u".to_string(),
+            "RC=\"--runtime io.containerd.runc.v2\"".to_string(),
+            "res runc_up_run $C run -d $RC $IMG r-u sleep 1000".to_string(),
+            format!("res runc_up_update {update} --address $S r-u --memory-limit 33554432 --pids-limit 50"),
+            "res runc_up_metrics $C task metrics r-u".to_string(),
+            "$C task kill -s KILL r-u; stopped r-u; $C task delete r-u; $C c rm r-u".to_string(),
+            // The guest kernel's OOM killer: exit 137 and a TaskOOM event before TaskExit.
+            "$C events > $OUT/oom_events.out 2>&1 & EV=$!; sleep 0.5".to_string(),
+            "res oom $C run --rm $R --memory-limit 33554432 $IMG t-oom dd if=/dev/zero of=/dev/null bs=64M count=1".to_string(),
+            "res runc_oom $C run --rm $RC --memory-limit 33554432 $IMG r-oom dd if=/dev/zero of=/dev/null bs=64M count=1".to_string(),
+            "sleep 1; kill $EV".to_string(),
         ].join("\n")),
         ("concurrent", String::new(), [
             "for i in 1 2 3 4 5; do $C run --rm $R $IMG t-c$i sh -c \"echo c$i; exit $((i + 10))\" > $OUT/cc$i.out 2>&1 & eval P$i=$!; done".to_string(),
@@ -487,6 +549,46 @@ fn ctr_task_lifecycle_and_failures() {
         "pa_kill",
     );
     check(lab.rc("pa_delete") == 0, "pa_delete");
+    // update (resources) and OOM, next to runc
+    let metric = |n: &str, key: &str| -> Option<String> {
+        lab.out(n).lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some(key)).then(|| w.next().unwrap_or("").to_string())
+        })
+    };
+    for p in ["", "runc_"] {
+        check(lab.rc(&format!("{p}up_run")) == 0, &format!("{p}up_run"));
+        check(
+            lab.rc(&format!("{p}up_update")) == 0,
+            &format!("{p}up_update"),
+        );
+    }
+    // runc's host may have cgroup v1 or v2 names; Skiff's guest is always v2.
+    check(
+        metric("up_metrics", "memory.usage_limit").as_deref() == Some("33554432")
+            && metric("up_metrics", "pids.limit").as_deref() == Some("50"),
+        "up_metrics",
+    );
+    check(
+        lab.out("runc_up_metrics").contains("33554432"),
+        "runc_up_metrics",
+    );
+    check(lab.rc("oom") == 137, "oom");
+    check(lab.rc("runc_oom") == 137, "runc_oom");
+    let events = file("oom_events.out");
+    let pos = |topic: &str, id: &str| {
+        events
+            .lines()
+            .position(|l| l.contains(topic) && l.contains(&format!("\"{id}\"")))
+    };
+    for id in ["t-oom", "r-oom"] {
+        let (oom, exit) = (pos("/tasks/oom", id), pos("/tasks/exit", id));
+        if !matches!((oom, exit), (Some(o), Some(e)) if o < e) {
+            extra.push(format!(
+                "{id}: want /tasks/oom before /tasks/exit in ctr events, got oom at {oom:?}, exit at {exit:?}:\n{events}"
+            ));
+        }
+    }
     // kill --all
     check(
         lab.rc("ka_run") == 0 && lab.out("ka_ps").lines().count() >= 4,

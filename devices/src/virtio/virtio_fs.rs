@@ -10,8 +10,10 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use virtio_queue::{Queue, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+
+use super::fs::ReadSink;
 
 use super::{Error, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 
@@ -19,6 +21,8 @@ use super::{Error, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 pub const VIRTIO_ID_FS: u32 = 26;
 /// Queue size of both queues.
 pub const QUEUE_SIZE: u16 = 1024;
+/// Size of `fuse_out_header`, which precedes a READ's data.
+const OUT_HEADER: usize = 16;
 /// Largest request read from a chain: a 1 MiB WRITE plus its headers.
 pub const MAX_REQUEST: usize = (1 << 20) + 4096;
 /// Longest tag the configuration space holds.
@@ -29,12 +33,61 @@ pub trait FuseHandler: Send + Sync + 'static {
     /// Answers one request (`req` = the chain's readable bytes) with a reply of at most
     /// `max_out` bytes, or `None` for requests that take no reply.
     fn handle(&self, req: &[u8], max_out: usize) -> Option<Vec<u8>>;
+
+    /// Answers a READ with its data placed by `sink` right after the reply header (see
+    /// [`super::fs::Server::handle_read_direct`]); `None` for anything else.
+    fn handle_read_direct(
+        &self,
+        _req: &[u8],
+        _max_out: usize,
+        _sink: &mut ReadSink<'_>,
+    ) -> Option<(Vec<u8>, usize)> {
+        None
+    }
 }
 
 impl FuseHandler for super::fs::Server {
     fn handle(&self, req: &[u8], max_out: usize) -> Option<Vec<u8>> {
         super::fs::Server::handle(self, req, max_out)
     }
+
+    fn handle_read_direct(
+        &self,
+        req: &[u8],
+        max_out: usize,
+        sink: &mut ReadSink<'_>,
+    ) -> Option<(Vec<u8>, usize)> {
+        super::fs::Server::handle_read_direct(self, req, max_out, sink)
+    }
+}
+
+/// The chain's device-writable buffers from byte `skip` on, `len` bytes of them, as guest
+/// memory slices; `None` when a buffer is not inside guest memory (the caller then answers
+/// through the copying path, whose checks report it).
+fn writable_slices<'m>(
+    mem: &'m GuestMemoryMmap,
+    chain: DescriptorChain<&'m GuestMemoryMmap>,
+    mut skip: usize,
+    len: usize,
+) -> Option<Vec<VolatileSlice<'m>>> {
+    let mut left = len;
+    let mut out = Vec::new();
+    for d in chain.writable() {
+        if left == 0 {
+            break;
+        }
+        let dlen = d.len() as usize;
+        if skip >= dlen {
+            skip -= dlen;
+            continue;
+        }
+        let addr = d.addr().checked_add(skip as u64)?;
+        let take = (dlen - skip).min(left);
+        skip = 0;
+        out.push(mem.get_slice(addr, take).ok()?);
+        left -= take;
+    }
+    (left == 0).then_some(out)
 }
 
 #[derive(Debug, Default)]
@@ -143,14 +196,27 @@ fn drain(
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
         let mut written = 0u32;
+        let data_chain = chain.clone();
         match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
             (Ok(mut r), Ok(mut w)) => {
                 let n = r.available_bytes().min(MAX_REQUEST);
                 buf.clear();
                 buf.resize(n, 0);
+                let room = w.available_bytes();
+                // READ: the file's data goes straight into the guest's buffers.
+                let mut sink = |fd: &std::os::fd::OwnedFd, off: u64, len: usize| {
+                    let bufs = writable_slices(mem, data_chain.clone(), OUT_HEADER, len)
+                        .ok_or(libc::EFAULT)?;
+                    super::fs::pread_guest(fd, &bufs, off)
+                };
                 match std::io::Read::read_exact(&mut r, buf) {
                     Ok(()) => {
-                        if let Some(reply) = handler.handle(buf, w.available_bytes()) {
+                        if let Some((header, data)) = handler.handle_read_direct(buf, room, &mut sink)
+                        {
+                            if std::io::Write::write_all(&mut w, &header).is_ok() {
+                                written = u32::try_from(header.len() + data).unwrap_or(0);
+                            }
+                        } else if let Some(reply) = handler.handle(buf, w.available_bytes()) {
                             if reply.len() <= w.available_bytes()
                                 && std::io::Write::write_all(&mut w, &reply).is_ok()
                             {
@@ -283,9 +349,36 @@ mod tests {
         }
     }
 
+    /// Serves `R` + offset (u64 LE) + size (u32 LE) requests through the direct READ path
+    /// from a file (reply header: 16 bytes of 0xee); anything else through the copying path.
+    struct FileReader(std::os::fd::OwnedFd);
+    impl FuseHandler for FileReader {
+        fn handle(&self, _req: &[u8], _max_out: usize) -> Option<Vec<u8>> {
+            Some(b"copied".to_vec())
+        }
+        fn handle_read_direct(
+            &self,
+            req: &[u8],
+            max_out: usize,
+            sink: &mut ReadSink<'_>,
+        ) -> Option<(Vec<u8>, usize)> {
+            if req.first() != Some(&b'R') {
+                return None;
+            }
+            let off = u64::from_le_bytes(req[1..9].try_into().unwrap());
+            let size = u32::from_le_bytes(req[9..13].try_into().unwrap()) as usize;
+            let got = sink(&self.0, off, size.min(max_out - 16)).unwrap();
+            Some((vec![0xee; 16], got))
+        }
+    }
+
     fn setup() -> (MmioTransport, MockDriver) {
+        setup_with(Arc::new(Echo))
+    }
+
+    fn setup_with(handler: Arc<dyn FuseHandler>) -> (MmioTransport, MockDriver) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
-        let dev = VirtioFs::new("rootfs", Arc::new(Echo)).unwrap();
+        let dev = VirtioFs::new("rootfs", handler).unwrap();
         let mut t = MmioTransport::new(Box::new(dev), mem.clone(), IrqTrigger::none()).unwrap();
         let d = MockDriver::probe(&mut t, mem, 2, 64).unwrap();
         (t, d)
@@ -358,5 +451,51 @@ mod tests {
         // The queue still works afterwards.
         let h = request(&mut d, 1, b"xy", 8);
         assert_eq!(used(&mut t, &mut d, 1), vec![(h, 2, b"yx".to_vec())]);
+    }
+
+    #[test]
+    fn reads_go_straight_into_scattered_guest_buffers() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), &data).unwrap();
+        let f = std::fs::File::open(dir.path().join("f")).unwrap();
+        let (mut t, mut d) = setup_with(Arc::new(FileReader(f.into())));
+        // The header straddles two buffers, the data spans four of odd sizes.
+        let lens = [5u32, 11, 3, 4093, 100_000];
+        let read = |d: &mut MockDriver, off: u64, size: u32| {
+            let mut req = vec![b'R'];
+            req.extend_from_slice(&off.to_le_bytes());
+            req.extend_from_slice(&size.to_le_bytes());
+            let a = d.alloc(req.len() as u32);
+            d.mem.write_slice(&req, GuestAddress(a)).unwrap();
+            let mut segs = vec![Seg {
+                addr: a,
+                len: req.len() as u32,
+                write: false,
+            }];
+            for len in lens {
+                segs.push(Seg {
+                    addr: d.alloc(len),
+                    len,
+                    write: true,
+                });
+            }
+            d.add_chain(1, &segs).unwrap()
+        };
+        let h = read(&mut d, 1234, 100_000);
+        let u = used(&mut t, &mut d, 1);
+        assert_eq!(u.len(), 1);
+        let (head, n, bytes) = &u[0];
+        assert_eq!((*head, *n), (h, 16 + 100_000));
+        assert_eq!(&bytes[..16], &[0xee; 16]);
+        assert!(bytes[16..] == data[1234..101_234], "data differs");
+        // Short at end of file.
+        let h = read(&mut d, 199_990, 100);
+        let u = used(&mut t, &mut d, 1);
+        assert_eq!((u[0].0, u[0].1), (h, 16 + 10));
+        assert_eq!(&u[0].2[16..], &data[199_990..]);
+        // Other requests still take the copying path.
+        let h = request(&mut d, 1, b"xy", 8);
+        assert_eq!(used(&mut t, &mut d, 1), vec![(h, 6, b"copied".to_vec())]);
     }
 }

@@ -144,6 +144,20 @@ pub struct Server {
     initialized: AtomicBool,
 }
 
+/// Where a READ's data goes: called with the open file, the offset and the byte count; returns
+/// how many bytes it placed (fewer only at end of file) or an errno.
+pub type ReadSink<'a> = dyn FnMut(&std::os::fd::OwnedFd, u64, usize) -> Result<usize, i32> + 'a;
+
+/// Reads `fd` from `off` straight into guest buffers until they are full or the file ends
+/// (the zero-copy READ path); returns the bytes read or an errno.
+pub fn pread_guest(
+    fd: &std::os::fd::OwnedFd,
+    bufs: &[vm_memory::VolatileSlice<'_>],
+    off: u64,
+) -> Result<usize, i32> {
+    sys::pread_guest(fd, bufs, off).map_err(|e| e.0)
+}
+
 fn error_reply(unique: u64, err: i32) -> Vec<u8> {
     let mut w = Writer::new();
     w.u32(abi::OUT_HEADER_SIZE as u32).i32(-err).u64(unique);
@@ -238,6 +252,37 @@ impl Server {
             Err(Errno(e)) => error_reply(h.unique, e),
         };
         Some(reply)
+    }
+
+    /// A READ answered without copying its data through the VMM's heap: `sink` places the
+    /// data right after the reply header (the device reads the file straight into the guest's
+    /// buffers). Returns the reply header, or a whole error reply, and the number of data bytes
+    /// placed; `None` when `req` is not a well-formed READ of an initialized session (the
+    /// caller then uses [`Server::handle`], which answers everything else).
+    pub fn handle_read_direct(
+        &self,
+        req: &[u8],
+        max_out: usize,
+        sink: &mut ReadSink<'_>,
+    ) -> Option<(Vec<u8>, usize)> {
+        if max_out < abi::OUT_HEADER_SIZE || !self.initialized.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut r = Reader::new(req);
+        let h = InHeader::parse(&mut r).ok()?;
+        if h.opcode != opcode::READ || h.len as usize != req.len() {
+            return None;
+        }
+        Some(match self.fs.read_with(&mut r, max_out, sink) {
+            Ok(n) => {
+                let mut w = Writer::new();
+                w.u32((abi::OUT_HEADER_SIZE + n) as u32)
+                    .i32(0)
+                    .u64(h.unique);
+                (w.buf, n)
+            }
+            Err(Errno(e)) => (error_reply(h.unique, e), 0),
+        })
     }
 
     fn dispatch(&self, h: &InHeader, r: &mut Reader<'_>, max_out: usize) -> Result<Vec<u8>, Errno> {

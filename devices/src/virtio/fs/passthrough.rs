@@ -852,6 +852,25 @@ impl Fs {
     }
 
     pub(crate) fn read(&self, r: &mut Reader<'_>, max_out: usize) -> Res {
+        let mut buf = Vec::new();
+        self.read_with(r, max_out, &mut |fd, offset, n| {
+            buf = vec![0u8; n];
+            let got = sys::pread(fd, &mut buf, offset).map_err(|e| e.0)?;
+            buf.truncate(got);
+            Ok(got)
+        })?;
+        Ok(buf)
+    }
+
+    /// READ with the data placed by `sink(file, offset, count)` (count already capped at
+    /// [`MAX_IO`] and at the reply room), which returns how many bytes it placed: fewer than
+    /// asked only at end of file.
+    pub(crate) fn read_with(
+        &self,
+        r: &mut Reader<'_>,
+        max_out: usize,
+        sink: &mut super::ReadSink<'_>,
+    ) -> Result<usize, Errno> {
         let fh = r.u64()?;
         let offset = r.u64()?;
         let size = r.u32()? as usize;
@@ -859,10 +878,7 @@ impl Fs {
         let n = size
             .min(MAX_IO)
             .min(max_out.saturating_sub(abi::OUT_HEADER_SIZE));
-        let mut buf = vec![0u8; n];
-        let got = sys::pread(&hd.fd, &mut buf, offset)?;
-        buf.truncate(got);
-        Ok(buf)
+        sink(&hd.fd, offset, n).map_err(Errno)
     }
 
     pub(crate) fn write(&self, r: &mut Reader<'_>) -> Res {

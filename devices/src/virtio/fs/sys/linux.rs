@@ -21,6 +21,7 @@ use rustix::fs::{
 };
 
 use super::{DirEntry, Errno, Lock, Result, Stat, StatFs, Time};
+use vm_memory::VolatileSlice;
 
 fn e(err: rustix::io::Errno) -> Errno {
     Errno(err.raw_os_error())
@@ -315,6 +316,54 @@ pub fn pread(fd: &OwnedFd, buf: &mut [u8], off: u64) -> Result<usize> {
             Err(rustix::io::Errno::INTR) => continue,
             Err(err) => return Err(e(err)),
         }
+    }
+    Ok(done)
+}
+
+/// `preadv` from `off` straight into guest buffers until they are full or the file ends;
+/// returns the bytes read. At most `IOV_MAX` buffers go into one call; the rest follow.
+pub fn pread_guest(fd: &OwnedFd, bufs: &[VolatileSlice<'_>], off: u64) -> Result<usize> {
+    const IOV_MAX: usize = 1024;
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    let mut done = 0usize;
+    while done < total {
+        // The buffers from byte `done` on, as iovecs.
+        let mut skip = done;
+        let mut iov: Vec<libc::iovec> = Vec::new();
+        for b in bufs {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            if iov.len() == IOV_MAX {
+                break;
+            }
+            let base = b.ptr_guard_mut().as_ptr();
+            iov.push(libc::iovec {
+                // `skip` < b.len(), so this stays inside the slice.
+                iov_base: base.wrapping_add(skip).cast(),
+                iov_len: b.len() - skip,
+            });
+            skip = 0;
+        }
+        let pos = off.checked_add(done as u64).ok_or(Errno(libc::EINVAL))?;
+        let pos = libc::off_t::try_from(pos).map_err(|_| Errno(libc::EINVAL))?;
+        // SAFETY: every iovec points into a `VolatileSlice` of guest memory borrowed for this
+        // call (mapped for the VM's lifetime, writable, `iov_len` bytes from `iov_base`); the
+        // kernel only writes file data there. `iov` outlives the call and its length is
+        // at most IOV_MAX.
+        let n = unsafe { libc::preadv(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, pos) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io_e(err));
+        }
+        if n == 0 {
+            break;
+        }
+        done += n as usize;
     }
     Ok(done)
 }

@@ -124,6 +124,11 @@ pub fn pread(fd: &OwnedFd, buf: &mut [u8], off: u64) -> Result<usize> {
     Err(ENOSYS)
 }
 
+/// `preadv` straight into guest buffers until they are full or the file ends.
+pub fn pread_guest(fd: &OwnedFd, bufs: &[vm_memory::VolatileSlice<'_>], off: u64) -> Result<usize> {
+    Err(ENOSYS)
+}
+
 /// `pwrite` (one call; a short count is returned to the guest).
 pub fn pwrite(fd: &OwnedFd, data: &[u8], off: u64) -> Result<usize> {
     Err(ENOSYS)
