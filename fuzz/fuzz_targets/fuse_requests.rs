@@ -3,6 +3,8 @@
 //! `/etc`). Must never panic; every reply must have a well-formed `fuse_out_header` whose
 //! `len` is the reply length and at most `max_out`.
 //!
+//! READs also go through `handle_read_direct` (the device's zero-copy path).
+//!
 //! Input layout: byte 0 selects `max_out` and whether the header `len` is fixed up to the
 //! real length (so the fuzzer reaches the argument parsers); the rest is the request.
 #![no_main]
@@ -81,6 +83,20 @@ fuzz_target!(|data: &[u8]| {
         .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
         .unwrap_or(0);
     let s = shares();
+    // The zero-copy READ path the device uses: its header + data must be a valid reply too,
+    // and the sink is never asked for more than the room after the header.
+    let mut placed = 0usize;
+    let mut sink = |_fd: &std::os::fd::OwnedFd, _off: u64, n: usize| {
+        assert!(n + 16 <= max_out);
+        placed = n;
+        Ok(n)
+    };
+    if let Some((header, n)) = s.ro.handle_read_direct(&req, max_out, &mut sink) {
+        assert!(n == placed || header.len() == 16);
+        let mut rep = header;
+        rep.resize(rep.len() + n, 0);
+        check(Some(rep), max_out);
+    }
     check(s.ro.handle(&req, max_out), max_out);
     // Keep the host safe from the fuzzer: no real allocation of large ranges.
     if op != opcode::FALLOCATE {

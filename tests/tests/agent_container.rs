@@ -320,7 +320,10 @@ fn killed_by_signal_is_128_plus_signal() {
     loop {
         let Event::Exit {
             id: eid, status, ..
-        } = events.recv_timeout(T).unwrap();
+        } = events.recv_timeout(T).unwrap()
+        else {
+            continue;
+        };
         if eid == id {
             assert_eq!(status, 137);
             break;

@@ -386,7 +386,8 @@ fn ctr_task_lifecycle_and_failures() {
             "res lc_rm $C c rm t-d".to_string(),
         ].join("\n")),
         ("pause", String::new(), [
-            "res pa_run $C run -d $R $IMG t-p sh -c 'i=0; while :; do i=$((i+1)); echo $i > /n; sleep 0.05; done'".to_string(),
+            // The counter is renamed into place: the host never reads a half-written file.
+            "res pa_run $C run -d $R $IMG t-p sh -c 'i=0; while :; do i=$((i+1)); echo $i > /n.t; mv /n.t /n; sleep 0.05; done'".to_string(),
             "N=$LAB/state/io.containerd.runtime.v2.task/default/t-p/rootfs/n; sleep 2".to_string(),
             "res pa_pause $C task pause t-p".to_string(),
             "res pa_ls $C task ls".to_string(),

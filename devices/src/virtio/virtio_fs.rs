@@ -211,7 +211,8 @@ fn drain(
                 };
                 match std::io::Read::read_exact(&mut r, buf) {
                     Ok(()) => {
-                        if let Some((header, data)) = handler.handle_read_direct(buf, room, &mut sink)
+                        if let Some((header, data)) =
+                            handler.handle_read_direct(buf, room, &mut sink)
                         {
                             if std::io::Write::write_all(&mut w, &header).is_ok() {
                                 written = u32::try_from(header.len() + data).unwrap_or(0);

@@ -1371,7 +1371,11 @@ fn direct_read_matches_the_copying_path() {
     ] {
         let req = t.raw(READ, 0, &read_in(fh, off, size));
         let copied = t.srv.handle(&req, max_out).unwrap();
-        assert_eq!(direct(&req, max_out).unwrap(), copied, "off {off} size {size}");
+        assert_eq!(
+            direct(&req, max_out).unwrap(),
+            copied,
+            "off {off} size {size}"
+        );
     }
     // An unknown handle: the same EBADF reply.
     let req = t.raw(READ, 0, &read_in(999, 0, 10));

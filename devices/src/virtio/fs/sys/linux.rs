@@ -352,7 +352,8 @@ pub fn pread_guest(fd: &OwnedFd, bufs: &[VolatileSlice<'_>], off: u64) -> Result
         // call (mapped for the VM's lifetime, writable, `iov_len` bytes from `iov_base`); the
         // kernel only writes file data there. `iov` outlives the call and its length is
         // at most IOV_MAX.
-        let n = unsafe { libc::preadv(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, pos) };
+        let n =
+            unsafe { libc::preadv(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, pos) };
         if n < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() == std::io::ErrorKind::Interrupted {
