@@ -55,7 +55,8 @@ mount -t devtmpfs dev /dev
 if mount -t virtiofs fsb /mnt; then
   # 1 MiB read-ahead, as Skiff's agent sets on its virtio-fs mounts (the kernel starts FUSE
   # at 128 KiB); both VMMs get it.
-  echo 1024 > /sys/class/bdi/$(mountpoint -d /mnt)/read_ahead_kb || echo 'fsbench_note read_ahead_kb not set'
+  while read -r _ _ dev _ mp _; do [ \"$mp\" = /mnt ] && bdi=$dev; done < /proc/self/mountinfo
+  echo 1024 > /sys/class/bdi/$bdi/read_ahead_kb && echo \"fsbench_note read_ahead_kb 1024 on $bdi\"
   /workload /mnt \"$(cat /mib)\" \"$(cat /files)\"
   echo \"fsbench_rc $?\"
   umount /mnt
@@ -472,7 +473,7 @@ fn build_inputs(root: &Path, out: &Path, mib: u64, files: u64) -> Result<(String
         format!("file:mib:{}:644", p(&out.join("mib"))),
         format!("file:files:{}:644", p(&out.join("files"))),
     ];
-    for a in ["sh", "mount", "umount", "cat", "reboot", "mountpoint"] {
+    for a in ["sh", "mount", "umount", "cat", "reboot"] {
         entries.push(format!("sym:bin/{a}:busybox"));
     }
     let list = out.join("initramfs.list");
@@ -507,6 +508,7 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
 fn usage() -> &'static str {
     "usage: fsbench --kernel VMLINUX --out DIR [--runs N] [--timeout SECS] [--mib N] [--files N]\n\
      \x20              [--vmm PATH] [--qemu PATH] [--virtiofsd PATH] [--share-base DIR]\n\
+     \x20              [--variants host,skiff,qemu]   (which to run; default all three)\n\
      \x20      fsbench --report-only --out DIR [--runs N] [--mib N] [--files N]   (table from DIR/logs)\n\
      Needs real KVM (inside tools/kvm-vm on a PVM host). See the module doc in benches/fs/main.rs."
 }
@@ -524,6 +526,7 @@ fn main() -> Result<()> {
     let mut virtiofsd = "/usr/lib/qemu/virtiofsd".to_string();
     let mut share_base = PathBuf::from("/tmp");
     let mut report_only = false;
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
@@ -539,6 +542,7 @@ fn main() -> Result<()> {
             "--virtiofsd" => virtiofsd = val()?,
             "--share-base" => share_base = val()?.into(),
             "--report-only" => report_only = true,
+            "--variants" => only = Some(val()?),
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -594,11 +598,34 @@ fn main() -> Result<()> {
         files,
     };
     let variants = &VARIANTS;
+    let kind_name = |k: Kind| match k {
+        Kind::Host => "host",
+        Kind::Skiff => "skiff",
+        Kind::Qemu => "qemu",
+    };
+    let wanted: Vec<bool> = match &only {
+        None => variants.iter().map(|_| true).collect(),
+        Some(list) => {
+            let names: Vec<&str> = list.split(',').map(str::trim).collect();
+            for n in &names {
+                if !variants.iter().any(|v| kind_name(v.kind) == *n) {
+                    bail!("--variants: unknown variant {n:?} (host, skiff, qemu)");
+                }
+            }
+            variants
+                .iter()
+                .map(|v| names.contains(&kind_name(v.kind)))
+                .collect()
+        }
+    };
     let mut results: Vec<Vec<Figures>> = variants.iter().map(|_| Vec::new()).collect();
     let mut failures: Vec<Vec<String>> = variants.iter().map(|_| Vec::new()).collect();
     let total = Instant::now();
     for run in 0..runs {
         for (i, v) in variants.iter().enumerate() {
+            if !wanted[i] {
+                continue;
+            }
             eprintln!(
                 "fsbench: run {}/{runs}: {} ... ({:.0} s elapsed)",
                 run + 1,
