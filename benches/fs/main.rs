@@ -21,8 +21,13 @@
 //! still leaves the figures so far) are kept in `--out`; `--report-only` rebuilds the table
 //! from those logs.
 //!
+//! Both guests raise the mount's read-ahead to 1 MiB first (as Skiff's agent does on its
+//! virtio-fs mounts; the kernel starts FUSE at 128 KiB), so sequential reads go out as 1 MiB
+//! requests.
+//!
 //! usage: fsbench --kernel VMLINUX --out DIR [--runs N] [--timeout SECS] [--mib N]
 //!                [--files N] [--vmm PATH] [--qemu PATH] [--virtiofsd PATH] [--share-base DIR]
+//!                [--variants host,skiff,qemu]
 //!        fsbench --report-only --out DIR [--runs N] [--mib N] [--files N]
 //!
 //! Needs real KVM: on a PVM host run it inside tools/kvm-vm, e.g.

@@ -38,6 +38,8 @@ const CONTAINER: &str = "skiff";
 const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on output copies after the agent reported an exit.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long Delete waits for each agent call (kill, delete) before going on without it.
+const DELETE_AGENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long Delete waits for the VM to power off.
 const POWEROFF_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the server may take to stop after Shutdown before the process exits anyway.
@@ -800,11 +802,28 @@ impl TaskService {
             ));
         }
         let client = sandbox.client().clone();
+        // Bounded: a VM that crashed or wedged must not keep Delete (and the cleanup after
+        // it: power-off, unmount) from finishing.
         if status == Status::CREATED {
             // Never started: kill it so the agent can remove it.
-            let _ = client.signal(CONTAINER, guest_exec.as_deref(), libc::SIGKILL, false);
+            let _ = client.call_timeout(
+                skiff_protocol::Request::Signal {
+                    id: CONTAINER.into(),
+                    exec_id: guest_exec.clone(),
+                    signal: libc::SIGKILL,
+                    all: false,
+                },
+                DELETE_AGENT_TIMEOUT,
+            );
         }
-        if let Err(e) = client.delete(CONTAINER, guest_exec.as_deref()) {
+        let deleted = client.call_timeout(
+            skiff_protocol::Request::Delete {
+                id: CONTAINER.into(),
+                exec_id: guest_exec.clone(),
+            },
+            DELETE_AGENT_TIMEOUT,
+        );
+        if let Err(e) = deleted {
             if !req.exec_id.is_empty() {
                 return Err(agent_err("deleting the exec")(e));
             }
