@@ -97,6 +97,9 @@ start_containerd() {{
 start_containerd
 S=$LAB/containerd.sock
 C="timeout 150 ctr -a $S"
+# For ctr under a terminal (`script`): plain `timeout` moves ctr into a background process
+# group, where ctr's tcsetattr (raw mode for -t) stops it with SIGTTOU before it does anything.
+CT="timeout --foreground 150 ctr -a $S"
 R="--runtime io.containerd.skiff.v2"
 IMG=docker.io/skiff/busybox:latest
 for t in busybox busybox-user busybox-baduser; do $C images import $OUT/$t.tar >> $OUT/import.log 2>&1 || break; done
@@ -265,7 +268,7 @@ fn ctr_runs_containers_in_skiff_vms() {
         ("bindro", format!("res bindro $C run --rm $R --mount type=bind,src={v},dst=/data,options=rbind:ro $IMG t-ro sh -c 'cat /data/in.txt; touch /data/x'")),
         ("burst", "res burst $C run --rm $R $IMG t-burst sh -c 'head -c 10485760 /dev/zero | tr \"\\0\" a'".into()),
         ("tty", [
-            "res tty script -qec \"stty rows 30 cols 100; $C run --rm -t $R $IMG t-tty stty size\" /dev/null",
+            "res tty script -qec \"stty rows 30 cols 100; $CT run --rm -t $R $IMG t-tty stty size\" /dev/null",
             // A resize while the container runs reaches its terminal.
             r#"res resize /usr/bin/python3 $OUT/resize.py ctr -a $S run --rm -t $R $IMG t-rs sh -c 'stty size; i=0; while [ "$(stty size)" != "30 100" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; stty size'"#,
         ].join("\n")),
@@ -376,7 +379,7 @@ fn ctr_task_lifecycle_and_failures() {
             format!("res lc_run $C run -d $R $IMG t-d {loop_term}"),
             "res lc_ls $C task ls".to_string(),
             "res lc_exec $C task exec --exec-id e1 t-d sh -c 'echo from-exec; exit 3'".to_string(),
-            "res lc_exec_tty script -qec \"stty rows 20 cols 70; $C task exec -t --exec-id e2 t-d stty size\" /dev/null".to_string(),
+            "res lc_exec_tty script -qec \"stty rows 20 cols 70; $CT task exec -t --exec-id e2 t-d stty size\" /dev/null".to_string(),
             "res lc_ps $C task ps t-d".to_string(),
             "res lc_metrics $C task metrics t-d".to_string(),
             "res lc_kill $C task kill t-d".to_string(),
