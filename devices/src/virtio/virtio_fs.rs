@@ -195,6 +195,7 @@ fn drain(
     let mut used = false;
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
+        let started = std::time::Instant::now();
         let mut written = 0u32;
         let data_chain = chain.clone();
         match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
@@ -205,9 +206,18 @@ fn drain(
                 let room = w.available_bytes();
                 // READ: the file's data goes straight into the guest's buffers.
                 let mut sink = |fd: &std::os::fd::OwnedFd, off: u64, len: usize| {
+                    let t0 = std::time::Instant::now();
                     let bufs = writable_slices(mem, data_chain.clone(), OUT_HEADER, len)
                         .ok_or(libc::EFAULT)?;
-                    super::fs::pread_guest(fd, &bufs, off)
+                    let t1 = std::time::Instant::now();
+                    let r = super::fs::pread_guest(fd, &bufs, off);
+                    tracing::trace!(
+                        slices_us = (t1 - t0).as_micros() as u64,
+                        pread_us = t1.elapsed().as_micros() as u64,
+                        since_pop_us = (t0 - started).as_micros() as u64,
+                        "fuse read"
+                    );
+                    r
                 };
                 match std::io::Read::read_exact(&mut r, buf) {
                     Ok(()) => {
@@ -232,6 +242,11 @@ fn drain(
             }
             _ => tracing::debug!("virtio-fs: bad descriptor chain"),
         }
+        tracing::trace!(
+            written,
+            us = started.elapsed().as_micros() as u64,
+            "fuse reply"
+        );
         if queue.add_used(mem, head, written).is_err() {
             break;
         }

@@ -219,6 +219,7 @@ impl Server {
             opcode = h.opcode,
             unique = h.unique,
             nodeid = h.nodeid,
+            len = h.len,
             "fuse request"
         );
         let init = self.initialized.load(Ordering::Acquire);
