@@ -48,6 +48,21 @@ static void die(const char *what, const char *path) {
     exit(1);
 }
 
+/* Reads fd to its end in CHUNK-sized read(2)s into buf; returns the byte count. */
+static long long read_to_end(int fd, char *buf, const char *path) {
+    long long total = 0;
+    for (;;) {
+        ssize_t n = read(fd, buf, CHUNK);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            die("read", path);
+        if (n == 0)
+            return total;
+        total += n;
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc < 2 || argc > 4) {
         fprintf(stderr, "usage: workload DIR [MIB [FILES]]\n");
@@ -108,17 +123,7 @@ int main(int argc, char **argv) {
     fd = open(big, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         die("open", big);
-    long long total = 0;
-    for (;;) {
-        ssize_t n = read(fd, buf, CHUNK);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            die("read", big);
-        if (n == 0)
-            break;
-        total += n;
-    }
+    long long total = read_to_end(fd, buf, big);
     t = now() - t0;
     if (total != mib * (long long)CHUNK) {
         say("fsbench_error short read %lld of %lld bytes\n", total, mib * (long long)CHUNK);
@@ -131,17 +136,7 @@ int main(int argc, char **argv) {
         die("lseek", big);
     say("@reread\n");
     t0 = now();
-    long long again = 0;
-    for (;;) {
-        ssize_t n = read(fd, buf, CHUNK);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            die("read", big);
-        if (n == 0)
-            break;
-        again += n;
-    }
+    long long again = read_to_end(fd, buf, big);
     t = now() - t0;
     close(fd);
     if (again != total) {
