@@ -21,13 +21,13 @@
 //! still leaves the figures so far) are kept in `--out`; `--report-only` rebuilds the table
 //! from those logs.
 //!
-//! Both guests raise the mount's read-ahead to 1 MiB first (as Skiff's agent does on its
-//! virtio-fs mounts; the kernel starts FUSE at 128 KiB), so sequential reads go out as 1 MiB
-//! requests.
+//! Both guests raise the mount's read-ahead to `--readahead-kb` (default 1024, as Skiff's agent
+//! does on its virtio-fs mounts; the kernel starts FUSE at 128 KiB) first, so sequential reads
+//! go out as 1 MiB requests, several at once when the read-ahead is larger.
 //!
 //! usage: fsbench --kernel VMLINUX --out DIR [--runs N] [--timeout SECS] [--mib N]
 //!                [--files N] [--vmm PATH] [--qemu PATH] [--virtiofsd PATH] [--share-base DIR]
-//!                [--variants host,skiff,qemu]
+//!                [--variants host,skiff,qemu] [--readahead-kb N]
 //!        fsbench --report-only --out DIR [--runs N] [--mib N] [--files N]
 //!
 //! Needs real KVM: on a PVM host run it inside tools/kvm-vm, e.g.
@@ -58,10 +58,11 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs dev /dev
 if mount -t virtiofs fsb /mnt; then
-  # 1 MiB read-ahead, as Skiff's agent sets on its virtio-fs mounts (the kernel starts FUSE
-  # at 128 KiB); both VMMs get it.
+  # --readahead-kb (default 1024, as Skiff's agent sets on its virtio-fs mounts; the kernel
+  # starts FUSE at 128 KiB); both VMMs get it.
   while read -r _ _ dev _ mp _; do [ \"$mp\" = /mnt ] && bdi=$dev; done < /proc/self/mountinfo
-  echo 1024 > /sys/class/bdi/$bdi/read_ahead_kb && echo \"fsbench_note read_ahead_kb 1024 on $bdi\"
+  ra=$(cat /ra)
+  echo $ra > /sys/class/bdi/$bdi/read_ahead_kb && echo \"fsbench_note read_ahead_kb $ra on $bdi\"
   /workload /mnt \"$(cat /mib)\" \"$(cat /files)\"
   echo \"fsbench_rc $?\"
   umount /mnt
@@ -441,7 +442,13 @@ fn run_once(cfg: &Config, v: &Variant, run: usize) -> Result<Figures> {
     Ok(f)
 }
 
-fn build_inputs(root: &Path, out: &Path, mib: u64, files: u64) -> Result<(String, String)> {
+fn build_inputs(
+    root: &Path,
+    out: &Path,
+    mib: u64,
+    files: u64,
+    readahead_kb: u32,
+) -> Result<(String, String)> {
     std::fs::create_dir_all(out.join("logs"))?;
     let src = out.join("workload.c");
     std::fs::write(&src, WORKLOAD_C)?;
@@ -460,6 +467,7 @@ fn build_inputs(root: &Path, out: &Path, mib: u64, files: u64) -> Result<(String
     std::fs::write(&init, INIT)?;
     std::fs::write(out.join("mib"), format!("{mib}\n"))?;
     std::fs::write(out.join("files"), format!("{files}\n"))?;
+    std::fs::write(out.join("ra"), format!("{readahead_kb}\n"))?;
     let busybox = Path::new("/bin/busybox");
     if !busybox.exists() {
         bail!("/bin/busybox missing: apt-get install busybox-static");
@@ -477,6 +485,7 @@ fn build_inputs(root: &Path, out: &Path, mib: u64, files: u64) -> Result<(String
         format!("file:workload:{}:755", p(&wl)),
         format!("file:mib:{}:644", p(&out.join("mib"))),
         format!("file:files:{}:644", p(&out.join("files"))),
+        format!("file:ra:{}:644", p(&out.join("ra"))),
     ];
     for a in ["sh", "mount", "umount", "cat", "reboot"] {
         entries.push(format!("sym:bin/{a}:busybox"));
@@ -514,6 +523,7 @@ fn usage() -> &'static str {
     "usage: fsbench --kernel VMLINUX --out DIR [--runs N] [--timeout SECS] [--mib N] [--files N]\n\
      \x20              [--vmm PATH] [--qemu PATH] [--virtiofsd PATH] [--share-base DIR]\n\
      \x20              [--variants host,skiff,qemu]   (which to run; default all three)\n\
+     \x20              [--readahead-kb N]   (the guest mount's read-ahead; default 1024)\n\
      \x20      fsbench --report-only --out DIR [--runs N] [--mib N] [--files N]   (table from DIR/logs)\n\
      Needs real KVM (inside tools/kvm-vm on a PVM host). See the module doc in benches/fs/main.rs."
 }
@@ -532,6 +542,7 @@ fn main() -> Result<()> {
     let mut share_base = PathBuf::from("/tmp");
     let mut report_only = false;
     let mut only: Option<String> = None;
+    let mut readahead_kb = 1024u32;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
@@ -548,6 +559,7 @@ fn main() -> Result<()> {
             "--share-base" => share_base = val()?.into(),
             "--report-only" => report_only = true,
             "--variants" => only = Some(val()?),
+            "--readahead-kb" => readahead_kb = val()?.parse().context("--readahead-kb N")?,
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -588,7 +600,7 @@ fn main() -> Result<()> {
         "fsbench: building the workload and the initramfs in {}",
         out.display()
     );
-    let (workload, initrd) = build_inputs(&root, &out, mib, files)?;
+    let (workload, initrd) = build_inputs(&root, &out, mib, files, readahead_kb)?;
     let cfg = Config {
         out: out.clone(),
         kernel,

@@ -3,9 +3,14 @@
 //! part and room for the reply in its device-writable part; the device hands the request bytes
 //! to a [`FuseHandler`] (Skiff's FUSE server, [`super::fs::Server`]) and copies the reply back.
 //!
-//! One worker thread per queue, woken by the guest's notifications. Hostile-guest bounds: a
+//! The hiprio queue has one worker thread; the request queue has [`REQUEST_THREADS`], which
+//! take chains one at a time from the shared queue, so the several READs the guest's
+//! read-ahead sends at once are answered side by side (and a slow request does not hold the
+//! ones behind it). Each reply is put in the used ring and signalled as soon as it is done;
+//! the guest's FUSE matches replies by `unique`, in any order. Hostile-guest bounds: a
 //! request is read up to [`MAX_REQUEST`] bytes (the server rejects one whose header claims
-//! more), a reply never exceeds the chain's writable bytes, a broken chain is returned unused.
+//! more), a reply never exceeds the chain's writable bytes, a broken chain is returned unused,
+//! the number of threads is fixed.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -27,6 +32,8 @@ const OUT_HEADER: usize = 16;
 pub const MAX_REQUEST: usize = (1 << 20) + 4096;
 /// Longest tag the configuration space holds.
 pub const TAG_LEN: usize = 36;
+/// Threads serving the request queue.
+pub const REQUEST_THREADS: usize = 4;
 
 /// What answers FUSE requests (the FUSE server; a mock in tests).
 pub trait FuseHandler: Send + Sync + 'static {
@@ -110,6 +117,13 @@ impl Wake {
         self.cv.notify_one();
     }
 
+    fn stop(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.stop = true;
+        }
+        self.cv.notify_all();
+    }
+
     /// Waits for a notification; false when the worker must stop.
     fn wait(&self) -> bool {
         let Ok(mut s) = self.state.lock() else {
@@ -129,7 +143,7 @@ impl Wake {
 #[derive(Debug)]
 struct Worker {
     wake: Arc<Wake>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 /// The virtio-fs device.
@@ -169,10 +183,10 @@ impl VirtioFs {
 
     fn stop_workers(&mut self) {
         for w in &self.workers {
-            w.wake.set(|s| s.stop = true);
+            w.wake.stop();
         }
-        for mut w in self.workers.drain(..) {
-            if let Some(t) = w.thread.take() {
+        for w in self.workers.drain(..) {
+            for t in w.threads {
                 let _ = t.join();
             }
         }
@@ -185,74 +199,110 @@ impl Drop for VirtioFs {
     }
 }
 
-/// Serves every available chain of `queue`; true if any was used.
-fn drain(
+/// Takes the next available chain of `queue` (locked only for that) and, when another one
+/// is waiting behind it, wakes a sibling thread for it; `None` when the queue is empty.
+fn pop_next<'m>(
+    mem: &'m GuestMemoryMmap,
+    queue: &Mutex<Queue>,
+    wake: &Wake,
+) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+    let mut q = queue.lock().ok()?;
+    let chain = q.pop_descriptor_chain(mem)?;
+    let more = q
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|a| a.0 != q.next_avail());
+    drop(q);
+    if more {
+        wake.set(|s| s.pending = true);
+    }
+    Some(chain)
+}
+
+/// Answers one chain; returns the number of bytes written into its writable part.
+fn serve(
     handler: &dyn FuseHandler,
     mem: &GuestMemoryMmap,
-    queue: &mut Queue,
+    chain: DescriptorChain<&GuestMemoryMmap>,
     buf: &mut Vec<u8>,
-) -> bool {
-    let mut used = false;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        let started = std::time::Instant::now();
-        let mut written = 0u32;
-        let data_chain = chain.clone();
-        match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
-            (Ok(mut r), Ok(mut w)) => {
-                let n = r.available_bytes().min(MAX_REQUEST);
-                buf.clear();
-                buf.resize(n, 0);
-                let room = w.available_bytes();
-                // READ: the file's data goes straight into the guest's buffers.
-                let mut sink = |fd: &std::os::fd::OwnedFd, off: u64, len: usize| {
-                    let t0 = std::time::Instant::now();
-                    let bufs = writable_slices(mem, data_chain.clone(), OUT_HEADER, len)
-                        .ok_or(libc::EFAULT)?;
-                    let t1 = std::time::Instant::now();
-                    let r = super::fs::pread_guest(fd, &bufs, off);
-                    tracing::trace!(
-                        slices_us = (t1 - t0).as_micros() as u64,
-                        pread_us = t1.elapsed().as_micros() as u64,
-                        since_pop_us = (t0 - started).as_micros() as u64,
-                        "fuse read"
-                    );
-                    r
-                };
-                match std::io::Read::read_exact(&mut r, buf) {
-                    Ok(()) => {
-                        if let Some((header, data)) =
-                            handler.handle_read_direct(buf, room, &mut sink)
+) -> u32 {
+    let started = std::time::Instant::now();
+    let mut written = 0u32;
+    let data_chain = chain.clone();
+    match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
+        (Ok(mut r), Ok(mut w)) => {
+            let n = r.available_bytes().min(MAX_REQUEST);
+            buf.clear();
+            buf.resize(n, 0);
+            let room = w.available_bytes();
+            // READ: the file's data goes straight into the guest's buffers.
+            let mut sink = |fd: &std::os::fd::OwnedFd, off: u64, len: usize| {
+                let t0 = std::time::Instant::now();
+                let bufs = writable_slices(mem, data_chain.clone(), OUT_HEADER, len)
+                    .ok_or(libc::EFAULT)?;
+                let t1 = std::time::Instant::now();
+                let r = super::fs::pread_guest(fd, &bufs, off);
+                tracing::trace!(
+                    slices_us = (t1 - t0).as_micros() as u64,
+                    pread_us = t1.elapsed().as_micros() as u64,
+                    since_pop_us = (t0 - started).as_micros() as u64,
+                    "fuse read"
+                );
+                r
+            };
+            match std::io::Read::read_exact(&mut r, buf) {
+                Ok(()) => {
+                    if let Some((header, data)) = handler.handle_read_direct(buf, room, &mut sink) {
+                        if std::io::Write::write_all(&mut w, &header).is_ok() {
+                            written = u32::try_from(header.len() + data).unwrap_or(0);
+                        }
+                    } else if let Some(reply) = handler.handle(buf, w.available_bytes()) {
+                        if reply.len() <= w.available_bytes()
+                            && std::io::Write::write_all(&mut w, &reply).is_ok()
                         {
-                            if std::io::Write::write_all(&mut w, &header).is_ok() {
-                                written = u32::try_from(header.len() + data).unwrap_or(0);
-                            }
-                        } else if let Some(reply) = handler.handle(buf, w.available_bytes()) {
-                            if reply.len() <= w.available_bytes()
-                                && std::io::Write::write_all(&mut w, &reply).is_ok()
-                            {
-                                written = u32::try_from(reply.len()).unwrap_or(0);
-                            } else {
-                                tracing::debug!("virtio-fs: reply does not fit the chain");
-                            }
+                            written = u32::try_from(reply.len()).unwrap_or(0);
+                        } else {
+                            tracing::debug!("virtio-fs: reply does not fit the chain");
                         }
                     }
-                    Err(e) => tracing::debug!("virtio-fs: unreadable request: {e}"),
                 }
+                Err(e) => tracing::debug!("virtio-fs: unreadable request: {e}"),
             }
-            _ => tracing::debug!("virtio-fs: bad descriptor chain"),
         }
-        tracing::trace!(
-            written,
-            us = started.elapsed().as_micros() as u64,
-            "fuse reply"
-        );
-        if queue.add_used(mem, head, written).is_err() {
-            break;
-        }
-        used = true;
+        _ => tracing::debug!("virtio-fs: bad descriptor chain"),
     }
-    used
+    tracing::trace!(
+        written,
+        us = started.elapsed().as_micros() as u64,
+        "fuse reply"
+    );
+    written
+}
+
+/// One thread of a queue: serves chains until the queue is empty, puts each reply in the used
+/// ring and signals it, then waits for the next notification.
+fn worker_loop(
+    handler: &dyn FuseHandler,
+    mem: &GuestMemoryMmap,
+    queue: &Mutex<Queue>,
+    wake: &Wake,
+    interrupt: &VirtioInterrupt,
+) {
+    let mut buf = Vec::new();
+    while wake.wait() {
+        while let Some(chain) = pop_next(mem, queue, wake) {
+            let head = chain.head_index();
+            let written = serve(handler, mem, chain, &mut buf);
+            let Ok(mut q) = queue.lock() else { return };
+            if q.add_used(mem, head, written).is_err() {
+                return;
+            }
+            let notify = q.needs_notification(mem).unwrap_or(true);
+            drop(q);
+            if notify {
+                interrupt.signal_used_queue();
+            }
+        }
+    }
 }
 
 impl VirtioDevice for VirtioFs {
@@ -301,29 +351,30 @@ impl VirtioDevice for VirtioFs {
             });
         }
         self.stop_workers();
-        for (i, mut queue) in queues.into_iter().enumerate() {
+        for (i, queue) in queues.into_iter().enumerate() {
             let wake = Arc::new(Wake::default());
-            let w = wake.clone();
-            let handler = self.handler.clone();
-            let mem = mem.clone();
-            let interrupt = interrupt.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("virtio-fs-q{i}"))
-                .spawn(move || {
-                    let mut buf = Vec::new();
-                    while w.wait() {
-                        if drain(&*handler, &mem, &mut queue, &mut buf)
-                            && queue.needs_notification(&mem).unwrap_or(true)
-                        {
-                            interrupt.signal_used_queue();
-                        }
+            let queue = Arc::new(Mutex::new(queue));
+            let count = if i == 0 { 1 } else { REQUEST_THREADS };
+            let mut threads = Vec::with_capacity(count);
+            for t in 0..count {
+                let wk = wake.clone();
+                let queue = queue.clone();
+                let handler = self.handler.clone();
+                let mem = mem.clone();
+                let interrupt = interrupt.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("virtio-fs-q{i}.{t}"))
+                    .spawn(move || worker_loop(&*handler, &mem, &queue, &wk, &interrupt));
+                match spawned {
+                    Ok(th) => threads.push(th),
+                    Err(e) => {
+                        self.workers.push(Worker { wake, threads });
+                        self.stop_workers();
+                        return Err(Error::Activate(format!("virtio-fs worker: {e}")));
                     }
-                })
-                .map_err(|e| Error::Activate(format!("virtio-fs worker: {e}")))?;
-            self.workers.push(Worker {
-                wake,
-                thread: Some(thread),
-            });
+                }
+            }
+            self.workers.push(Worker { wake, threads });
         }
         Ok(())
     }
@@ -432,6 +483,52 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Each request waits (up to 5 s) until `want` requests are inside the handler at once,
+    /// then answers "together", or "alone" when they never were.
+    struct Rendezvous {
+        inside: Mutex<usize>,
+        cv: Condvar,
+        want: usize,
+    }
+    impl FuseHandler for Rendezvous {
+        fn handle(&self, _req: &[u8], _max_out: usize) -> Option<Vec<u8>> {
+            let mut n = self.inside.lock().unwrap();
+            *n += 1;
+            self.cv.notify_all();
+            let (n, t) = self
+                .cv
+                .wait_timeout_while(n, Duration::from_secs(5), |n| *n < self.want)
+                .unwrap();
+            drop(n);
+            Some(if t.timed_out() { b"alone".to_vec() } else { b"together".to_vec() })
+        }
+    }
+
+    #[test]
+    fn requests_waiting_together_are_served_side_by_side() {
+        let h = Arc::new(Rendezvous {
+            inside: Mutex::new(0),
+            cv: Condvar::new(),
+            want: REQUEST_THREADS,
+        });
+        let (mut t, mut d) = setup_with(h);
+        let heads: Vec<u16> = (0..REQUEST_THREADS)
+            .map(|_| request(&mut d, 1, b"r", 16))
+            .collect();
+        // One notification for all of them, as the guest's read-ahead sends them.
+        t.write(0x50, &1u32.to_le_bytes());
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        while got.len() < heads.len() && Instant::now() < end {
+            got.extend(d.take_used(1).unwrap());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut seen: Vec<u16> = got.iter().map(|u| u.0).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, heads);
+        assert!(got.iter().all(|u| u.2 == b"together"), "{got:?}");
     }
 
     #[test]
