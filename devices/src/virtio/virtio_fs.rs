@@ -502,7 +502,11 @@ mod tests {
                 .wait_timeout_while(n, Duration::from_secs(5), |n| *n < self.want)
                 .unwrap();
             drop(n);
-            Some(if t.timed_out() { b"alone".to_vec() } else { b"together".to_vec() })
+            Some(if t.timed_out() {
+                b"alone".to_vec()
+            } else {
+                b"together".to_vec()
+            })
         }
     }
 
