@@ -35,6 +35,7 @@ out=$1; shift
   printf "path=%s\n" "$PATH"
   printf "inside=%s\n" "${SKIFF_IN_KVM_VM:-}"
   [ -d /sys/module/kvm_amd ] && echo kvm_amd=present
+  echo "npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null) vgif=$(cat /sys/module/kvm_amd/parameters/vgif 2>/dev/null)"
   [ -d /sys/module/kvm_pvm ] && echo kvm_pvm=present
   [ -c /dev/kvm ] && echo dev_kvm=char
   /usr/bin/python3 -c "import fcntl,os; f=os.open(\"/dev/kvm\",os.O_RDWR); v=fcntl.ioctl(f,0xAE00); vm=fcntl.ioctl(f,0xAE01,0); print(\"kvm_api=%d create_vm=%s\" % (v, vm >= 0))"
@@ -76,6 +77,7 @@ if [ -f "$r" ]; then
   if [ -d /sys/module/kvm_pvm ]; then
     check "inside L1: SKIFF_IN_KVM_VM=1" grep -qx 'inside=1' "$r"
     check "inside L1: kvm_amd loaded" grep -qx 'kvm_amd=present' "$r"
+    check "inside L1: kvm_amd npt=0 vgif=0 (the substrate defaults)" grep -qx 'npt=[N0] vgif=0' "$r"
     check "inside L1: no kvm_pvm" bash -c "! grep -q kvm_pvm=present '$r'"
     check "inside L1: host / read-only" grep -qx 'root=readonly' "$r"
     for m in "/dev/pts devpts" "/dev/shm tmpfs" "/sys/fs/cgroup cgroup2" "/run tmpfs" "/tmp tmpfs"; do
