@@ -434,17 +434,30 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
         .set_nonblocking(false)
         .map_err(failed("agent connection"))?;
     timings.mark(Phase::AgentReady);
+    // An agent call that fails because the VM itself ended (a guest crash) says so.
+    let agent_failed = |what: &str, e: &dyn std::fmt::Display| {
+        let ended = match vm_rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(Ok(res)) => format!(
+                " (the VM ended: {:?}; console:\n{})",
+                res.exit,
+                console_tail(&console)
+            ),
+            Ok(Err(ve)) => format!(" (the VM failed: {ve})"),
+            Err(_) => String::new(),
+        };
+        Error::Failed(format!("{what}: {e}{ended}"))
+    };
     let (client, _hello) =
-        Client::from_stream(stream).map_err(|e| Error::Failed(format!("agent handshake: {e}")))?;
+        Client::from_stream(stream).map_err(|e| agent_failed("agent handshake", &e))?;
 
     for (share, target) in &shares {
         client
             .mount_share(&share.tag, target, share.read_only)
             .map_err(|e| {
-                Error::Failed(format!(
-                    "mounting {} in the guest: {e}",
-                    share.host.display()
-                ))
+                agent_failed(
+                    &format!("mounting {} in the guest", share.host.display()),
+                    &e,
+                )
             })?;
     }
     let rootfs = if opts.rootfs.is_some() {
@@ -458,7 +471,7 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     };
     client
         .create_container(CONTAINER, spec, rootfs, opts.tty, stdio)
-        .map_err(|e| Error::Failed(format!("creating the container: {e}")))?;
+        .map_err(|e| agent_failed("creating the container", &e))?;
     let take = |kind| {
         hub.take(CONTAINER, "", kind, Duration::from_secs(30))
             .map_err(failed("stdio stream"))
@@ -497,7 +510,7 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     }
     client
         .start(CONTAINER, None)
-        .map_err(|e| Error::Failed(format!("starting the container: {e}")))?;
+        .map_err(|e| agent_failed("starting the container", &e))?;
     timings.mark(Phase::ContainerStarted);
 
     let client = Arc::new(client);
@@ -507,7 +520,7 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
 
     let status = client
         .wait(CONTAINER, None)
-        .map_err(|e| Error::Failed(format!("waiting for the container: {e}")))?;
+        .map_err(|e| agent_failed("waiting for the container", &e))?;
     timings.mark(Phase::ContainerExited);
     for t in outs {
         let _ = t.join();
