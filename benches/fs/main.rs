@@ -10,7 +10,9 @@
 //! * `host`: the workload directly on that directory;
 //! * `skiff`: `vmm --share fsb=DIR`, guest `mount -t virtiofs fsb /mnt; /workload /mnt`;
 //! * `qemu+virtiofsd`: `/usr/lib/qemu/virtiofsd -o cache=auto` + QEMU `-M microvm` with
-//!   `vhost-user-fs-device` (memfd guest RAM, `share=on`), same initramfs and kernel.
+//!   `vhost-user-fs-device` (memfd guest RAM, `share=on`), same initramfs and kernel. The
+//!   device gets `event_idx=off`: Skiff's device does not offer EVENT_IDX either, so both
+//!   rings work the same way.
 //!
 //! Both VMs get 1 vCPU and 512 MiB. Figures are the guest's own CLOCK_MONOTONIC; as a cross-check
 //! the phases are also timed by when the workload's `@phase` lines arrive on the serial console
@@ -32,8 +34,15 @@
 //!
 //! Needs real KVM: on a PVM host run it inside tools/kvm-vm, e.g.
 //!   K=$(kernel/build.sh --print-path)/vmlinux
-//!   tools/kvm-vm --rw /work/rw/fsbench --timeout 1500 -- \
+//!   tools/kvm-vm --cpus 1 --rw /work/rw/fsbench --timeout 1500 -- \
 //!       target/release/fsbench --kernel "$K" --out /work/rw/fsbench --runs 3
+//! `--cpus 1`: with two L1 vCPUs, QEMU + C virtiofsd in L2 wedged the whole L1 (both L1
+//! vCPUs halted for good, "rcu_preempt kthread timer wakeup didn't happen") in every full-size
+//! try; with one L1 vCPU, 3 of 5 C runs completed (the other 2 wedged L1 in the create phase,
+//! so a run can end early: `results.txt` keeps the rounds so far). One L1 vCPU also serializes
+//! Skiff's request thread with the guest's vCPU, so Skiff's seqread there is lower than with
+//! two (0.28 vs 0.48 of host).
+//! Each phase's `@marker` is printed on stderr as it arrives (where a stalled run stopped).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -162,6 +171,9 @@ struct Config {
     timeout: Duration,
     mib: u64,
     files: u64,
+    /// Extra arguments appended to QEMU's and to virtiofsd's command lines.
+    qemu_args: Vec<String>,
+    virtiofsd_args: Vec<String>,
 }
 
 /// Output lines of one process, each with the time it arrived (since spawn).
@@ -213,6 +225,10 @@ fn run_capture(argv: &[String], timeout: Duration, stderr_log: &Path) -> Result<
         while let Some(i) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=i).collect();
             let s = String::from_utf8_lossy(&line).trim().to_string();
+            // Progress for slow runs (and where a stalled one stopped): phase markers as they come.
+            if s.starts_with('@') {
+                eprintln!("fsbench:     {:7.1} s {s}", now.as_secs_f64());
+            }
             lines.push((now, s));
         }
     }
@@ -345,6 +361,7 @@ fn run_once(cfg: &Config, v: &Variant, run: usize) -> Result<Figures> {
             let mut child = Command::new(&cfg.virtiofsd)
                 .arg(format!("--socket-path={}", sock.display()))
                 .args(["-o", &format!("source={d}"), "-o", "cache=auto"])
+                .args(&cfg.virtiofsd_args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(File::create(&dlog)?))
@@ -356,7 +373,7 @@ fn run_once(cfg: &Config, v: &Variant, run: usize) -> Result<Figures> {
             // acpi=off: with ACPI QEMU describes virtio-mmio only in the DSDT and adds no
             // `virtio_mmio.device=` to the command line; the guest kernel then finds no tag.
             let cmdline = SKIFF_CMDLINE.replace("reboot=k", "reboot=t");
-            s(&[
+            let mut a = s(&[
                 &cfg.qemu,
                 "-M",
                 "microvm,rtc=on,acpi=off,memory-backend=mem",
@@ -379,15 +396,19 @@ fn run_once(cfg: &Config, v: &Variant, run: usize) -> Result<Figures> {
                 "virtio-mmio.force-legacy=false",
                 "-chardev",
                 &format!("socket,id=char0,path={}", sock.display()),
+                // No EVENT_IDX, like Skiff's device (the same ring features on both sides).
+                // With it, C virtiofsd's guest also hung in seqwrite on the nested substrate.
                 "-device",
-                &format!("vhost-user-fs-device,chardev=char0,tag={TAG}"),
+                &format!("vhost-user-fs-device,chardev=char0,tag={TAG},event_idx=off"),
                 "-kernel",
                 &cfg.kernel,
                 "-initrd",
                 &cfg.initrd,
                 "-append",
                 &cmdline,
-            ])
+            ]);
+            a.extend(cfg.qemu_args.iter().cloned());
+            a
         }
     };
     let res = run_capture(&argv, cfg.timeout, &log("stderr"));
@@ -524,6 +545,8 @@ fn usage() -> &'static str {
      \x20              [--vmm PATH] [--qemu PATH] [--virtiofsd PATH] [--share-base DIR]\n\
      \x20              [--variants host,skiff,qemu]   (which to run; default all three)\n\
      \x20              [--readahead-kb N]   (the guest mount's read-ahead; default 1024)\n\
+     \x20              [--qemu-arg ARG]... [--virtiofsd-arg ARG]...   (appended to the C row's\n\
+     \x20               QEMU / virtiofsd command lines, e.g. --qemu-arg=-mem-prealloc)\n\
      \x20      fsbench --report-only --out DIR [--runs N] [--mib N] [--files N]   (table from DIR/logs)\n\
      Needs real KVM (inside tools/kvm-vm on a PVM host). See the module doc in benches/fs/main.rs."
 }
@@ -543,6 +566,7 @@ fn main() -> Result<()> {
     let mut report_only = false;
     let mut only: Option<String> = None;
     let mut readahead_kb = 1024u32;
+    let (mut qemu_args, mut virtiofsd_args) = (Vec::new(), Vec::new());
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
@@ -560,6 +584,12 @@ fn main() -> Result<()> {
             "--report-only" => report_only = true,
             "--variants" => only = Some(val()?),
             "--readahead-kb" => readahead_kb = val()?.parse().context("--readahead-kb N")?,
+            "--qemu-arg" => qemu_args.push(val()?),
+            "--virtiofsd-arg" => virtiofsd_args.push(val()?),
+            x if x.starts_with("--qemu-arg=") => qemu_args.push(x["--qemu-arg=".len()..].into()),
+            x if x.starts_with("--virtiofsd-arg=") => {
+                virtiofsd_args.push(x["--virtiofsd-arg=".len()..].into())
+            }
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -613,6 +643,8 @@ fn main() -> Result<()> {
         timeout: Duration::from_secs(timeout),
         mib,
         files,
+        qemu_args,
+        virtiofsd_args,
     };
     let variants = &VARIANTS;
     let kind_name = |k: Kind| match k {
