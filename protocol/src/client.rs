@@ -50,9 +50,13 @@ impl From<FrameError> for ClientError {
     }
 }
 
-/// A stream that can be split into a reader and a writer half (sockets).
+/// A stream that can be split into a reader and a writer half (sockets), with timeouts.
 pub trait Duplex: Read + Write + Send + Sized + 'static {
     fn try_clone_duplex(&self) -> io::Result<Self>;
+    /// Bounds each blocking read (`None`: no bound). Applies to every clone of the stream.
+    fn set_read_deadline(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Bounds each blocking write (`None`: no bound). Applies to every clone of the stream.
+    fn set_write_deadline(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
 #[cfg(unix)]
@@ -60,13 +64,34 @@ impl Duplex for std::os::unix::net::UnixStream {
     fn try_clone_duplex(&self) -> io::Result<Self> {
         self.try_clone()
     }
+    fn set_read_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+    fn set_write_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(timeout)
+    }
 }
 
 impl Duplex for std::net::TcpStream {
     fn try_clone_duplex(&self) -> io::Result<Self> {
         self.try_clone()
     }
+    fn set_read_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+    fn set_write_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(timeout)
+    }
 }
+
+/// How long the agent may take to send its [`Hello`] once connected.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one request frame may take to be written: a guest that stops reading its control
+/// connection cannot hold the writer (and every other caller) longer than this. A write that
+/// times out leaves the frame cut, so the connection is then treated as closed.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default deadline of every request but [`Client::wait`] (see [`Client::set_call_timeout`]).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Events buffered for [`Client::take_events`] before newer ones are dropped.
 pub const MAX_QUEUED_EVENTS: usize = 4096;
@@ -83,6 +108,7 @@ pub struct Client<W: Write + Send> {
     shared: Arc<Shared>,
     next_id: AtomicU64,
     events: Mutex<Option<Receiver<Event>>>,
+    call_timeout: Mutex<Duration>,
 }
 
 impl<W: Write + Send> fmt::Debug for Client<W> {
@@ -92,12 +118,34 @@ impl<W: Write + Send> fmt::Debug for Client<W> {
 }
 
 impl<S: Duplex> Client<S> {
-    /// Wraps an accepted control connection: reads the agent's [`Hello`] first.
+    /// Wraps an accepted control connection: reads the agent's [`Hello`] first, waiting at
+    /// most [`HELLO_TIMEOUT`] for it; writes are bounded by [`WRITE_TIMEOUT`].
     pub fn from_stream(stream: S) -> Result<(Self, Hello), ClientError> {
-        let reader = stream
-            .try_clone_duplex()
-            .map_err(|e| ClientError::Frame(FrameError::Io(e)))?;
-        Self::new(reader, stream)
+        Self::from_stream_timeout(stream, HELLO_TIMEOUT)
+    }
+
+    /// [`Client::from_stream`] with another bound on the wait for [`Hello`].
+    pub fn from_stream_timeout(stream: S, hello: Duration) -> Result<(Self, Hello), ClientError> {
+        let io = |e| ClientError::Frame(FrameError::Io(e));
+        let mut reader = stream.try_clone_duplex().map_err(io)?;
+        stream.set_write_deadline(Some(WRITE_TIMEOUT)).map_err(io)?;
+        // The read bound applies to the Hello only: the reader thread then waits as long as
+        // the agent has nothing to say.
+        stream.set_read_deadline(Some(hello)).map_err(io)?;
+        let first = read_message(&mut reader);
+        stream.set_read_deadline(None).map_err(io)?;
+        let first = first.map_err(|e| match e {
+            FrameError::Io(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                ClientError::TimedOut
+            }
+            e => ClientError::Frame(e),
+        })?;
+        Self::with_hello(first, reader, stream)
     }
 }
 
@@ -108,7 +156,16 @@ impl<W: Write + Send> Client<W> {
         mut reader: R,
         writer: W,
     ) -> Result<(Self, Hello), ClientError> {
-        let hello = match read_message(&mut reader)? {
+        let first = read_message(&mut reader)?;
+        Self::with_hello(first, reader, writer)
+    }
+
+    fn with_hello<R: Read + Send + 'static>(
+        first: Message,
+        reader: R,
+        writer: W,
+    ) -> Result<(Self, Hello), ClientError> {
+        let hello = match first {
             Message::Hello(h) => h,
             other => {
                 return Err(ClientError::Protocol(format!(
@@ -137,6 +194,7 @@ impl<W: Write + Send> Client<W> {
                 shared,
                 next_id: AtomicU64::new(1),
                 events: Mutex::new(Some(erx)),
+                call_timeout: Mutex::new(CALL_TIMEOUT),
             },
             hello,
         ))
@@ -148,9 +206,23 @@ impl<W: Write + Send> Client<W> {
         self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// Sends a request and blocks for its response.
+    /// Sends a request and waits for its response, at most the client's call timeout
+    /// ([`CALL_TIMEOUT`] unless [`Client::set_call_timeout`] changed it).
     pub fn call(&self, request: Request) -> Result<Response, ClientError> {
+        let t = *self.call_timeout.lock().unwrap_or_else(|p| p.into_inner());
+        self.call_inner(request, Some(t))
+    }
+
+    /// Sends a request and blocks for its response however long it takes (it still ends
+    /// when the connection does). Only for requests whose answer legitimately takes as long
+    /// as the guest's workload ([`Client::wait`]).
+    pub fn call_unbounded(&self, request: Request) -> Result<Response, ClientError> {
         self.call_inner(request, None)
+    }
+
+    /// Changes the deadline [`Client::call`] and the request helpers use.
+    pub fn set_call_timeout(&self, timeout: Duration) {
+        *self.call_timeout.lock().unwrap_or_else(|p| p.into_inner()) = timeout;
     }
 
     /// Sends a request and waits at most `timeout` for its response.
@@ -182,7 +254,13 @@ impl<W: Write + Send> Client<W> {
             write_message(&mut *w, &Message::Request { id, request })
         };
         if let Err(e) = sent {
-            self.forget(id);
+            // A failed or timed-out write may have cut a frame: nothing more can be sent on
+            // this connection, so it counts as closed (every waiting caller is woken).
+            self.shared
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
             return Err(e.into());
         }
         let got = match timeout {
@@ -292,8 +370,9 @@ impl<W: Write + Send> Client<W> {
 
     /// Blocks until the process has exited and its output streams are drained; returns the
     /// exit status (code, or 128 + signal).
+    /// Not bounded in time (a process may run for ever); it ends when the VM does.
     pub fn wait(&self, id: &str, exec_id: Option<&str>) -> Result<i32, ClientError> {
-        match self.call(Request::Wait {
+        match self.call_unbounded(Request::Wait {
             id: id.into(),
             exec_id: exec_id.map(Into::into),
         })? {
@@ -323,8 +402,6 @@ impl<W: Write + Send> Client<W> {
         }
     }
 
-    /// Asks the agent to power the VM off (it answers first).
-    /// Mounts the virtio-fs share `tag` at `target` in the guest.
     /// New cgroup limits for a running container (`Request::Update`).
     pub fn update(&self, id: &str, resources: LinuxResources) -> Result<(), ClientError> {
         expect_ok(self.call(Request::Update {
@@ -333,6 +410,7 @@ impl<W: Write + Send> Client<W> {
         })?)
     }
 
+    /// Mounts the virtio-fs share `tag` at `target` in the guest.
     pub fn mount_share(&self, tag: &str, target: &str, read_only: bool) -> Result<(), ClientError> {
         expect_ok(self.call(Request::MountShare {
             tag: tag.into(),
@@ -341,8 +419,14 @@ impl<W: Write + Send> Client<W> {
         })?)
     }
 
+    /// Asks the agent to power the VM off (it answers first).
     pub fn shutdown(&self) -> Result<(), ClientError> {
         expect_ok(self.call(Request::Shutdown)?)
+    }
+
+    /// [`Client::shutdown`] waiting at most `timeout` for the answer.
+    pub fn shutdown_timeout(&self, timeout: Duration) -> Result<(), ClientError> {
+        expect_ok(self.call_timeout(Request::Shutdown, timeout)?)
     }
 }
 

@@ -145,6 +145,27 @@ impl<S> Clone for StreamHub<S> {
 
 /// Bound on streams accepted but not yet taken.
 pub const MAX_PENDING: usize = 1024;
+/// Bound on connections whose header is being read at once (one thread each).
+pub const MAX_HEADER_READERS: usize = 16;
+/// How long a connection may take to send its header.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accept errors after which the listener still works.
+fn transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE)
+            | Some(libc::ENFILE)
+            | Some(libc::ENOBUFS)
+            | Some(libc::ENOMEM)
+            | Some(libc::ECONNABORTED)
+            | Some(libc::EPROTO)
+            | Some(libc::EINTR)
+    ) || matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted | io::ErrorKind::WouldBlock
+    )
+}
 
 impl<S: Read + Send + 'static> Default for StreamHub<S> {
     fn default() -> Self {
@@ -160,8 +181,19 @@ impl<S: Read + Send + 'static> StreamHub<S> {
     }
 
     /// Reads the header of a freshly accepted connection and files it.
-    pub fn add(&self, mut conn: S) -> io::Result<StreamHeader> {
+    pub fn add(&self, conn: S) -> io::Result<StreamHeader> {
+        self.add_with(conn, |_| Ok(()))
+    }
+
+    /// [`StreamHub::add`], running `ready` on the connection after its header (to undo a
+    /// read bound set for the header).
+    fn add_with(
+        &self,
+        mut conn: S,
+        ready: impl FnOnce(&S) -> io::Result<()>,
+    ) -> io::Result<StreamHeader> {
         let h = StreamHeader::read_from(&mut conn)?;
+        ready(&conn)?;
         let (m, cv) = &*self.inner;
         let mut map = m.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_PENDING {
@@ -172,19 +204,45 @@ impl<S: Read + Send + 'static> StreamHub<S> {
         Ok(h)
     }
 
-    /// Spawns a thread that accepts connections with `accept` until it fails, filing each
-    /// (each header is read on its own short-lived thread, so a silent peer blocks nothing).
+    /// Spawns a thread that accepts connections with `accept`, filing each. A header is read
+    /// on its own short-lived thread with a [`HEADER_TIMEOUT`] bound, at most
+    /// [`MAX_HEADER_READERS`] at once (further connections are closed), so a guest that opens
+    /// connections and stays silent ties up neither threads nor the loop. Running out of
+    /// descriptors (`EMFILE`/`ENFILE`) or an aborted connection only pauses the loop briefly;
+    /// it ends on any other accept error (the listener is gone).
     pub fn accept_loop<F>(&self, mut accept: F) -> std::thread::JoinHandle<()>
     where
         F: FnMut() -> io::Result<S> + Send + 'static,
+        S: crate::client::Duplex,
     {
         let hub = self.clone();
-        std::thread::spawn(move || {
-            while let Ok(conn) = accept() {
-                let hub = hub.clone();
-                std::thread::spawn(move || {
-                    let _ = hub.add(conn);
+        let readers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        std::thread::spawn(move || loop {
+            let conn = match accept() {
+                Ok(c) => c,
+                Err(e) if transient_accept_error(&e) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(_) => break,
+            };
+            use std::sync::atomic::Ordering;
+            if readers.fetch_add(1, Ordering::AcqRel) >= MAX_HEADER_READERS {
+                readers.fetch_sub(1, Ordering::AcqRel);
+                continue; // dropped: closes the connection
+            }
+            let hub = hub.clone();
+            let readers = readers.clone();
+            let spawned = std::thread::Builder::new()
+                .name("skiff-stream-header".into())
+                .spawn(move || {
+                    let ok = conn.set_read_deadline(Some(HEADER_TIMEOUT)).is_ok();
+                    let _ = ok && hub.add_with(conn, |c| c.set_read_deadline(None)).is_ok();
+                    readers.fetch_sub(1, Ordering::AcqRel);
                 });
+            if spawned.is_err() {
+                // Out of threads: the connection was dropped with the closure.
+                std::thread::sleep(Duration::from_millis(10));
             }
         })
     }

@@ -3,6 +3,7 @@
 use super::*;
 use std::io::Cursor;
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 fn spec() -> OciSpec {
     OciSpec::default()
@@ -286,4 +287,170 @@ fn client_and_serve_over_a_socketpair() {
     drop(raw);
     drop(host);
     assert!(client.pids("c1").is_err());
+}
+
+fn hello_frame() -> Vec<u8> {
+    encode(&Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "silent".into(),
+        boot_stamps: vec![],
+    }))
+    .unwrap()
+}
+
+#[test]
+fn an_agent_that_never_says_hello_times_out() {
+    let (host, _agent) = UnixStream::pair().unwrap();
+    let t0 = std::time::Instant::now();
+    let r = Client::from_stream_timeout(host, Duration::from_millis(200));
+    assert!(matches!(r, Err(ClientError::TimedOut)), "{r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
+#[test]
+fn every_request_but_wait_has_a_deadline() {
+    let (host, mut agent) = UnixStream::pair().unwrap();
+    std::io::Write::write_all(&mut agent, &hello_frame()).unwrap();
+    let (client, _) = Client::from_stream(host).unwrap();
+    // The reader thread must not inherit the Hello's read bound: the agent may be quiet.
+    std::thread::sleep(Duration::from_millis(300));
+    client.set_call_timeout(Duration::from_millis(200));
+    let t0 = std::time::Instant::now();
+    assert!(matches!(client.pids("c1"), Err(ClientError::TimedOut)));
+    assert!(matches!(
+        client.start("c1", None),
+        Err(ClientError::TimedOut)
+    ));
+    assert!(matches!(
+        client.mount_share("t", "/mnt", false),
+        Err(ClientError::TimedOut)
+    ));
+    assert!(matches!(client.shutdown(), Err(ClientError::TimedOut)));
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    // A late answer to a timed-out call is dropped; the connection still works.
+    let mut r = agent.try_clone().unwrap();
+    let answer = std::thread::spawn(move || {
+        // Skip the four requests above, answer the fifth (Pids).
+        for _ in 0..4 {
+            read_message(&mut r).unwrap();
+        }
+        match read_message(&mut r).unwrap() {
+            Message::Request { id, .. } => {
+                write_message(
+                    &mut agent,
+                    &Message::Response {
+                        id,
+                        result: Ok(Response::Pids { pids: vec![9] }),
+                    },
+                )
+                .unwrap();
+            }
+            other => panic!("{other:?}"),
+        }
+        agent
+    });
+    client.set_call_timeout(Duration::from_secs(10));
+    assert_eq!(client.pids("c1").unwrap(), vec![9]);
+    drop(answer.join().unwrap());
+}
+
+#[test]
+fn a_guest_that_stops_reading_cannot_hold_the_writer() {
+    let (host, mut agent) = UnixStream::pair().unwrap();
+    std::io::Write::write_all(&mut agent, &hello_frame()).unwrap();
+    let (client, _) = Client::from_stream(host.try_clone().unwrap()).unwrap();
+    // Shorter than WRITE_TIMEOUT for the test (the bound is the socket's, shared by clones).
+    host.set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    client.set_call_timeout(Duration::from_millis(100));
+    // The agent never reads: requests of ~512 KiB fill the socket buffer.
+    let mut process = OciProcess::default();
+    process.set_env(Some(vec!["X".repeat(512 * 1024)]));
+    let client = std::sync::Arc::new(client);
+    let t0 = std::time::Instant::now();
+    let mut errors = Vec::new();
+    for i in 0..64 {
+        let r = client.exec("c1", &format!("e{i}"), process.clone(), Stdio::default());
+        match r {
+            Err(ClientError::Frame(_)) | Err(ClientError::Disconnected) => {
+                errors.push(r);
+                break;
+            }
+            Err(ClientError::TimedOut) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(!errors.is_empty(), "writes never blocked");
+    // The connection is now treated as closed: other callers fail at once, not after a
+    // blocked writer.
+    let t1 = std::time::Instant::now();
+    assert!(matches!(client.pids("c1"), Err(ClientError::Disconnected)));
+    assert!(t1.elapsed() < Duration::from_millis(100));
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    drop(agent);
+}
+
+#[test]
+fn the_stream_accept_loop_survives_running_out_of_descriptors() {
+    use crate::stream::StreamHub;
+    let hub: StreamHub<UnixStream> = StreamHub::new();
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let mut script: Vec<std::io::Result<UnixStream>> = vec![
+        Err(std::io::Error::from_raw_os_error(libc::EMFILE)),
+        Err(std::io::Error::from_raw_os_error(libc::ENFILE)),
+        Ok(a),
+        Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+    ];
+    script.reverse();
+    let done = hub.accept_loop(move || script.pop().unwrap());
+    StreamHeader::new("c", "", StreamKind::Stdout)
+        .write_to(&mut b)
+        .unwrap();
+    let s = hub
+        .take("c", "", StreamKind::Stdout, Duration::from_secs(5))
+        .unwrap();
+    // The header's read bound is gone once the stream is filed.
+    assert_eq!(s.read_timeout().unwrap(), None);
+    done.join().unwrap(); // EBADF ends the loop
+}
+
+#[test]
+fn silent_stream_connections_are_bounded_and_timed_out() {
+    use crate::stream::{StreamHub, HEADER_TIMEOUT, MAX_HEADER_READERS};
+    let dir = std::env::temp_dir().join(format!("skiff-proto-hub-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("s");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let hub: StreamHub<UnixStream> = StreamHub::new();
+    hub.accept_loop(move || listener.accept().map(|(s, _)| s));
+    // More silent connections than header readers: the extra ones are closed at once.
+    let silent: Vec<UnixStream> = (0..MAX_HEADER_READERS + 4)
+        .map(|_| UnixStream::connect(&path).unwrap())
+        .collect();
+    let t0 = std::time::Instant::now();
+    let mut closed_early = 0;
+    for mut s in silent.iter().skip(MAX_HEADER_READERS) {
+        s.set_read_timeout(Some(HEADER_TIMEOUT / 2)).unwrap();
+        let mut b = [0u8; 1];
+        if matches!(std::io::Read::read(&mut s, &mut b), Ok(0)) {
+            closed_early += 1;
+        }
+    }
+    assert_eq!(closed_early, 4);
+    // The others are closed once their header time is up.
+    for mut s in silent.iter().take(MAX_HEADER_READERS) {
+        s.set_read_timeout(Some(HEADER_TIMEOUT * 2)).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut s, &mut b).unwrap(), 0);
+    }
+    assert!(t0.elapsed() < HEADER_TIMEOUT * 3, "{:?}", t0.elapsed());
+    // And a well-behaved stream is still filed.
+    let mut good = UnixStream::connect(&path).unwrap();
+    StreamHeader::new("c", "e1", StreamKind::Stderr)
+        .write_to(&mut good)
+        .unwrap();
+    hub.take("c", "e1", StreamKind::Stderr, Duration::from_secs(5))
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

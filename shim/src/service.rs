@@ -6,6 +6,7 @@
 //! while `Start`, `Wait` or `Create` are in flight.
 
 use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
@@ -46,6 +47,8 @@ const POWEROFF_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// The file in the bundle holding the shim server's pid (for `delete` after a crash).
 const PID_FILE: &str = "shim.pid";
+/// Bundle file naming the sandbox's run directory (for cleanup after a crash).
+const RUN_DIR_FILE: &str = "skiff-run-dir";
 
 fn rpc_err(code: Code, msg: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
@@ -217,7 +220,9 @@ fn cleanup_after_crash(bundle: &Path, id: &str) -> Option<u32> {
             }
         }
     }
+    spec::unbind_files(&bundle.join(spec::FILES_DIR));
     unmount_rootfs(&bundle.join("rootfs"));
+    remove_run_dir(bundle);
     if let Ok(addr) = std::fs::read_to_string(bundle.join("address")) {
         let path = addr.trim().trim_start_matches("unix://");
         if std::fs::symlink_metadata(path)
@@ -228,6 +233,23 @@ fn cleanup_after_crash(bundle: &Path, id: &str) -> Option<u32> {
         }
     }
     pid
+}
+
+/// Removes the run directory named in the bundle, if it is one of ours (directly under the
+/// private base, named `shim-*`).
+fn remove_run_dir(bundle: &Path) {
+    let Ok(raw) = std::fs::read(bundle.join(RUN_DIR_FILE)) else {
+        return;
+    };
+    let dir = PathBuf::from(std::ffi::OsStr::from_bytes(&raw));
+    let ours = skiff_vmm::run_dir::base().is_ok_and(|b| dir.parent() == Some(b.as_path()))
+        && dir
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("shim-"));
+    if ours {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let _ = std::fs::remove_file(bundle.join(RUN_DIR_FILE));
 }
 
 /// Whether process `pid` exists and is not a zombie.
@@ -481,19 +503,37 @@ impl TaskService {
             }
             (target.clone(), Some(target))
         };
+        let files_dir = bundle.join(spec::FILES_DIR);
         let fail = |e: ttrpc::Error| {
+            spec::unbind_files(&files_dir);
             if let Some(t) = &mounted {
                 unmount_rootfs(t);
             }
             e
         };
-        let shares = spec::plan_shares(&mut spec, &bundle, rootfs_host)
+        let plan = spec::plan_shares(&mut spec, &bundle, rootfs_host, &files_dir)
             .map_err(|e| fail(rpc_err(Code::INVALID_ARGUMENT, e)))?;
+        spec::bind_files(&files_dir, &plan.files).map_err(|e| fail(rpc_err(Code::INTERNAL, e)))?;
+        let shares = plan.shares;
         let mut process = spec.process().clone().unwrap_or_default();
         process.set_terminal(Some(req.terminal));
         spec.set_process(Some(process));
 
-        let run_dir = std::env::temp_dir().join(format!("skiff-shim-{}", std::process::id()));
+        // A fresh private directory (mode 0700, created exclusively by the sandbox) under
+        // /run/skiff: never a predictable path in a world-writable directory. The bundle
+        // itself is too deep for Unix socket paths (108 bytes) with CRI's 64-byte ids.
+        let run_dir = skiff_vmm::run_dir::base()
+            .map_err(|e| fail(rpc_err(Code::INTERNAL, format!("run directory: {e}"))))?
+            .join(format!(
+                "shim-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() % 1_000_000_000)
+                    .unwrap_or(0)
+            ));
+        // Recorded so `shim delete` can remove it after a crash.
+        let _ = std::fs::write(bundle.join(RUN_DIR_FILE), run_dir.as_os_str().as_bytes());
         let sandbox = Sandbox::boot(SandboxConfig {
             kernel: vm.kernel,
             initrd: vm.initrd,
@@ -854,6 +894,10 @@ impl TaskService {
                 self.inner.changed.notify_all();
                 c
             };
+            if let Some(c) = c.as_ref() {
+                spec::unbind_files(&c.bundle.join(spec::FILES_DIR));
+                let _ = std::fs::remove_file(c.bundle.join(RUN_DIR_FILE));
+            }
             if let Some(t) = c.as_ref().and_then(|c| c.mounted_rootfs.as_ref()) {
                 unmount_rootfs(t);
             }

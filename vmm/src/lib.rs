@@ -5,6 +5,7 @@ pub mod arch;
 pub mod fs_device;
 pub mod hypervisor;
 pub mod run;
+pub mod run_dir;
 pub mod sandbox;
 pub mod sys;
 pub mod timings;

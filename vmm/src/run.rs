@@ -350,9 +350,8 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     // Signals go to a forwarding thread, not to this process's default actions.
     sys::block_signals(&sys::FORWARDED).map_err(failed("blocking signals"))?;
 
-    let dir = std::env::temp_dir().join(format!("skiff-run-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(failed("creating the run directory"))?;
+    let dir = crate::run_dir::create("run")
+        .map_err(|e| Error::Failed(format!("creating the run directory: {e}")))?;
     let cleanup = RunDir(dir.clone());
     // Signals: before the container starts, a terminating one ends `vmm run` (the VM is
     // abandoned with the process); after, every signal is forwarded to the container, and a

@@ -54,8 +54,9 @@ pub struct SandboxConfig {
     pub console: Option<PathBuf>,
     /// Extra kernel command-line arguments.
     pub kernel_args: Vec<String>,
-    /// The run directory (vsock sockets, console log); created, and removed when the
-    /// sandbox is dropped.
+    /// The run directory (vsock sockets, console log): must not exist yet; created with mode
+    /// 0700, and removed when the sandbox is dropped. [`crate::run_dir::base`] gives a
+    /// private parent for it.
     pub run_dir: PathBuf,
     /// How long the agent may take to dial in.
     pub agent_timeout: Duration,
@@ -143,8 +144,9 @@ impl Sandbox {
                 .push(fs_device::create(&s.share).map_err(|e| Error::Input(e.to_string()))?);
         }
         let dir = cfg.run_dir.clone();
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(io_err("creating the run directory"))?;
+        // Exclusive and private: a path that already exists (a planted symlink included) is
+        // an error, never reused or removed.
+        crate::run_dir::create_exclusive(&dir).map_err(|e| Error::Input(e.to_string()))?;
         // Removes the directory if boot fails; defused on success (the Sandbox removes it).
         let mut guard = DirGuard(Some(dir.clone()));
         let uds = dir.join("vsock.sock");
@@ -360,7 +362,7 @@ impl Sandbox {
             let _ = c.resume();
         }
         let rx = self.vm_result.lock().ok().and_then(|mut g| g.take());
-        if let Err(e) = self.client.shutdown() {
+        if let Err(e) = self.client.shutdown_timeout(timeout) {
             tracing::debug!("agent shutdown: {e}");
         }
         let rx = rx?;
