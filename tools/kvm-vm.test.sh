@@ -5,8 +5,10 @@
 #          --rw write-back (via a relative path from the cwd), real KVM inside (kvm_amd loaded,
 #          no kvm_pvm, KVM_CREATE_VM works), the L1 mounts, and a nested kvm-vm call (execs
 #          directly inside L1);
-#   run 2: streaming (output arrives while CMD still runs), a bulk byte-exact stdout, and the
-#          whole-run timeout (exit 124 + message).
+#   run 2: streaming (output arrives while CMD still runs), a bulk byte-exact stdout, the
+#          whole-run timeout (exit 124 + message), and a cwd below /tmp without --rw (shared
+#          read-only at the same path).
+# Before them, --dry-run checks of the shares (no boot).
 # On a host with hardware KVM, kvm-vm execs directly and most checks still apply.
 # usage: tools/kvm-vm.test.sh        (exit 0 = all passed)
 set -u
@@ -19,7 +21,25 @@ check() { local what=$1; shift; if "$@"; then ok "$what"; else bad "$what"; fi; 
 
 t=$(mktemp -d "${TMPDIR:-/tmp}/kvm-vm-test.XXXXXX")
 trap 'rm -rf "$t"' EXIT
-mkdir -p "$t/rw/cwd dir"
+mkdir -p "$t/rw/cwd dir" "$t/plain dir/sub"
+echo "visible read-only" > "$t/plain dir/sub/marker"
+
+# ---- dry runs: what L1 would show of the host (no boot) ------------------------------------------
+if [ -d /sys/module/kvm_pvm ]; then
+  has_line() { grep -qxF "$2" <<< "$1"; }
+  dry=$(cd "$t/plain dir/sub" && "$KVM_VM" --dry-run --rw "$t/rw" -- true)
+  check "dry run: a cwd below /tmp is shared read-only" has_line "$dry" "read-only share: $t/plain dir/sub"
+  check "dry run: --rw listed" has_line "$dry" "writable share: $t/rw"
+  checkout=$(cd "$here/.." && pwd -P)
+  case $checkout in
+    /tmp/*|/run/*|/dev/shm/*)
+      check "dry run: the checkout below /tmp is shared read-only" has_line "$dry" "read-only share: $checkout" ;;
+  esac
+  dry=$(cd "$t/rw/cwd dir" && "$KVM_VM" --dry-run --rw "$t/rw" --ro "$t/plain dir" --ro "$t/plain dir/sub" -- true)
+  check "dry run: a cwd below a --rw dir needs no read-only share" bash -c '! grep -qF "read-only share: $1" <<< "$2"' _ "$t/rw" "$dry"
+  check "dry run: --ro below /tmp shared, nested --ro folded into it" \
+    test "$(grep -cF "read-only share: $t/plain dir" <<< "$dry")" = 1
+fi
 
 # ---- run 1 --------------------------------------------------------------------------------------
 arg1="arg with spaces and a ' single quote"
@@ -95,12 +115,18 @@ fi
 
 # ---- run 2: streaming, bulk output, timeout -------------------------------------------------------
 s2=$(date +%s.%N)
-"$KVM_VM" --timeout 20 -- sh -c 'seq 1 100000; echo first-marker; sleep 600; echo never' \
+(cd "$t/plain dir/sub" &&
+ "$KVM_VM" --timeout 20 -- sh -c 'cat marker >&2; touch new 2>/dev/null && echo cwd-writable >&2
+   seq 1 100000; echo first-marker; sleep 600; echo never') \
   2> "$t/stderr2" | while IFS= read -r line; do
     [ "$line" = first-marker ] && date +%s.%N > "$t/first-at"
     printf '%s\n' "$line"
   done > "$t/stdout2"
 rc2=${PIPESTATUS[0]}
+check "cwd below /tmp without --rw: visible (got its file)" grep -qx 'visible read-only' "$t/stderr2"
+if [ -d /sys/module/kvm_pvm ]; then
+  check "cwd below /tmp without --rw: read-only" bash -c "! grep -qx cwd-writable '$t/stderr2'"
+fi
 e2=$(date +%s.%N)
 echo "# run 2: $(echo "$e2 - $s2" | bc) s"
 check "timeout: exit 124 (got $rc2)" [ "$rc2" = 124 ]

@@ -88,9 +88,11 @@ impl BusDevice for SerialConsole {
 }
 
 /// Minimal i8042 controller: the only thing guests use it for here is the reset line
-/// (command 0xfe on port 0x64), which is how Linux reboots with `reboot=k`.
+/// (command 0xfe on port 0x64), which is how Linux reboots with `reboot=k`. The reset is
+/// reported once: a guest pulsing it in a loop until the VMM stops it sends one request.
 pub struct I8042 {
     sink: Arc<dyn EventSink>,
+    reset_sent: bool,
 }
 
 impl std::fmt::Debug for I8042 {
@@ -102,7 +104,10 @@ impl std::fmt::Debug for I8042 {
 impl I8042 {
     /// A controller reporting to `sink`.
     pub fn new(sink: Arc<dyn EventSink>) -> Self {
-        I8042 { sink }
+        I8042 {
+            sink,
+            reset_sent: false,
+        }
     }
 }
 
@@ -113,15 +118,26 @@ impl BusDevice for I8042 {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset == 4 && data.first() == Some(&0xfe) {
+        if offset == 4 && data.first() == Some(&0xfe) && !self.reset_sent {
+            self.reset_sent = true;
             self.sink.exit_request(VmExitRequest::Reset);
         }
     }
 }
 
+/// Most boot-timer stamps one VM reports (each becomes a timing mark and a log line).
+pub const MAX_BOOT_STAMPS: u32 = 16;
+
 /// Boot timer: the guest writes a byte when it reaches a phase (123 = userspace).
+///
+/// The guest can write it in a loop, so only the first write of each value is reported, and at
+/// most [`MAX_BOOT_STAMPS`] of them; the rest are counted ([`BootTimer::dropped`]) and noted in
+/// a rate-limited warning. Memory is fixed: a 256-bit set of values seen and two counters.
 pub struct BootTimer {
     sink: Arc<dyn EventSink>,
+    seen: [u64; 4],
+    reported: u32,
+    dropped: u64,
 }
 
 impl std::fmt::Debug for BootTimer {
@@ -133,7 +149,17 @@ impl std::fmt::Debug for BootTimer {
 impl BootTimer {
     /// A boot timer reporting to `sink`.
     pub fn new(sink: Arc<dyn EventSink>) -> Self {
-        BootTimer { sink }
+        BootTimer {
+            sink,
+            seen: [0; 4],
+            reported: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Writes that were not reported (repeated values, or beyond [`MAX_BOOT_STAMPS`]).
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 }
 
@@ -143,7 +169,19 @@ impl BusDevice for BootTimer {
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (0, Some(&v)) = (offset, data.first()) {
-            self.sink.boot_stamp(v);
+            let (word, bit) = (usize::from(v / 64), 1u64 << (v % 64));
+            if self.seen[word] & bit == 0 && self.reported < MAX_BOOT_STAMPS {
+                self.seen[word] |= bit;
+                self.reported += 1;
+                self.sink.boot_stamp(v);
+            } else {
+                self.dropped = self.dropped.saturating_add(1);
+                crate::warn_limited!(
+                    value = v,
+                    "boot timer: stamp not reported (a repeated value, or more than \
+                     {MAX_BOOT_STAMPS} stamps)"
+                );
+            }
         }
     }
 }
@@ -213,5 +251,32 @@ mod tests {
             *rec.0.lock().unwrap(),
             vec!["Reset".to_string(), "stamp 123".into()]
         );
+    }
+
+    #[test]
+    fn a_guest_hammering_the_boot_timer_and_reset_gets_bounded_reports() {
+        let rec = Arc::new(Rec::default());
+        let mut t = BootTimer::new(rec.clone());
+        for i in 0..10_000u32 {
+            t.write(0, &[(i % 256) as u8]);
+        }
+        let reports = rec.0.lock().unwrap().clone();
+        assert_eq!(reports.len(), MAX_BOOT_STAMPS as usize);
+        assert_eq!(reports[0], "stamp 0");
+        assert_eq!(t.dropped(), 10_000 - u64::from(MAX_BOOT_STAMPS));
+        // A repeated value is reported once, even below the limit.
+        let rec = Arc::new(Rec::default());
+        let mut t = BootTimer::new(rec.clone());
+        for _ in 0..1000 {
+            t.write(0, &[123]);
+        }
+        assert_eq!(*rec.0.lock().unwrap(), vec!["stamp 123".to_string()]);
+        // The reset line is reported once however often the guest pulses it.
+        let rec = Arc::new(Rec::default());
+        let mut k = I8042::new(rec.clone());
+        for _ in 0..1000 {
+            k.write(4, &[0xfe]);
+        }
+        assert_eq!(*rec.0.lock().unwrap(), vec!["Reset".to_string()]);
     }
 }

@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod event_loop;
 pub mod legacy;
+pub mod ratelimit;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

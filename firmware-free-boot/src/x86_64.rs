@@ -2,7 +2,10 @@
 //!
 //! Two entry paths:
 //! - **PVH** (fastest): an ELF `vmlinux` with a `XEN_ELFNOTE_PHYS32_ENTRY` note is entered in
-//!   32-bit protected mode, paging off, with `%ebx` pointing at an `hvm_start_info`.
+//!   32-bit protected mode, paging off, with `%ebx` pointing at an `hvm_start_info`. 64-bit
+//!   ELFs load through `linux-loader`; 32-bit x86 ELFs (e.g. `ld -m elf_i386` guests, which
+//!   QEMU and Firecracker also boot as PVH) through this module's own bounds-checked
+//!   program-header loader, and only with the PVH note.
 //! - **64-bit Linux boot protocol**: a `bzImage` (entered at `startup_64`, load address + 0x200)
 //!   or an ELF without the PVH note (entered at `e_entry`) runs in long mode on the identity
 //!   page tables built here, with `%rsi` pointing at the zero page (`boot_params`).
@@ -90,7 +93,14 @@ pub const EFER_LMA: u64 = 1 << 10;
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+const EM_386: u16 = 3;
 const EM_X86_64: u16 = 62;
+const PT_LOAD: u32 = 1;
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+/// Size of an ELF32 program header.
+const ELF32_PHDR_SIZE: u16 = 32;
+/// Most program headers a 32-bit PVH ELF may have (each `PT_LOAD` is a copy into guest RAM).
+const ELF32_MAX_PHDRS: u16 = 64;
 
 /// RAM ranges `(guest address, size)` for `mem_bytes` of guest RAM, skipping the MMIO hole.
 pub fn memory_regions(mem_bytes: u64) -> Vec<(u64, u64)> {
@@ -186,15 +196,35 @@ fn u64_at(b: &[u8], off: usize) -> Option<u64> {
     ))
 }
 
-/// Names of the ELF notes in a 64-bit little-endian ELF (bounded; malformed notes end the walk).
-pub fn elf_note_names(image: &[u8]) -> Vec<String> {
-    let mut names = Vec::new();
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (
-        u64_at(image, 0x20),
-        u16_at(image, 0x36),
-        u16_at(image, 0x38),
-    ) else {
-        return names;
+/// One ELF note: its name (NULs trimmed), type and descriptor bytes.
+struct Note<'a> {
+    name: &'a [u8],
+    kind: u32,
+    desc: &'a [u8],
+}
+
+/// The notes of a little-endian ELF, 32- or 64-bit (by `e_ident[EI_CLASS]`). Bounded (64
+/// program headers, 256 notes); every offset and length comes from the file and is checked, a
+/// malformed note ends its segment's walk.
+fn elf_notes(image: &[u8]) -> Vec<Note<'_>> {
+    let mut notes = Vec::new();
+    let elf32 = image.get(4) == Some(&1);
+    // (e_phoff, e_phentsize, e_phnum) and, per program header, (p_offset, p_filesz).
+    let header = if elf32 {
+        (
+            u32_at(image, 0x1c).map(u64::from),
+            u16_at(image, 0x2a),
+            u16_at(image, 0x2c),
+        )
+    } else {
+        (
+            u64_at(image, 0x20),
+            u16_at(image, 0x36),
+            u16_at(image, 0x38),
+        )
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = header else {
+        return notes;
     };
     for i in 0..usize::from(phnum.min(64)) {
         let Some(ph) = usize::try_from(phoff)
@@ -206,10 +236,18 @@ pub fn elf_note_names(image: &[u8]) -> Vec<String> {
         if u32_at(image, ph) != Some(4) {
             continue; // not PT_NOTE
         }
-        let (Some(off), Some(size)) = (
-            u64_at(image, ph.saturating_add(8)),
-            u64_at(image, ph.saturating_add(32)),
-        ) else {
+        let segment = if elf32 {
+            (
+                u32_at(image, ph.saturating_add(4)).map(u64::from),
+                u32_at(image, ph.saturating_add(16)).map(u64::from),
+            )
+        } else {
+            (
+                u64_at(image, ph.saturating_add(8)),
+                u64_at(image, ph.saturating_add(32)),
+            )
+        };
+        let (Some(off), Some(size)) = segment else {
             continue;
         };
         let Ok(mut p) = usize::try_from(off) else {
@@ -218,31 +256,159 @@ pub fn elf_note_names(image: &[u8]) -> Vec<String> {
         let end = usize::try_from(off.saturating_add(size))
             .unwrap_or(usize::MAX)
             .min(image.len());
-        while p.saturating_add(12) <= end && names.len() < 256 {
-            let (Some(namesz), Some(descsz)) =
-                (u32_at(image, p), u32_at(image, p.saturating_add(4)))
-            else {
+        while p.saturating_add(12) <= end && notes.len() < 256 {
+            let (Some(namesz), Some(descsz), Some(kind)) = (
+                u32_at(image, p),
+                u32_at(image, p.saturating_add(4)),
+                u32_at(image, p.saturating_add(8)),
+            ) else {
                 break;
             };
             let (namesz, descsz) = (namesz as usize, descsz as usize);
-            let name = p
-                .checked_add(12)
-                .and_then(|s| Some((s, s.checked_add(namesz)?)))
-                .and_then(|(s, e)| image.get(s..e))
+            let name_at = p.saturating_add(12);
+            let name = name_at
+                .checked_add(namesz)
+                .and_then(|e| image.get(name_at..e))
                 .unwrap_or(&[]);
-            names.push(
-                String::from_utf8_lossy(name)
-                    .trim_end_matches('\0')
-                    .to_string(),
-            );
-            let step = namesz
-                .div_ceil(4)
-                .saturating_mul(4)
-                .saturating_add(descsz.div_ceil(4).saturating_mul(4));
-            p = p.saturating_add(12).saturating_add(step);
+            let desc_at = name_at.saturating_add(namesz.div_ceil(4).saturating_mul(4));
+            let desc = desc_at
+                .checked_add(descsz)
+                .and_then(|e| image.get(desc_at..e))
+                .unwrap_or(&[]);
+            let trimmed = name.iter().rposition(|&b| b != 0).map_or(0, |n| n + 1);
+            notes.push(Note {
+                name: &name[..trimmed],
+                kind,
+                desc,
+            });
+            p = desc_at.saturating_add(descsz.div_ceil(4).saturating_mul(4));
         }
     }
-    names
+    notes
+}
+
+/// Names of the ELF notes in a little-endian ELF, 32- or 64-bit (bounded; malformed notes end
+/// the walk).
+pub fn elf_note_names(image: &[u8]) -> Vec<String> {
+    elf_notes(image)
+        .iter()
+        .map(|n| String::from_utf8_lossy(n.name).into_owned())
+        .collect()
+}
+
+/// The 32-bit PVH entry point of an ELF (its first `Xen` note of type
+/// `XEN_ELFNOTE_PHYS32_ENTRY` with a descriptor of at least 4 bytes).
+fn pvh_entry(image: &[u8]) -> Option<u64> {
+    elf_notes(image)
+        .iter()
+        .find(|n| n.name == b"Xen" && n.kind == XEN_ELFNOTE_PHYS32_ENTRY)
+        .and_then(|n| u32_at(n.desc, 0))
+        .map(u64::from)
+}
+
+/// Loads a 32-bit x86 ELF that has a PVH entry note (what QEMU and Firecracker boot as PVH,
+/// e.g. an `ld -m elf_i386` guest). `linux-loader` only reads ELF64, so the program headers are
+/// walked here: every offset, size and address comes from the file and is checked (in the
+/// file, no overflow, at or above 1 MiB where the boot tables end, inside guest RAM) before a
+/// byte is copied. Each `PT_LOAD` segment's file bytes go to its `p_paddr`; the rest of
+/// `p_memsz` is left as it is (fresh guest RAM is zero).
+fn load_elf32(mem: &GuestMemoryMmap, image: &[u8]) -> Result<LoadedKernel> {
+    let bad = |what: String| Error::Kernel(format!("is a 32-bit ELF with {what}"));
+    if image.get(5) != Some(&1) {
+        return Err(bad("big-endian data (x86 ELFs are little-endian)".into()));
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (
+        u32_at(image, 0x1c),
+        u16_at(image, 0x2a),
+        u16_at(image, 0x2c),
+    ) else {
+        return Err(bad("a truncated header".into()));
+    };
+    if phentsize < ELF32_PHDR_SIZE {
+        return Err(bad(format!(
+            "program headers of {phentsize} bytes (expected at least {ELF32_PHDR_SIZE})"
+        )));
+    }
+    if phnum > ELF32_MAX_PHDRS {
+        return Err(bad(format!(
+            "{phnum} program headers (at most {ELF32_MAX_PHDRS} are accepted)"
+        )));
+    }
+    let table_end = (phoff as usize)
+        .checked_add(usize::from(phnum) * usize::from(phentsize))
+        .filter(|&end| end <= image.len());
+    if table_end.is_none() {
+        return Err(bad(format!(
+            "{phnum} program headers at file offset {phoff:#x}, past the end of the file ({} \
+             bytes; truncated?)",
+            image.len()
+        )));
+    }
+    let Some(entry) = pvh_entry(image) else {
+        return Err(Error::Kernel(
+            "is a 32-bit ELF without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): only 32-bit \
+             ELFs booted through PVH are supported"
+                .into(),
+        ));
+    };
+    let mut kernel_end = 0u64;
+    let mut loaded = 0usize;
+    for i in 0..usize::from(phnum) {
+        let hdr = (phoff as usize)
+            .checked_add(i * usize::from(phentsize))
+            .and_then(|at| image.get(at..at.checked_add(usize::from(ELF32_PHDR_SIZE))?))
+            .ok_or_else(|| bad(format!("program header {i} past the end of the file")))?;
+        let field = |off: usize| u32_at(hdr, off).unwrap_or(0);
+        if field(0) != PT_LOAD {
+            continue;
+        }
+        let (offset, paddr, filesz, memsz) = (field(4), field(12), field(16), field(20));
+        if filesz > memsz {
+            return Err(bad(format!(
+                "segment {i} larger in the file ({filesz} bytes) than in memory ({memsz} bytes)"
+            )));
+        }
+        if memsz == 0 {
+            continue;
+        }
+        let data = (offset as usize)
+            .checked_add(filesz as usize)
+            .and_then(|end| image.get(offset as usize..end))
+            .ok_or_else(|| {
+                bad(format!(
+                    "segment {i} (file offset {offset:#x}, {filesz} bytes) past the end of the \
+                     file ({} bytes; truncated?)",
+                    image.len()
+                ))
+            })?;
+        let (start, end) = (u64::from(paddr), u64::from(paddr) + u64::from(memsz));
+        if start < layout::HIMEM_START {
+            return Err(bad(format!(
+                "segment {i} at {start:#x}, below 1 MiB (where the boot tables live)"
+            )));
+        }
+        if !mem.check_range(GuestAddress(start), memsz as usize) {
+            return Err(Error::Kernel(format!(
+                "segment {i} at {start:#x}..{end:#x} does not fit in guest RAM (raise --memory?)"
+            )));
+        }
+        mem.write_slice(data, GuestAddress(start))
+            .map_err(|_| Error::GuestWrite {
+                what: "kernel segment",
+                addr: start,
+            })?;
+        kernel_end = kernel_end.max(end);
+        loaded += 1;
+    }
+    if loaded == 0 {
+        return Err(bad("no loadable segment".into()));
+    }
+    Ok(LoadedKernel {
+        entry: Entry::Pvh(entry),
+        kernel_end,
+        is_linux: elf_notes(image).iter().any(|n| n.name == b"Linux"),
+        setup_header: None,
+    })
 }
 
 /// Loads `image` (a vmlinux ELF or a bzImage) into guest memory.
@@ -260,9 +426,13 @@ pub fn load_kernel(mem: &GuestMemoryMmap, image: &[u8]) -> Result<LoadedKernel> 
     }
     if image.starts_with(b"\x7fELF") {
         let machine = u16_at(image, 18).unwrap_or(0);
+        if image[4] == 1 && machine == EM_386 {
+            return load_elf32(mem, image);
+        }
         if image[4] != 2 || machine != EM_X86_64 {
             return Err(Error::WrongArch(format!(
-                "ELF class {} machine {machine}, expected a 64-bit x86_64 ELF (machine 62)",
+                "ELF class {} machine {machine}, expected a 64-bit x86_64 ELF (machine 62) or a \
+                 32-bit x86 ELF with a PVH note (machine 3)",
                 image[4]
             )));
         }
@@ -665,7 +835,14 @@ mod tests {
         let mut elf32 = vec![0u8; 128];
         elf32[..4].copy_from_slice(b"\x7fELF");
         elf32[4] = 1;
+        elf32[5] = 1;
         elf32[18] = 3;
+        // An x86 ELF32 is loadable through PVH only; without the note it is refused by name.
+        elf32[0x2a] = 32;
+        let e = load_kernel(&m, &elf32).unwrap_err();
+        assert!(matches!(e, Error::Kernel(_)), "{e}");
+        assert!(e.to_string().contains("PVH"), "{e}");
+        elf32[18] = 40; // EM_ARM
         assert!(matches!(
             load_kernel(&m, &elf32).unwrap_err(),
             Error::WrongArch(_)
@@ -709,6 +886,149 @@ mod tests {
         );
         let e = load_cmdline(&m, &"x".repeat(layout::CMDLINE_MAX)).unwrap_err();
         assert!(matches!(e, Error::CmdlineTooLong { .. }));
+    }
+
+    /// A minimal ELF32 PVH guest, built in memory like `ld -m elf_i386` would: the ELF header,
+    /// a `PT_LOAD` segment for `code` at `paddr` (plus `bss` bytes), a `PT_NOTE` with the Xen
+    /// `XEN_ELFNOTE_PHYS32_ENTRY` note (and a "Linux" note if asked).
+    fn elf32_pvh(paddr: u32, entry: u32, code: &[u8], bss: u32, linux_note: bool) -> Vec<u8> {
+        let mut notes = Vec::new();
+        let mut note = |name: &[u8], kind: u32, desc: &[u8]| {
+            notes.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            notes.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+            notes.extend_from_slice(&kind.to_le_bytes());
+            notes.extend_from_slice(name);
+            notes.resize(notes.len().div_ceil(4) * 4, 0);
+            notes.extend_from_slice(desc);
+            notes.resize(notes.len().div_ceil(4) * 4, 0);
+        };
+        if linux_note {
+            note(b"Linux\0", 6, b"6.1\0");
+        }
+        note(b"Xen\0", 18, &entry.to_le_bytes());
+        let phoff = 52u32;
+        let notes_at = phoff + 2 * 32;
+        let code_at = notes_at + notes.len() as u32;
+        let mut f = vec![0u8; 52];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 1; // ELFCLASS32
+        f[5] = 1; // little-endian
+        f[6] = 1; // EV_CURRENT
+        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[18..20].copy_from_slice(&3u16.to_le_bytes()); // EM_386
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[24..28].copy_from_slice(&entry.to_le_bytes());
+        f[28..32].copy_from_slice(&phoff.to_le_bytes());
+        f[40..42].copy_from_slice(&52u16.to_le_bytes()); // e_ehsize
+        f[42..44].copy_from_slice(&32u16.to_le_bytes()); // e_phentsize
+        f[44..46].copy_from_slice(&2u16.to_le_bytes()); // e_phnum
+        let phdr = |kind: u32, off: u32, addr: u32, filesz: u32, memsz: u32| {
+            [kind, off, addr, addr, filesz, memsz, 7, 4]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
+        let len = code.len() as u32;
+        f.extend(phdr(1, code_at, paddr, len, len + bss));
+        f.extend(phdr(4, notes_at, 0, notes.len() as u32, notes.len() as u32));
+        f.extend_from_slice(&notes);
+        f.extend_from_slice(code);
+        f
+    }
+
+    const CODE: &[u8] = b"\xfa\xbc\x00\x00\x08\x00\xf4PVH32 guest code";
+
+    #[test]
+    fn elf32_with_a_pvh_note_loads_at_its_physical_address() {
+        let m = mem(64 << 20);
+        let image = elf32_pvh(0x10_0000, 0x10_0000, CODE, 0x3000, false);
+        let k = load_kernel(&m, &image).unwrap();
+        assert_eq!(k.entry, Entry::Pvh(0x10_0000));
+        assert_eq!(k.kernel_end, 0x10_0000 + CODE.len() as u64 + 0x3000);
+        assert!(!k.is_linux);
+        let mut back = vec![0u8; CODE.len()];
+        m.read_slice(&mut back, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(back, CODE);
+        assert_eq!(initrd_max_addr(&k), layout::MMIO_GAP_START - 1);
+        // The entry need not be the segment's start; a "Linux" note marks a Linux kernel.
+        let image = elf32_pvh(0x20_0000, 0x20_0004, CODE, 0, true);
+        let k = load_kernel(&m, &image).unwrap();
+        assert_eq!(k.entry, Entry::Pvh(0x20_0004));
+        assert!(k.is_linux);
+        assert_eq!(elf_note_names(&image), vec!["Linux", "Xen"]);
+    }
+
+    #[test]
+    fn elf32_hostile_headers_are_errors() {
+        let m = mem(64 << 20);
+        let good = elf32_pvh(0x10_0000, 0x10_0000, CODE, 0, false);
+        let load_ph = 52;
+        let set = |img: &mut Vec<u8>, at: usize, v: u32| {
+            img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        };
+        type Mutation<'a> = Box<dyn Fn(&mut Vec<u8>) + 'a>;
+        let cases: Vec<(&str, Mutation<'_>)> = vec![
+            (
+                "past the end",
+                Box::new(move |i| set(i, load_ph + 4, 0xffff_fff0)),
+            ),
+            (
+                "past the end",
+                Box::new(move |i| {
+                    set(i, load_ph + 16, 0x10_0000);
+                    set(i, load_ph + 20, 0x10_0000);
+                }),
+            ),
+            (
+                "larger in the file",
+                Box::new(move |i| set(i, load_ph + 20, 1)),
+            ),
+            (
+                "below 1 MiB",
+                Box::new(move |i| set(i, load_ph + 12, 0x7000)),
+            ),
+            (
+                "guest RAM",
+                Box::new(move |i| set(i, load_ph + 12, 0xffff_f000)),
+            ),
+            (
+                "guest RAM",
+                Box::new(move |i| set(i, load_ph + 20, 0xffff_ffff)),
+            ),
+            (
+                "guest RAM",
+                Box::new(move |i| set(i, load_ph + 12, 0x3ff_fff0)),
+            ),
+            ("program header", Box::new(|i| set(i, 28, 0xffff_ffe0))),
+            ("program header", Box::new(|i| set(i, 28, u32::MAX))),
+            ("program headers of 8", Box::new(|i| i[42] = 8)),
+            (
+                "program headers",
+                Box::new(|i| i[44..46].copy_from_slice(&[0xff, 0xff])),
+            ),
+            ("no loadable segment", Box::new(move |i| set(i, load_ph, 6))),
+            ("big-endian", Box::new(|i| i[5] = 2)),
+            ("PVH", Box::new(|i| set(i, 52 + 2 * 32 + 8, 17))), // the note's type
+        ];
+        for (want, mutate) in cases {
+            let mut image = good.clone();
+            mutate(&mut image);
+            let e = load_kernel(&m, &image).unwrap_err().to_string();
+            assert!(e.contains(want), "want {want:?}, got {e}");
+        }
+        // Truncated anywhere: an error, never a panic.
+        for n in 0..good.len() {
+            assert!(load_kernel(&m, &good[..n]).is_err(), "truncated at {n}");
+        }
+        // Every byte of the headers and notes flipped to a few values: no panic.
+        for at in 0..good.len() - CODE.len() {
+            for v in [0u8, 1, 0x7f, 0x80, 0xff] {
+                let mut image = good.clone();
+                image[at] = v;
+                let _ = load_kernel(&m, &image);
+                let _ = elf_note_names(&image);
+            }
+        }
     }
 
     #[test]

@@ -49,12 +49,25 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// Assembles `tests/guests/<src>` with the given `-D` defines into a PVH/ELF guest.
 pub fn build_guest(src: &str, defines: &[&str]) -> PathBuf {
+    build_guest_as(src, defines, false)
+}
+
+/// Like [`build_guest`], as a 32-bit ELF (`gcc -m32`, `ld -m elf_i386`), the way tiny PVH
+/// guests for QEMU and Firecracker are often built. Only for sources that are 32-bit code.
+pub fn build_guest_elf32(src: &str, defines: &[&str]) -> PathBuf {
+    build_guest_as(src, defines, true)
+}
+
+fn build_guest_as(src: &str, defines: &[&str], elf32: bool) -> PathBuf {
     let dir = temp_dir("guest");
     let guests = repo_root().join("tests/guests");
     let obj = dir.join("guest.o");
     let elf = dir.join(format!("{}.elf", src.trim_end_matches(".S")));
     let mut cc = Command::new("gcc");
     cc.args(["-c", "-x", "assembler-with-cpp"]);
+    if elf32 {
+        cc.arg("-m32");
+    }
     for d in defines {
         cc.arg(format!("-D{d}"));
     }
@@ -68,6 +81,7 @@ pub fn build_guest(src: &str, defines: &[&str]) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let out = Command::new("ld")
+        .args(if elf32 { &["-m", "elf_i386"][..] } else { &[] })
         .args(["--no-warn-rwx-segments", "-nostdlib", "-static", "-T"])
         .arg(guests.join("link.ld"))
         .arg(&obj)

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use skiff_tests::{build_guest, kvm_kind, text, vmm_binary, KvmKind};
+use skiff_tests::{build_guest, build_guest_elf32, kvm_kind, text, vmm_binary, KvmKind};
 
 fn vmm(args: &[&str]) -> std::process::Output {
     assert_ne!(
@@ -59,6 +59,26 @@ fn pvh_entry_serial_bytes_exact_and_boot_timer() {
             "exit",
         ],
     );
+}
+
+#[test]
+fn elf32_pvh_guest_boots() {
+    // The same guest linked as a 32-bit ELF (`ld -m elf_i386`): QEMU and Firecracker boot such
+    // images through their PVH note, and so must Skiff.
+    let elf = build_guest_elf32("pvh.S", &["ACTION=0"]);
+    let image = std::fs::read(&elf).unwrap();
+    assert_eq!((image[4], image[18]), (1, 3), "not an ELF32 EM_386 image");
+    let out = vmm(&[
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--timings",
+        "--cmdline",
+        "elf32",
+    ]);
+    let (out_s, err) = text(&out);
+    assert_eq!(out_s, "PVH magic=ok cmdline=elf32\n", "stderr: {err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("boot-timer stamp (userspace)"), "{err}");
 }
 
 #[test]

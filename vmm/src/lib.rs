@@ -2,6 +2,7 @@
 //! The `vmm` binary (`src/main.rs`) is a thin CLI over [`vm::run`].
 
 pub mod arch;
+pub mod console_log;
 pub mod fs_device;
 pub mod hypervisor;
 pub mod run;

@@ -71,7 +71,8 @@ struct Cli {
     /// Print per-phase boot timings to stderr when the VM ends.
     #[arg(long)]
     timings: bool,
-    /// Write the guest's serial console to FILE instead of stdout.
+    /// Write the guest's serial console to FILE instead of stdout (capped at 1 MiB: a full FILE
+    /// is renamed to FILE.1 and a new one started).
     #[arg(long, value_name = "FILE")]
     serial: Option<PathBuf>,
     /// Create the legacy i8254 PIT: `auto` = only for Linux kernels (they calibrate against

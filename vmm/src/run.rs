@@ -584,9 +584,7 @@ fn spawn_signal_thread(started: Arc<Mutex<Option<Arc<Client<UnixStream>>>>>, dir
 }
 
 fn console_tail(path: &Path) -> String {
-    let s = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
+    crate::console_log::tail(path, 20)
 }
 
 /// Removes the run directory (sockets, console log) when dropped.

@@ -405,11 +405,10 @@ impl Drop for DirGuard {
     }
 }
 
-/// The last 20 lines of a console log.
+/// The last 20 lines of a console log, read from its end (at most 64 KiB, see
+/// [`crate::console_log::tail`]): the guest decides how big the log is.
 pub fn console_tail(path: &Path) -> String {
-    let s = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
+    crate::console_log::tail(path, 20)
 }
 
 #[cfg(test)]

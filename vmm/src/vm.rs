@@ -1,20 +1,20 @@
 //! Builds a VM from a [`VmConfig`], runs its vCPUs (one thread each, created on that thread),
 //! and returns how the guest ended.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use skiff_devices::legacy::{BootTimer, SerialConsole};
+use skiff_devices::legacy::{BootTimer, SerialConsole, MAX_BOOT_STAMPS};
 use skiff_devices::{Bus, BusDevice, EventSink, IrqTrigger, VmExitRequest};
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
 
 use crate::arch::{self, BootConfig};
+use crate::console_log::{CappedLog, CONSOLE_LOG_CAP};
 use crate::hypervisor::{self, Access, Hypervisor, MemoryRegion, SystemEvent, Vcpu, VcpuExit, Vm};
 use crate::timings::{Phase, Timings};
 pub use crate::vm_control::{ControlError, VmControl};
@@ -36,7 +36,9 @@ pub const MIN_MEMORY_MIB: u64 = 2;
 pub enum SerialOut {
     /// The VMM's stdout.
     Stdout,
-    /// A file (created or truncated).
+    /// A file (created or truncated), capped at [`CONSOLE_LOG_CAP`] bytes: when full it is
+    /// renamed to `<file>.1` (replacing an older one) and a new file is started, so at most
+    /// twice the cap is on disk and the newest output is always in the file itself.
     File(PathBuf),
     /// Nowhere.
     Null,
@@ -158,12 +160,24 @@ enum Event {
     VcpuFailed(u32, String),
 }
 
-struct Sink(Mutex<Sender<Event>>);
+/// Room in the event channel for everything a VM can send: the boot timer reports at most
+/// [`MAX_BOOT_STAMPS`] stamps, the i8042 one reset, each vCPU one exit or one failure, plus
+/// the first vCPU entry, the first serial byte and the host's stop. Nothing the guest does
+/// beyond that reaches the channel, so a send never waits; stamps are sent with `try_send`
+/// anyway (dropped rather than queued should the bound ever be wrong).
+fn event_queue_len(cpus: u32) -> usize {
+    MAX_BOOT_STAMPS as usize + 4 + 2 * cpus as usize
+}
+
+struct Sink(Mutex<SyncSender<Event>>);
 
 impl Sink {
     fn send(&self, e: Event) {
         if let Ok(tx) = self.0.lock() {
-            let _ = tx.send(e);
+            let _ = match e {
+                Event::Stamp(..) => tx.try_send(e).map_err(|_| ()),
+                _ => tx.send(e).map_err(|_| ()),
+            };
         }
     }
 }
@@ -288,12 +302,9 @@ pub fn run_controlled(
     let serial_out: Box<dyn Write + Send> = match &cfg.serial {
         SerialOut::Stdout => Box::new(RawStdout),
         SerialOut::Null => Box::new(std::io::sink()),
-        SerialOut::File(p) => Box::new(File::create(p).map_err(|e| {
-            Error::Input(format!(
-                "cannot create serial output file {}: {e}",
-                p.display()
-            ))
-        })?),
+        SerialOut::File(p) => Box::new(
+            CappedLog::create(p, CONSOLE_LOG_CAP).map_err(|e| Error::Input(e.to_string()))?,
+        ),
     };
 
     let hv = Hv::new()?;
@@ -360,7 +371,7 @@ pub fn run_controlled(
     drop(boot_cfg);
     timings.mark(Phase::KernelLoaded);
 
-    let (tx, rx) = channel::<Event>();
+    let (tx, rx) = sync_channel::<Event>(event_queue_len(cfg.cpus));
     let sink = Arc::new(Sink(Mutex::new(tx.clone())));
     let (pio, mmio, serial) = platform_devices(&vm, &boot, cfg, serial_out, sink.clone())?;
     let mut mmio = mmio;
@@ -578,7 +589,7 @@ fn vcpu_thread(
             }
             VcpuExit::Other(reason) => {
                 unknown_exits += 1;
-                tracing::warn!(vcpu = id, reason, "unhandled vCPU exit");
+                skiff_devices::warn_limited!(vcpu = id, reason, "unhandled vCPU exit");
                 if unknown_exits > 1000 {
                     sink.send(Event::Exit(GuestExit::HypervisorError(u64::from(reason))));
                     break;

@@ -260,7 +260,9 @@ impl MmioTransport {
             match qc.ready.then(|| qc.build(&self.mem)).flatten() {
                 Some(q) => queues.push(q),
                 None => {
-                    tracing::warn!("virtio-mmio: DRIVER_OK with a queue not ready or invalid");
+                    crate::warn_limited!(
+                        "virtio-mmio: DRIVER_OK with a queue not ready or invalid"
+                    );
                     self.needs_reset();
                     return;
                 }
@@ -272,7 +274,7 @@ impl MmioTransport {
         {
             Ok(()) => self.activated = true,
             Err(e) => {
-                tracing::warn!("virtio-mmio: activation failed: {e}");
+                crate::warn_limited!("virtio-mmio: activation failed: {e}");
                 self.needs_reset();
             }
         }

@@ -616,7 +616,9 @@ impl Backend {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
                     if self.connection_count() >= MAX_CONNECTIONS {
-                        tracing::warn!("vsock: connection limit reached, refusing a host client");
+                        crate::warn_limited!(
+                            "vsock: connection limit reached, refusing a host client"
+                        );
                         continue;
                     }
                     let token = self.alloc_token();
@@ -638,7 +640,7 @@ impl Backend {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     if e.kind() != io::ErrorKind::WouldBlock {
-                        tracing::warn!("vsock: accept failed: {e}");
+                        crate::warn_limited!("vsock: accept failed: {e}");
                     }
                     return;
                 }
