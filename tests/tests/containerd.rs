@@ -257,6 +257,13 @@ fn ctr_runs_containers_in_skiff_vms() {
     let vol = lab.out.join("vol");
     std::fs::write(vol.join("in.txt"), "from-host\n").unwrap();
     std::fs::write(lab.out.join("resize.py"), RESIZE_PY).unwrap();
+    // A bind-mounted file must be exposed alone (issue 13: its directory used to be shared,
+    // and a privileged container could mount the share itself and read the file's siblings).
+    let fvol = lab.out.join("filevol");
+    std::fs::create_dir_all(&fvol).unwrap();
+    std::fs::write(fvol.join("file.txt"), "the-file\n").unwrap();
+    std::fs::write(fvol.join("sibling.txt"), "sibling-secret\n").unwrap();
+    let f = fvol.display();
     let v = vol.display();
     let cases: Vec<(&str, String)> = vec![
         ("echo", "res echo $C run --rm $R $IMG t-echo echo hi".into()),
@@ -266,6 +273,7 @@ fn ctr_runs_containers_in_skiff_vms() {
         ("user", "res user $C run --rm $R docker.io/skiff/busybox-user:latest t-user sh -c 'id -u; pwd'".into()),
         ("bindrw", format!("res bindrw $C run --rm $R --mount type=bind,src={v},dst=/data,options=rbind:rw $IMG t-rw sh -c 'cat /data/in.txt; echo written > /data/out.txt'")),
         ("bindro", format!("res bindro $C run --rm $R --mount type=bind,src={v},dst=/data,options=rbind:ro $IMG t-ro sh -c 'cat /data/in.txt; touch /data/x'")),
+        ("bindfile", format!("res bindfile $C run --rm $R --privileged --mount type=bind,src={f}/file.txt,dst=/f.txt,options=rbind:ro $IMG t-bf sh -c 'cat /f.txt; mkdir -p /m; mount -t virtiofs vol0 /m; echo listing:; ls -a /m; cat /m/sibling.txt; cat /m/../sibling.txt; true'")),
         ("burst", "res burst $C run --rm $R $IMG t-burst sh -c 'head -c 10485760 /dev/zero | tr \"\\0\" a'".into()),
         ("tty", [
             "res tty script -qec \"stty rows 30 cols 100; $CT run --rm -t $R $IMG t-tty stty size\" /dev/null",
@@ -313,6 +321,14 @@ fn ctr_runs_containers_in_skiff_vms() {
             && lab.out("bindro").contains("Read-only file system")
             && !vol.join("x").exists(),
         "bindro",
+    );
+    let bf = lab.out("bindfile");
+    check(
+        lab.rc("bindfile") == 0
+            && bf.starts_with("the-file\n")
+            && bf.contains("listing:\n.\n..\n0-file.txt\n")
+            && !bf.contains("sibling-secret"),
+        "bindfile",
     );
     let burst = lab.out("burst");
     check(
