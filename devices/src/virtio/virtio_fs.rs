@@ -51,6 +51,10 @@ pub trait FuseHandler: Send + Sync + 'static {
     ) -> Option<(Vec<u8>, usize)> {
         None
     }
+
+    /// Called once on each worker thread before it serves anything (the FUSE server drops
+    /// the capabilities it does not need there: they are per thread).
+    fn thread_start(&self) {}
 }
 
 impl FuseHandler for super::fs::Server {
@@ -65,6 +69,10 @@ impl FuseHandler for super::fs::Server {
         sink: &mut ReadSink<'_>,
     ) -> Option<(Vec<u8>, usize)> {
         super::fs::Server::handle_read_direct(self, req, max_out, sink)
+    }
+
+    fn thread_start(&self) {
+        self.limit_thread_capabilities();
     }
 }
 
@@ -364,7 +372,10 @@ impl VirtioDevice for VirtioFs {
                 let interrupt = interrupt.clone();
                 let spawned = std::thread::Builder::new()
                     .name(format!("virtio-fs-q{i}.{t}"))
-                    .spawn(move || worker_loop(&*handler, &mem, &queue, &wk, &interrupt));
+                    .spawn(move || {
+                        handler.thread_start();
+                        worker_loop(&*handler, &mem, &queue, &wk, &interrupt)
+                    });
                 match spawned {
                     Ok(th) => threads.push(th),
                     Err(e) => {

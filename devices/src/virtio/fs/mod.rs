@@ -70,7 +70,8 @@ pub use passthrough::{MAX_HANDLES, MAX_IO, MAX_READDIR, MAX_XATTR, OVERRIDE_XATT
 mod tests;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use abi::{errno, opcode, InHeader, Reader, Writer};
 use passthrough::Fs;
@@ -86,6 +87,82 @@ pub enum Ownership {
     Xattr,
 }
 
+/// What the guest may do to the host files of a share beyond ordinary reads and writes (see
+/// the module docs, "Share policy").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SharePolicy {
+    /// The container's own root filesystem (a snapshot made for this container): setuid and
+    /// setgid bits and `security.capability` are kept, as package managers install them.
+    Rootfs,
+    /// A host directory bind-mounted into the container: no setuid bit, no setgid bit on
+    /// non-directories, no `security.capability`. The safe choice, hence the default.
+    #[default]
+    Volume,
+}
+
+/// Host fds one VM's shares may hold together: one per live inode (the roots excepted) and one
+/// per open handle. Clones share the count; give every share of a VM the same budget.
+/// Running out answers the guest `ENFILE`.
+#[derive(Debug, Clone)]
+pub struct FdBudget(Arc<BudgetInner>);
+
+#[derive(Debug)]
+struct BudgetInner {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+/// Default [`FdBudget`] of a VM (all its shares together).
+pub const DEFAULT_FD_BUDGET: usize = 1 << 17;
+
+impl FdBudget {
+    /// A budget of `limit` fds.
+    pub fn new(limit: usize) -> FdBudget {
+        FdBudget(Arc::new(BudgetInner {
+            limit,
+            used: AtomicUsize::new(0),
+        }))
+    }
+
+    /// The most fds the budget allows.
+    pub fn limit(&self) -> usize {
+        self.0.limit
+    }
+
+    /// Fds held now.
+    pub fn in_use(&self) -> usize {
+        self.0.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes one fd from the budget; `None` when it is spent. The token gives it back when
+    /// dropped.
+    pub(crate) fn take(&self) -> Option<FdToken> {
+        self.0
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u < self.0.limit).then_some(u + 1)
+            })
+            .ok()
+            .map(|_| FdToken(self.clone()))
+    }
+}
+
+impl Default for FdBudget {
+    fn default() -> FdBudget {
+        FdBudget::new(DEFAULT_FD_BUDGET)
+    }
+}
+
+/// One fd taken from an [`FdBudget`], given back on drop.
+#[derive(Debug)]
+pub(crate) struct FdToken(FdBudget);
+
+impl Drop for FdToken {
+    fn drop(&mut self) {
+        self.0 .0.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -95,21 +172,28 @@ pub struct Config {
     pub read_only: bool,
     /// Ownership scheme.
     pub ownership: Ownership,
+    /// What the guest may do to host files (setuid, `security.capability`).
+    pub policy: SharePolicy,
     /// Most live inodes (the root included).
     pub max_inodes: usize,
+    /// Host fds for inodes and handles, shared by all shares of one VM.
+    pub fd_budget: FdBudget,
 }
 
 /// Default [`Config::max_inodes`].
 pub const DEFAULT_MAX_INODES: usize = 1 << 20;
 
 impl Config {
-    /// A writable passthrough share of `root` with default bounds.
+    /// A writable passthrough [`SharePolicy::Volume`] share of `root` with default bounds and
+    /// a budget of its own.
     pub fn new(root: impl Into<PathBuf>) -> Config {
         Config {
             root: root.into(),
             read_only: false,
             ownership: Ownership::Passthrough,
+            policy: SharePolicy::default(),
             max_inodes: DEFAULT_MAX_INODES,
+            fd_budget: FdBudget::default(),
         }
     }
 }
@@ -171,6 +255,28 @@ impl Server {
             fs: Fs::new(cfg)?,
             initialized: AtomicBool::new(false),
         })
+    }
+
+    /// Drops the calling thread's capabilities to what serving this share needs (call it on
+    /// each thread that handles requests, before the first one). Linux capabilities are per
+    /// thread: `CAP_CHOWN`, `CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH` and `CAP_FOWNER` stay;
+    /// `CAP_FSETID` and `CAP_SETFCAP` only for [`SharePolicy::Rootfs`]; everything else
+    /// (`CAP_MKNOD`, `CAP_SYS_ADMIN` for `trusted.*`, `CAP_SYS_RESOURCE` for reserved blocks,
+    /// ...) goes. Returns the effective set left, or `None` when the call failed (an
+    /// unprivileged server has nothing to drop; that is not an error).
+    pub fn limit_thread_capabilities(&self) -> Option<u64> {
+        let rootfs = self.fs.policy() == SharePolicy::Rootfs;
+        let keep = sys::KeepCaps {
+            fsetid: rootfs,
+            setfcap: rootfs,
+        };
+        match sys::limit_thread_caps(keep) {
+            Ok(left) => Some(left),
+            Err(e) => {
+                tracing::debug!("virtio-fs: cannot limit thread capabilities: errno {}", e.0);
+                None
+            }
+        }
     }
 
     /// Live inodes, the root included (for tests and metrics).
