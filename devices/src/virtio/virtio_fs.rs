@@ -546,6 +546,36 @@ mod tests {
         assert!(got.iter().all(|u| u.2 == b"together"), "{got:?}");
     }
 
+    /// Counts `thread_start` calls.
+    struct Starts(std::sync::atomic::AtomicUsize);
+    impl FuseHandler for Starts {
+        fn handle(&self, _req: &[u8], _max_out: usize) -> Option<Vec<u8>> {
+            Some(b"ok".to_vec())
+        }
+        fn thread_start(&self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn every_worker_thread_starts_through_the_handler() {
+        let h = Arc::new(Starts(std::sync::atomic::AtomicUsize::new(0)));
+        let (mut t, mut d) = setup_with(h.clone());
+        // A request answered proves the workers run; each called thread_start first.
+        let head = request(&mut d, 1, b"r", 16);
+        assert_eq!(used(&mut t, &mut d, 1), vec![(head, 2, b"ok".to_vec())]);
+        let end = Instant::now() + Duration::from_secs(5);
+        while h.0.load(std::sync::atomic::Ordering::SeqCst) < 1 + REQUEST_THREADS
+            && Instant::now() < end
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            h.0.load(std::sync::atomic::Ordering::SeqCst),
+            1 + REQUEST_THREADS
+        );
+    }
+
     #[test]
     fn config_space_has_the_tag_and_one_request_queue() {
         let (mut t, _d) = setup();

@@ -631,8 +631,8 @@ impl Fs {
         if valid & (fattr::MODE | fattr::UID | fattr::GID) != 0 {
             let uid = (valid & fattr::UID != 0).then_some(uid);
             let gid = (valid & fattr::GID != 0).then_some(gid);
-            let mode = (valid & fattr::MODE != 0)
-                .then(|| self.allowed_mode(mode, inode.typ == S_IFDIR));
+            let mode =
+                (valid & fattr::MODE != 0).then(|| self.allowed_mode(mode, inode.typ == S_IFDIR));
             match self.cfg.ownership {
                 Ownership::Passthrough => {
                     if uid.is_some() || gid.is_some() {
