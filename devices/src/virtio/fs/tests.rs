@@ -1851,6 +1851,16 @@ fn request_threads_keep_only_file_capabilities() {
                 })
                 .unwrap();
                 t.xattr_set(g, "user.k", b"v").unwrap();
+                // The price on a volume: without CAP_FSETID the host kernel drops the setgid
+                // bit of a directory whose group the server is not in.
+                t.uid.set(1000);
+                t.gid.set(1000);
+                t.mkdir(ROOT_ID, "shared", 0o2775).unwrap();
+                let m = host_mode(&t.p("shared"));
+                match policy {
+                    SharePolicy::Volume => assert_eq!(m, 0o775),
+                    SharePolicy::Rootfs => assert_eq!(m, 0o2775),
+                }
             })
             .join()
             .unwrap();
