@@ -1,6 +1,6 @@
 //! FUSE requests for the virtio-fs server: arbitrary bytes as one request (after INIT) against
-//! a writable and a read-only share of a small temp tree (a file, a directory, a symlink to
-//! `/etc`). Must never panic; every reply must have a well-formed `fuse_out_header` whose
+//! a writable volume, a writable rootfs-policy and a read-only share of a small temp tree (a
+//! file, a directory, a symlink to `/etc`), all three on one small fd budget as in a VM. Must never panic; every reply must have a well-formed `fuse_out_header` whose
 //! `len` is the reply length and at most `max_out`.
 //!
 //! READs also go through `handle_read_direct` (the device's zero-copy path).
@@ -13,10 +13,11 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use skiff_devices::virtio::fs::abi::{opcode, InHeader};
-use skiff_devices::virtio::fs::{Config, Server};
+use skiff_devices::virtio::fs::{Config, FdBudget, Server, SharePolicy};
 
 struct Shares {
     rw: Server,
+    rootfs: Server,
     ro: Server,
 }
 
@@ -46,12 +47,17 @@ fn shares() -> &'static Shares {
         let _ = std::os::unix::fs::symlink("/etc", d.join("etc"));
         let mut cfg = Config::new(&d);
         cfg.max_inodes = 4096;
+        cfg.fd_budget = FdBudget::new(2048);
         let rw = Server::new(cfg.clone()).expect("server");
+        cfg.policy = SharePolicy::Rootfs;
+        let rootfs = Server::new(cfg.clone()).expect("server");
+        cfg.policy = SharePolicy::Volume;
         cfg.read_only = true;
         let ro = Server::new(cfg).expect("server");
         init(&rw);
+        init(&rootfs);
         init(&ro);
-        Shares { rw, ro }
+        Shares { rw, rootfs, ro }
     })
 }
 
@@ -101,9 +107,11 @@ fuzz_target!(|data: &[u8]| {
     // Keep the host safe from the fuzzer: no real allocation of large ranges.
     if op != opcode::FALLOCATE {
         check(s.rw.handle(&req, max_out), max_out);
+        check(s.rootfs.handle(&req, max_out), max_out);
     }
     if op == opcode::DESTROY {
         init(&s.rw);
+        init(&s.rootfs);
         init(&s.ro);
     }
 });

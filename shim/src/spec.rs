@@ -97,6 +97,7 @@ pub fn plan_shares(
             host: rootfs_host,
             read_only: false,
             xattr_ownership: false,
+            policy: skiff_vmm::fs_device::SharePolicy::Rootfs,
         },
         guest_path: GUEST_ROOTFS.into(),
     }];
@@ -148,6 +149,7 @@ pub fn plan_shares(
                         host: dir,
                         read_only,
                         xattr_ownership: false,
+                        policy: skiff_vmm::fs_device::SharePolicy::Volume,
                     },
                     guest_path: format!("{GUEST_VOLUMES}/{n}"),
                 });

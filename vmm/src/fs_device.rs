@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use skiff_devices::virtio::fs::{Config, Ownership, Server};
+pub use skiff_devices::virtio::fs::{FdBudget, SharePolicy};
 use skiff_devices::virtio::mmio::MmioTransport;
 use skiff_devices::virtio::virtio_fs::VirtioFs;
 use skiff_devices::BusDevice;
@@ -22,6 +23,10 @@ pub struct Share {
     pub read_only: bool,
     /// Store guest ownership in an xattr instead of chown (rootless image sharing).
     pub xattr_ownership: bool,
+    /// What the guest may do to the host files: [`SharePolicy::Rootfs`] for the container's
+    /// root filesystem (setuid, file capabilities), [`SharePolicy::Volume`] for everything
+    /// bind-mounted from the host.
+    pub policy: SharePolicy,
 }
 
 /// Errors of share setup (all are the user's: a bad path or spec).
@@ -67,14 +72,20 @@ pub fn parse_share(s: &str) -> Result<Share, Error> {
         host: dir.into(),
         read_only: ro,
         xattr_ownership: false,
+        policy: SharePolicy::Volume,
     })
 }
 
-/// Checks the share's host directory and makes its device (an error names the path).
-pub fn create(share: &Share) -> Result<MmioDeviceFactory, Error> {
+/// Checks the share's host directory and makes its device (an error names the path). All
+/// shares of one VM take their host fds from the same `budget` (one
+/// [`FdBudget::default()`] per VM): a guest holding many inodes open gets `ENFILE`, whatever
+/// the number of shares.
+pub fn create(share: &Share, budget: &FdBudget) -> Result<MmioDeviceFactory, Error> {
     crate::sys::raise_nofile_limit();
     let mut cfg = Config::new(share.host.clone());
     cfg.read_only = share.read_only;
+    cfg.policy = share.policy;
+    cfg.fd_budget = budget.clone();
     cfg.ownership = if share.xattr_ownership {
         Ownership::Xattr
     } else {
@@ -107,6 +118,7 @@ mod tests {
             ("data", "/srv/x", true)
         );
         assert!(!parse_share("d=/a").unwrap().read_only);
+        assert_eq!(parse_share("d=/a").unwrap().policy, SharePolicy::Volume);
         assert!(parse_share("/a").is_err());
         assert!(parse_share("=/a").is_err());
         assert!(parse_share("d=").is_err());
@@ -114,11 +126,14 @@ mod tests {
 
     #[test]
     fn a_missing_directory_is_refused_before_boot() {
-        let e = create(&parse_share("d=/no/such/dir").unwrap())
-            .err()
-            .unwrap();
+        let e = create(
+            &parse_share("d=/no/such/dir").unwrap(),
+            &FdBudget::default(),
+        )
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("/no/such/dir"), "{e}");
-        let e = create(&parse_share("d=/etc/passwd").unwrap())
+        let e = create(&parse_share("d=/etc/passwd").unwrap(), &FdBudget::default())
             .err()
             .unwrap();
         assert!(e.to_string().contains("/etc/passwd"), "{e}");

@@ -223,8 +223,9 @@ fn main() -> ExitCode {
         },
     };
     let mut devices = Vec::new();
+    let budget = fs_device::FdBudget::default();
     for s in &cli.share {
-        match fs_device::parse_share(s).and_then(|s| fs_device::create(&s)) {
+        match fs_device::parse_share(s).and_then(|s| fs_device::create(&s, &budget)) {
             Ok(d) => devices.push(d),
             Err(e) => {
                 eprintln!("vmm: error: {e}");

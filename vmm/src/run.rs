@@ -303,6 +303,7 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
                 host: r.clone(),
                 read_only: false,
                 xattr_ownership: opts.xattr_ownership,
+                policy: fs_device::SharePolicy::Rootfs,
             },
             GUEST_SHARED_ROOTFS.to_string(),
         ));
@@ -326,6 +327,7 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
                 host: v.host,
                 read_only: v.read_only,
                 xattr_ownership: opts.xattr_ownership,
+                policy: fs_device::SharePolicy::Volume,
             },
             target,
         ));
@@ -337,8 +339,10 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
         )));
     }
     let mut share_devices = Vec::new();
+    let budget = fs_device::FdBudget::default();
     for (share, _) in &shares {
-        share_devices.push(fs_device::create(share).map_err(|e| Error::Input(e.to_string()))?);
+        share_devices
+            .push(fs_device::create(share, &budget).map_err(|e| Error::Input(e.to_string()))?);
     }
     let (kernel, initrd) = match (&opts.kernel, &opts.initrd) {
         (Some(k), Some(i)) => (k.clone(), i.clone()),

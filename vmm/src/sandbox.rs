@@ -139,9 +139,11 @@ impl Sandbox {
             )));
         }
         let mut share_devices = Vec::new();
+        let budget = fs_device::FdBudget::default();
         for s in &cfg.shares {
-            share_devices
-                .push(fs_device::create(&s.share).map_err(|e| Error::Input(e.to_string()))?);
+            share_devices.push(
+                fs_device::create(&s.share, &budget).map_err(|e| Error::Input(e.to_string()))?,
+            );
         }
         let dir = cfg.run_dir.clone();
         // Exclusive and private: a path that already exists (a planted symlink included) is
@@ -437,6 +439,7 @@ mod tests {
                 host: PathBuf::from(host),
                 read_only: false,
                 xattr_ownership: false,
+                policy: fs_device::SharePolicy::Volume,
             },
             guest_path: format!("/mnt/{n}"),
         }

@@ -51,6 +51,10 @@ pub trait FuseHandler: Send + Sync + 'static {
     ) -> Option<(Vec<u8>, usize)> {
         None
     }
+
+    /// Called once on each worker thread before it serves anything (the FUSE server drops
+    /// the capabilities it does not need there: they are per thread).
+    fn thread_start(&self) {}
 }
 
 impl FuseHandler for super::fs::Server {
@@ -65,6 +69,10 @@ impl FuseHandler for super::fs::Server {
         sink: &mut ReadSink<'_>,
     ) -> Option<(Vec<u8>, usize)> {
         super::fs::Server::handle_read_direct(self, req, max_out, sink)
+    }
+
+    fn thread_start(&self) {
+        self.limit_thread_capabilities();
     }
 }
 
@@ -364,7 +372,10 @@ impl VirtioDevice for VirtioFs {
                 let interrupt = interrupt.clone();
                 let spawned = std::thread::Builder::new()
                     .name(format!("virtio-fs-q{i}.{t}"))
-                    .spawn(move || worker_loop(&*handler, &mem, &queue, &wk, &interrupt));
+                    .spawn(move || {
+                        handler.thread_start();
+                        worker_loop(&*handler, &mem, &queue, &wk, &interrupt)
+                    });
                 match spawned {
                     Ok(th) => threads.push(th),
                     Err(e) => {
@@ -533,6 +544,36 @@ mod tests {
         seen.sort_unstable();
         assert_eq!(seen, heads);
         assert!(got.iter().all(|u| u.2 == b"together"), "{got:?}");
+    }
+
+    /// Counts `thread_start` calls.
+    struct Starts(std::sync::atomic::AtomicUsize);
+    impl FuseHandler for Starts {
+        fn handle(&self, _req: &[u8], _max_out: usize) -> Option<Vec<u8>> {
+            Some(b"ok".to_vec())
+        }
+        fn thread_start(&self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn every_worker_thread_starts_through_the_handler() {
+        let h = Arc::new(Starts(std::sync::atomic::AtomicUsize::new(0)));
+        let (mut t, mut d) = setup_with(h.clone());
+        // A request answered proves the workers run; each called thread_start first.
+        let head = request(&mut d, 1, b"r", 16);
+        assert_eq!(used(&mut t, &mut d, 1), vec![(head, 2, b"ok".to_vec())]);
+        let end = Instant::now() + Duration::from_secs(5);
+        while h.0.load(std::sync::atomic::Ordering::SeqCst) < 1 + REQUEST_THREADS
+            && Instant::now() < end
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            h.0.load(std::sync::atomic::Ordering::SeqCst),
+            1 + REQUEST_THREADS
+        );
     }
 
     #[test]

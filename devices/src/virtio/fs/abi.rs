@@ -85,8 +85,12 @@ pub mod init_flags {
     pub const READDIRPLUS_AUTO: u32 = 1 << 14;
     pub const PARALLEL_DIROPS: u32 = 1 << 18;
     pub const MAX_PAGES: u32 = 1 << 22;
+    /// The server clears setuid/setgid on write, truncate and chown when the guest kernel
+    /// asks (`*_KILL_SUIDGID` below). Protocol 7.33, but the kernel reads it at any minor.
+    pub const HANDLE_KILLPRIV_V2: u32 = 1 << 28;
     /// Flags the server implements (offered when the guest offers them).
     pub const SUPPORTED: u32 = ASYNC_READ
+        | HANDLE_KILLPRIV_V2
         | POSIX_LOCKS
         | ATOMIC_O_TRUNC
         | BIG_WRITES
@@ -110,6 +114,9 @@ pub mod fattr {
     pub const MTIME_NOW: u32 = 1 << 8;
     pub const LOCKOWNER: u32 = 1 << 9;
     pub const CTIME: u32 = 1 << 10;
+    /// Clear setuid/setgid after the change (truncate or chown by a caller without
+    /// `CAP_FSETID`, `HANDLE_KILLPRIV_V2`).
+    pub const KILL_SUIDGID: u32 = 1 << 11;
 }
 
 /// `fuse_getattr_in.getattr_flags`: `fh` is valid.
@@ -118,6 +125,11 @@ pub const GETATTR_FH: u32 = 1;
 pub const FSYNC_FDATASYNC: u32 = 1;
 /// `fuse_lk_in.lk_flags`: a BSD `flock` request.
 pub const LK_FLOCK: u32 = 1;
+/// `fuse_write_in.write_flags`: clear setuid/setgid (`FUSE_WRITE_KILL_SUIDGID`).
+pub const WRITE_KILL_SUIDGID: u32 = 1 << 2;
+/// `fuse_open_in.open_flags` / `fuse_create_in.open_flags`: clear setuid/setgid when the
+/// open truncates (`FUSE_OPEN_KILL_SUIDGID`).
+pub const OPEN_KILL_SUIDGID: u32 = 1;
 /// `fuse_open_out.open_flags`: cache may be kept.
 pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 

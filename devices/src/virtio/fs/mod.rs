@@ -30,11 +30,53 @@
 //! A host process that moves a directory the guest holds out of the share is outside this
 //! model (as with virtiofsd): the server keeps the fd it has.
 //!
-//! Host hygiene the integrator owns: with [`Ownership::Passthrough`] and a root server, the
-//! guest can create setuid-root files, device nodes and `security.*` xattrs *inside* the share
-//! (that is what passthrough means). The server never opens device nodes or FIFOs itself, but
-//! host users could: put the share on a `nosuid,nodev` mount or below a directory only the
-//! VMM user can enter.
+//! # Share policy
+//!
+//! With [`Ownership::Passthrough`] and a root server, what the guest does inside the share
+//! happens to real host files that host users (and other guests sharing the directory) can
+//! use. [`Config::policy`] bounds it:
+//!
+//! - Both policies:
+//!   - **Device nodes**: MKNOD of a block or character device is `EPERM` in passthrough mode,
+//!     except the overlayfs whiteout (character 0:0, which opens nothing and needs no
+//!     `CAP_MKNOD` since Linux 5.8). FIFOs, sockets and regular files are fine. (In
+//!     [`Ownership::Xattr`] mode device nodes are regular 0600 host files anyway.)
+//!   - **Xattrs**: only `user.*` passes, except `user.containers.override_stat`, the
+//!     ownership xattr, in both ownership modes. Everything else (`trusted.*`, `security.*`,
+//!     `system.*` with the POSIX ACLs, unknown namespaces) is refused: SETXATTR and
+//!     REMOVEXATTR `EPERM`, GETXATTR `ENODATA`, left out of LISTXATTR, whether the guest or the
+//!     host put it there. Unlike virtiofsd's `xattrmap` nothing is remapped into `user.*`: a
+//!     guest overlayfs on a share needs its `userxattr` option.
+//!   - **chown** is allowed (containers chown their data directories); the host kernel clears
+//!     setuid/setgid on chown of a non-directory.
+//!   - **`HANDLE_KILLPRIV_V2`** is offered when the guest asks: WRITE with
+//!     `FUSE_WRITE_KILL_SUIDGID` (before the data is written), SETATTR with
+//!     `FATTR_KILL_SUIDGID` (after the truncate or chown), and OPEN/CREATE of an existing file
+//!     with `O_TRUNC` and `FUSE_OPEN_KILL_SUIDGID` clear the setuid bit and, when the file is
+//!     group-executable, the setgid bit (in the override xattr in xattr mode). The host kernel
+//!     itself removes `security.capability` on write, truncate and chown.
+//!   - **Capabilities**: [`Server::limit_thread_capabilities`] (called on every device worker
+//!     thread) keeps `CAP_CHOWN`, `CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH` and `CAP_FOWNER`
+//!     in the thread's effective, permitted and inheritable sets and drops every other one
+//!     (`CAP_MKNOD`, `CAP_SYS_ADMIN`, `CAP_SYS_RESOURCE`: no root-reserved blocks for the
+//!     guest, ...). An unprivileged server has nothing to drop.
+//! - [`SharePolicy::Volume`] (the default; a host directory bind-mounted into the container):
+//!   the setuid bit is cleared from every mode the guest sets (CREATE, MKNOD, MKDIR, SETATTR),
+//!   and the setgid bit too on non-directories (directories keep it for group inheritance), in
+//!   both ownership modes; no `security.capability`. The worker threads also drop
+//!   `CAP_FSETID`, so the host kernel clears setuid/setgid whenever the guest writes or
+//!   truncates a setuid file the host put in the volume, whether or not the guest kernel asks.
+//!   The price: the host kernel drops the setgid bit of a directory chmod'ed (or made) by the
+//!   guest when its group is not one of the server's groups.
+//! - [`SharePolicy::Rootfs`] (the container's own root filesystem, a snapshot made for it):
+//!   setuid and setgid bits and `security.capability` are kept (dpkg installs setuid
+//!   binaries, postinst scripts run `setcap`); setuid files there are as exposed to host users
+//!   as `security.capability` ones, so both or neither. The threads keep `CAP_FSETID` and
+//!   `CAP_SETFCAP`.
+//!
+//! Host hygiene the integrator still owns: a rootfs share can hold setuid-root files. The
+//! server never opens device nodes or FIFOs itself, but host users could: put shares on a
+//! `nosuid,nodev` mount or below a directory only the VMM user can enter.
 //!
 //! # Bounds
 //!
@@ -42,8 +84,11 @@
 //! guest that never forgets cannot grow memory without bound); at most
 //! [`MAX_HANDLES`] open handles (`EMFILE`); READ and WRITE at most 1 MiB and READ
 //! never more than `max_out`; READDIR replies at most 128 KiB; xattr values and lists at most
-//! 64 KiB. Each inode and handle holds one host fd: the process's `RLIMIT_NOFILE` must allow
-//! `max_inodes + MAX_HANDLES` (or the guest sees `EMFILE` earlier).
+//! 64 KiB. Each inode (but the root) and each handle holds one host fd, taken from
+//! [`Config::fd_budget`], which all shares of one VM share ([`DEFAULT_FD_BUDGET`] fds by
+//! default): once it is spent, new inodes and handles in any of them are `ENFILE` until the
+//! guest sends FORGET or RELEASE. The process's `RLIMIT_NOFILE` must allow the budget (or the
+//! guest sees `EMFILE` earlier).
 //!
 //! # Ownership
 //!
@@ -70,7 +115,8 @@ pub use passthrough::{MAX_HANDLES, MAX_IO, MAX_READDIR, MAX_XATTR, OVERRIDE_XATT
 mod tests;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use abi::{errno, opcode, InHeader, Reader, Writer};
 use passthrough::Fs;
@@ -86,6 +132,85 @@ pub enum Ownership {
     Xattr,
 }
 
+/// What the guest may do to the host files of a share beyond ordinary reads and writes (see
+/// the module docs, "Share policy").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SharePolicy {
+    /// The container's own root filesystem (a snapshot made for this container): setuid and
+    /// setgid bits and `security.capability` are kept, as package managers install them.
+    Rootfs,
+    /// A host directory bind-mounted into the container: no setuid bit, no setgid bit on
+    /// non-directories, no `security.capability`. The safe choice, hence the default.
+    #[default]
+    Volume,
+}
+
+/// Host fds one VM's shares may hold together: one per live inode (the roots excepted) and one
+/// per open handle. Clones share the count; give every share of a VM the same budget.
+/// Running out answers the guest `ENFILE`.
+#[derive(Debug, Clone)]
+pub struct FdBudget(Arc<BudgetInner>);
+
+#[derive(Debug)]
+struct BudgetInner {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+/// Default [`FdBudget`] of a VM (all its shares together): 131 072 fds, about 130 MiB of host
+/// kernel memory (file, dentry and inode) at worst. A guest keeps an inode referenced until its
+/// own cache evicts it, so a build or `npm install` tree of tens of thousands of files must
+/// still fit.
+pub const DEFAULT_FD_BUDGET: usize = 1 << 17;
+
+impl FdBudget {
+    /// A budget of `limit` fds.
+    pub fn new(limit: usize) -> FdBudget {
+        FdBudget(Arc::new(BudgetInner {
+            limit,
+            used: AtomicUsize::new(0),
+        }))
+    }
+
+    /// The most fds the budget allows.
+    pub fn limit(&self) -> usize {
+        self.0.limit
+    }
+
+    /// Fds held now.
+    pub fn in_use(&self) -> usize {
+        self.0.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes one fd from the budget; `None` when it is spent. The token gives it back when
+    /// dropped.
+    pub(crate) fn take(&self) -> Option<FdToken> {
+        self.0
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u < self.0.limit).then_some(u + 1)
+            })
+            .ok()
+            .map(|_| FdToken(self.clone()))
+    }
+}
+
+impl Default for FdBudget {
+    fn default() -> FdBudget {
+        FdBudget::new(DEFAULT_FD_BUDGET)
+    }
+}
+
+/// One fd taken from an [`FdBudget`], given back on drop.
+#[derive(Debug)]
+pub(crate) struct FdToken(FdBudget);
+
+impl Drop for FdToken {
+    fn drop(&mut self) {
+        self.0 .0.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -95,21 +220,28 @@ pub struct Config {
     pub read_only: bool,
     /// Ownership scheme.
     pub ownership: Ownership,
+    /// What the guest may do to host files (setuid, `security.capability`).
+    pub policy: SharePolicy,
     /// Most live inodes (the root included).
     pub max_inodes: usize,
+    /// Host fds for inodes and handles, shared by all shares of one VM.
+    pub fd_budget: FdBudget,
 }
 
 /// Default [`Config::max_inodes`].
 pub const DEFAULT_MAX_INODES: usize = 1 << 20;
 
 impl Config {
-    /// A writable passthrough share of `root` with default bounds.
+    /// A writable passthrough [`SharePolicy::Volume`] share of `root` with default bounds and
+    /// a budget of its own.
     pub fn new(root: impl Into<PathBuf>) -> Config {
         Config {
             root: root.into(),
             read_only: false,
             ownership: Ownership::Passthrough,
+            policy: SharePolicy::default(),
             max_inodes: DEFAULT_MAX_INODES,
+            fd_budget: FdBudget::default(),
         }
     }
 }
@@ -171,6 +303,28 @@ impl Server {
             fs: Fs::new(cfg)?,
             initialized: AtomicBool::new(false),
         })
+    }
+
+    /// Drops the calling thread's capabilities to what serving this share needs (call it on
+    /// each thread that handles requests, before the first one). Linux capabilities are per
+    /// thread: `CAP_CHOWN`, `CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH` and `CAP_FOWNER` stay;
+    /// `CAP_FSETID` and `CAP_SETFCAP` only for [`SharePolicy::Rootfs`]; everything else
+    /// (`CAP_MKNOD`, `CAP_SYS_ADMIN` for `trusted.*`, `CAP_SYS_RESOURCE` for reserved blocks,
+    /// ...) goes. Returns the effective set left, or `None` when the call failed (an
+    /// unprivileged server has nothing to drop; that is not an error).
+    pub fn limit_thread_capabilities(&self) -> Option<u64> {
+        let rootfs = self.fs.policy() == SharePolicy::Rootfs;
+        let keep = sys::KeepCaps {
+            fsetid: rootfs,
+            setfcap: rootfs,
+        };
+        match sys::limit_thread_caps(keep) {
+            Ok(left) => Some(left),
+            Err(e) => {
+                tracing::debug!("virtio-fs: cannot limit thread capabilities: errno {}", e.0);
+                None
+            }
+        }
     }
 
     /// Live inodes, the root included (for tests and metrics).

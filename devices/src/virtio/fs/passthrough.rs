@@ -14,7 +14,7 @@ use super::abi::{
     ROOT_ID,
 };
 use super::sys::{self, Errno, Fd, Stat, Time};
-use super::{Config, Ownership};
+use super::{Config, FdToken, Ownership, SharePolicy};
 
 /// Largest READ / WRITE payload.
 pub const MAX_IO: usize = 1 << 20;
@@ -29,6 +29,11 @@ const TIMEOUT: u64 = 1;
 /// The xattr holding guest-visible ownership in [`Ownership::Xattr`] mode.
 pub const OVERRIDE_XATTR: &str = "user.containers.override_stat";
 const OVERRIDE_XATTR_C: &CStr = c"user.containers.override_stat";
+/// The only xattr outside `user.*` a [`SharePolicy::Rootfs`] share passes through.
+const SECURITY_CAPABILITY: &[u8] = b"security.capability";
+const S_ISUID: u32 = 0o4000;
+const S_ISGID: u32 = 0o2000;
+const S_IXGRP: u32 = 0o010;
 const NAME_MAX: usize = 255;
 const PATH_MAX: usize = 4096;
 
@@ -46,6 +51,9 @@ pub(crate) struct Inode {
     fd: Fd,
     /// `S_IFMT` bits of the host inode (never changes).
     typ: u32,
+    /// The fd's share of the VM's [`super::FdBudget`] (none for the root and for transient
+    /// inodes that never enter the table).
+    _budget: Option<FdToken>,
 }
 
 #[derive(Debug)]
@@ -73,6 +81,7 @@ enum HandleKind {
 struct Handle {
     fd: Fd,
     kind: HandleKind,
+    _budget: FdToken,
 }
 
 /// Guest-visible ownership from the override xattr.
@@ -196,6 +205,7 @@ impl Fs {
         let root = Arc::new(Inode {
             fd: root_fd,
             typ: S_IFDIR,
+            _budget: None,
         });
         let root_key = (st.dev, st.ino);
         let fs = Fs {
@@ -245,6 +255,65 @@ impl Fs {
         lock(&self.handles).len()
     }
 
+    /// The share's policy.
+    pub(crate) fn policy(&self) -> SharePolicy {
+        self.cfg.policy
+    }
+
+    /// The permission bits of a mode the guest sets, after the share policy: a
+    /// [`SharePolicy::Volume`] gets no setuid bit and no setgid bit on non-directories.
+    fn allowed_mode(&self, mode: u32, dir: bool) -> u32 {
+        let m = mode & 0o7777;
+        match self.cfg.policy {
+            SharePolicy::Rootfs => m,
+            SharePolicy::Volume if dir => m & !S_ISUID,
+            SharePolicy::Volume => m & !(S_ISUID | S_ISGID),
+        }
+    }
+
+    /// Whether the guest may see and change the xattr `name`: `user.*` but the ownership
+    /// xattr, and `security.capability` on a [`SharePolicy::Rootfs`] share. `trusted.*`,
+    /// other `security.*` and `system.*` (POSIX ACLs) act on the host's kernel and users, not
+    /// just on file contents.
+    fn xattr_allowed(&self, name: &[u8]) -> bool {
+        if name == OVERRIDE_XATTR.as_bytes() {
+            return false;
+        }
+        name.starts_with(b"user.")
+            || (self.cfg.policy == SharePolicy::Rootfs && name == SECURITY_CAPABILITY)
+    }
+
+    /// FUSE's "kill suid/sgid" (`HANDLE_KILLPRIV_V2`): clears the setuid bit, and the setgid
+    /// bit when group-executable, of the non-directory `fd` (in the override xattr when it has
+    /// one). The server may hold `CAP_FSETID`, so the host kernel does not do it by itself.
+    fn kill_suidgid(&self, fd: &Fd) -> Result<(), Errno> {
+        let st = sys::fstat(fd)?;
+        let typ = st.mode & S_IFMT;
+        if typ == S_IFDIR || typ == S_IFLNK {
+            return Ok(());
+        }
+        let killed = |m: u32| {
+            let mut k = m & !S_ISUID;
+            if m & (S_ISGID | S_IXGRP) == S_ISGID | S_IXGRP {
+                k &= !S_ISGID;
+            }
+            k
+        };
+        if let Some(mut o) = self.read_override(fd, typ) {
+            let m = killed(o.mode);
+            if m != o.mode {
+                o.mode = m;
+                self.write_override(fd, &o)?;
+            }
+            return Ok(());
+        }
+        let m = killed(st.mode);
+        if m != st.mode {
+            sys::chmod_fd(&self.proc_fd, fd, m & 0o7777)?;
+        }
+        Ok(())
+    }
+
     fn inode(&self, id: u64) -> Result<Arc<Inode>, Errno> {
         lock(&self.inodes)
             .by_id
@@ -270,8 +339,16 @@ impl Fs {
         if hs.len() >= MAX_HANDLES {
             return Err(Errno(EMFILE));
         }
+        let budget = self.cfg.fd_budget.take().ok_or(Errno(ENFILE))?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        hs.insert(fh, Arc::new(Handle { fd, kind }));
+        hs.insert(
+            fh,
+            Arc::new(Handle {
+                fd,
+                kind,
+                _budget: budget,
+            }),
+        );
         Ok(fh)
     }
 
@@ -288,6 +365,7 @@ impl Fs {
         if t.by_id.len() >= self.cfg.max_inodes.max(1) {
             return Err(Errno(ENFILE));
         }
+        let budget = self.cfg.fd_budget.take().ok_or(Errno(ENFILE))?;
         let id = t.next;
         t.next += 1;
         t.by_id.insert(
@@ -296,6 +374,7 @@ impl Fs {
                 inode: Arc::new(Inode {
                     fd,
                     typ: st.mode & S_IFMT,
+                    _budget: Some(budget),
                 }),
                 key,
                 refs: 1,
@@ -552,7 +631,8 @@ impl Fs {
         if valid & (fattr::MODE | fattr::UID | fattr::GID) != 0 {
             let uid = (valid & fattr::UID != 0).then_some(uid);
             let gid = (valid & fattr::GID != 0).then_some(gid);
-            let mode = (valid & fattr::MODE != 0).then_some(mode);
+            let mode =
+                (valid & fattr::MODE != 0).then(|| self.allowed_mode(mode, inode.typ == S_IFDIR));
             match self.cfg.ownership {
                 Ownership::Passthrough => {
                     if uid.is_some() || gid.is_some() {
@@ -613,6 +693,10 @@ impl Fs {
                     sys::truncate(&fd, size)?;
                 }
             }
+        }
+
+        if valid & fattr::KILL_SUIDGID != 0 {
+            self.kill_suidgid(&inode.fd)?;
         }
 
         if valid & (fattr::ATIME | fattr::MTIME | fattr::ATIME_NOW | fattr::MTIME_NOW) != 0 {
@@ -683,9 +767,15 @@ impl Fs {
             t @ (S_IFREG | S_IFCHR | S_IFBLK | S_IFIFO | S_IFSOCK) => t,
             _ => return Err(Errno(EINVAL)),
         };
-        let mode = typ | (mode & 0o7777);
+        let mode = typ | self.allowed_mode(mode, false);
         let dir = self.inode(h.nodeid)?;
         match self.cfg.ownership {
+            // A host device node would give whoever can open it on the host (or in another
+            // guest sharing the directory) the device itself. Only the overlayfs whiteout
+            // (char 0:0, which opens nothing) is allowed.
+            Ownership::Passthrough if (typ == S_IFCHR && rdev != 0) || typ == S_IFBLK => {
+                Err(Errno(EPERM))
+            }
             Ownership::Passthrough => {
                 sys::mknod_at(&dir.fd, &name, mode, u64::from(rdev))?;
                 self.finish_create(h, &dir.fd, &name, mode, u64::from(rdev))
@@ -715,9 +805,10 @@ impl Fs {
         let name = name_owned(r)?;
         self.ro()?;
         let dir = self.inode(h.nodeid)?;
-        let guest_mode = S_IFDIR | (mode & 0o7777);
+        let mode = self.allowed_mode(mode, true);
+        let guest_mode = S_IFDIR | mode;
         let host = match self.cfg.ownership {
-            Ownership::Passthrough => mode & 0o7777,
+            Ownership::Passthrough => mode,
             Ownership::Xattr => Self::host_mode_xattr(mode, true),
         };
         sys::mkdir_at(&dir.fd, &name, host)?;
@@ -796,11 +887,21 @@ impl Fs {
         }
     }
 
+    /// OPEN/CREATE truncating a file for a caller without `CAP_FSETID` (the guest kernel
+    /// then sets `FUSE_OPEN_KILL_SUIDGID`).
+    fn kills_on_open(flags: u32, open_flags: u32) -> bool {
+        flags & oflags::TRUNC != 0 && open_flags & abi::OPEN_KILL_SUIDGID != 0
+    }
+
     pub(crate) fn open(&self, h: &InHeader, r: &mut Reader<'_>) -> Res {
-        let flags = r.u32()?;
-        let flags = self.check_open_flags(flags)?;
+        let guest_flags = r.u32()?;
+        let open_flags = r.u32()?;
+        let flags = self.check_open_flags(guest_flags)?;
         let inode = self.inode(h.nodeid)?;
         let fd = self.open_inode(&inode, flags)?;
+        if Self::kills_on_open(guest_flags, open_flags) {
+            self.kill_suidgid(&fd)?;
+        }
         let fh = self.add_handle(fd, HandleKind::File)?;
         Ok(Self::open_reply(fh))
     }
@@ -809,14 +910,15 @@ impl Fs {
         let flags = r.u32()?;
         let mode = r.u32()?;
         let _umask = r.u32()?;
-        let _open_flags = r.u32()?;
+        let open_flags = r.u32()?;
         let name = name_owned(r)?;
         self.ro()?;
         let pflags = self.check_open_flags(flags)?;
         let dir = self.inode(h.nodeid)?;
-        let guest_mode = S_IFREG | (mode & 0o7777);
+        let mode = self.allowed_mode(mode, false);
+        let guest_mode = S_IFREG | mode;
         let host = match self.cfg.ownership {
-            Ownership::Passthrough => mode & 0o7777,
+            Ownership::Passthrough => mode,
             Ownership::Xattr => Self::host_mode_xattr(mode, false),
         };
         let (fd, created) = match sys::create_at(&dir.fd, &name, pflags, host) {
@@ -827,6 +929,7 @@ impl Fs {
                 let inode = Inode {
                     fd: p,
                     typ: st.mode & S_IFMT,
+                    _budget: None,
                 };
                 (self.open_inode(&inode, pflags)?, false)
             }
@@ -835,6 +938,8 @@ impl Fs {
         let pfd = sys::path_fd(&self.proc_fd, &fd)?;
         if created {
             self.settle_new(&pfd, h, guest_mode, 0)?;
+        } else if Self::kills_on_open(flags, open_flags) {
+            self.kill_suidgid(&pfd)?;
         }
         let st = sys::fstat(&pfd)?;
         let attr = self.attr_of(&pfd, &st);
@@ -885,7 +990,7 @@ impl Fs {
         let fh = r.u64()?;
         let offset = r.u64()?;
         let size = r.u32()? as usize;
-        let _write_flags = r.u32()?;
+        let write_flags = r.u32()?;
         let _lock_owner = r.u64()?;
         let _flags = r.u32()?;
         r.u32()?;
@@ -895,6 +1000,10 @@ impl Fs {
         let data = r.take(size)?;
         self.ro()?;
         let hd = self.file_handle(fh)?;
+        // Before the data lands, as the VFS does: nobody may run the changed file setuid.
+        if write_flags & abi::WRITE_KILL_SUIDGID != 0 {
+            self.kill_suidgid(&hd.fd)?;
+        }
         let n = sys::pwrite(&hd.fd, data, offset)?;
         let mut w = Writer::new();
         w.u32(u32::try_from(n).unwrap_or(0)).u32(0);
@@ -1029,10 +1138,6 @@ impl Fs {
         }
     }
 
-    fn hidden(&self, name: &CStr) -> bool {
-        self.cfg.ownership == Ownership::Xattr && name == OVERRIDE_XATTR_C
-    }
-
     pub(crate) fn setxattr(&self, h: &InHeader, r: &mut Reader<'_>) -> Res {
         let size = r.u32()? as usize;
         let flags = r.u32()?;
@@ -1042,7 +1147,7 @@ impl Fs {
         }
         let value = r.take(size)?;
         self.ro()?;
-        if self.hidden(&name) {
+        if !self.xattr_allowed(name.to_bytes()) {
             return Err(Errno(EPERM));
         }
         if flags & !3 != 0 {
@@ -1060,7 +1165,7 @@ impl Fs {
         let size = r.u32()? as usize;
         r.u32()?;
         let name = xattr_name(r)?;
-        if self.hidden(&name) {
+        if !self.xattr_allowed(name.to_bytes()) {
             return Err(Errno(ENODATA));
         }
         let inode = self.inode(h.nodeid)?;
@@ -1105,7 +1210,7 @@ impl Fs {
                 if bare.is_empty() {
                     continue;
                 }
-                if self.cfg.ownership == Ownership::Xattr && bare == OVERRIDE_XATTR.as_bytes() {
+                if !self.xattr_allowed(bare) {
                     continue;
                 }
                 out.extend_from_slice(bare);
@@ -1127,7 +1232,7 @@ impl Fs {
     pub(crate) fn removexattr(&self, h: &InHeader, r: &mut Reader<'_>) -> Res {
         let name = xattr_name(r)?;
         self.ro()?;
-        if self.hidden(&name) {
+        if !self.xattr_allowed(name.to_bytes()) {
             return Err(Errno(EPERM));
         }
         let inode = self.inode(h.nodeid)?;

@@ -153,6 +153,51 @@ impl T {
         let rep = self.call(WRITE, 0, &w.buf)?;
         Ok(u32::from_le_bytes(rep[0..4].try_into().unwrap()))
     }
+    /// WRITE with `fuse_write_in.write_flags`.
+    fn write_flagged(&self, fh: u64, off: u64, data: &[u8], flags: u32) -> Result<u32, i32> {
+        let mut w = Writer::new();
+        w.u64(fh)
+            .u64(off)
+            .u32(data.len() as u32)
+            .u32(flags)
+            .u64(0)
+            .u32(0)
+            .u32(0)
+            .bytes(data);
+        let rep = self.call(WRITE, 0, &w.buf)?;
+        Ok(u32::from_le_bytes(rep[0..4].try_into().unwrap()))
+    }
+    /// OPEN with `fuse_open_in.open_flags`.
+    fn open_flagged(&self, node: u64, flags: u32, open_flags: u32) -> Result<u64, i32> {
+        let mut w = Writer::new();
+        w.u32(flags).u32(open_flags);
+        let rep = self.call(OPEN, node, &w.buf)?;
+        Ok(u64::from_le_bytes(rep[0..8].try_into().unwrap()))
+    }
+    /// CREATE with `fuse_create_in.open_flags`; returns the node and the handle.
+    fn create_flagged(
+        &self,
+        parent: u64,
+        name: &str,
+        flags: u32,
+        mode: u32,
+        open_flags: u32,
+    ) -> Result<(u64, u64), i32> {
+        let mut w = Writer::new();
+        w.u32(flags)
+            .u32(mode)
+            .u32(0)
+            .u32(open_flags)
+            .bytes(&cs(name));
+        let rep = self.call(CREATE, parent, &w.buf)?;
+        let fh = u64::from_le_bytes(rep[128..136].try_into().unwrap());
+        Ok((entry(&rep).0, fh))
+    }
+    fn mknod(&self, parent: u64, name: &str, mode: u32, rdev: u32) -> Result<(u64, Attr), i32> {
+        let mut w = Writer::new();
+        w.u32(mode).u32(rdev).u32(0).u32(0).bytes(&cs(name));
+        Ok(entry(&self.call(MKNOD, parent, &w.buf)?))
+    }
     fn release(&self, op: u32, fh: u64) -> Result<Vec<u8>, i32> {
         let mut w = Writer::new();
         w.u64(fh).u32(0).u32(0).u64(0);
@@ -555,7 +600,8 @@ fn files_read_write_and_attrs() {
             s.mode = 0o4711;
         })
         .unwrap();
-    assert_eq!(a.mode, S_IFREG | 0o4711);
+    // The default policy (Volume) drops the setuid bit; see `volume_policy_*`.
+    assert_eq!(a.mode, S_IFREG | 0o711);
     let a = t.setattr(id, |s| {
         s.valid = abi::fattr::UID | abi::fattr::GID;
         s.uid = 42;
@@ -1030,7 +1076,10 @@ fn max_inodes_and_forget() {
 
 #[test]
 fn xattr_ownership_mode() {
-    let t = T::with(|c| c.ownership = Ownership::Xattr);
+    let t = T::with(|c| {
+        c.ownership = Ownership::Xattr;
+        c.policy = SharePolicy::Rootfs;
+    });
     let me = rustix::process::geteuid().as_raw();
     t.uid.set(0);
     t.gid.set(0);
@@ -1387,4 +1436,436 @@ fn direct_read_matches_the_copying_path() {
     bad.push(0);
     assert_eq!(direct(&bad, MAX_OUT), None);
     assert_eq!(direct(&t.raw(READ, 0, &read_in(fh, 0, 10)), 15), None);
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn host_mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+fn list_names(t: &T, node: u64) -> Vec<Vec<u8>> {
+    t.xattr_list(node, 65536)
+        .unwrap()
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// A `vfs_cap_data` (revision 2) granting CAP_NET_RAW, effective.
+const FILE_CAP_NET_RAW: [u8; 20] = [
+    0x01, 0, 0, 0x02, // magic_etc: VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE
+    0, 0x20, 0, 0, // permitted[0]: 1 << 13
+    0, 0, 0, 0, // inheritable[0]
+    0, 0, 0, 0, // permitted[1]
+    0, 0, 0, 0, // inheritable[1]
+];
+
+#[test]
+fn volume_policy_strips_setuid_and_setgid_from_guest_modes() {
+    let t = T::new();
+    assert_eq!(Config::new("/x").policy, SharePolicy::Volume, "the default");
+    t.uid.set(1000);
+    t.gid.set(1000);
+    let (f, a, fh) = t.create(ROOT_ID, "f", 2, 0o6755).unwrap();
+    t.release(RELEASE, fh).unwrap();
+    assert_eq!(a.mode, S_IFREG | 0o755);
+    assert_eq!(host_mode(&t.p("f")), 0o755);
+    let (_, a) = t.mknod(ROOT_ID, "n", S_IFREG | 0o4755, 0).unwrap();
+    assert_eq!(a.mode, S_IFREG | 0o755);
+    // Directories keep setgid (group inheritance), never setuid.
+    let (d, a) = t.mkdir(ROOT_ID, "d", 0o6775).unwrap();
+    assert_eq!(a.mode, S_IFDIR | 0o2775);
+    assert_eq!(host_mode(&t.p("d")), 0o2775);
+    let a = t
+        .setattr(d, |s| {
+            s.valid = abi::fattr::MODE;
+            s.mode = 0o4770;
+        })
+        .unwrap();
+    assert_eq!(a.mode, S_IFDIR | 0o770);
+    // chmod u+s / g+s on a file.
+    let a = t
+        .setattr(f, |s| {
+            s.valid = abi::fattr::MODE;
+            s.mode = 0o6711;
+        })
+        .unwrap();
+    assert_eq!(a.mode, S_IFREG | 0o711);
+    assert_eq!(host_mode(&t.p("f")), 0o711);
+    // chown stays allowed (containers chown their data directories), to root too.
+    if is_root() {
+        let a = t
+            .setattr(f, |s| {
+                s.valid = abi::fattr::UID | abi::fattr::GID;
+                s.uid = 0;
+                s.gid = 0;
+            })
+            .unwrap();
+        assert_eq!((a.uid, a.gid), (0, 0));
+        let a = t
+            .setattr(f, |s| {
+                s.valid = abi::fattr::MODE;
+                s.mode = 0o4755;
+            })
+            .unwrap();
+        assert_eq!(a.mode, S_IFREG | 0o755, "no setuid-root file on the host");
+    }
+    // Same in xattr ownership mode (the guest-visible mode).
+    let t = T::with(|c| c.ownership = Ownership::Xattr);
+    let (f, a, fh) = t.create(ROOT_ID, "f", 2, 0o4755).unwrap();
+    t.release(RELEASE, fh).unwrap();
+    assert_eq!(a.mode, S_IFREG | 0o755);
+    let a = t
+        .setattr(f, |s| {
+            s.valid = abi::fattr::MODE;
+            s.mode = 0o6755;
+        })
+        .unwrap();
+    assert_eq!(a.mode, S_IFREG | 0o755);
+}
+
+#[test]
+fn rootfs_policy_keeps_setuid_and_file_capabilities() {
+    let t = T::with(|c| c.policy = SharePolicy::Rootfs);
+    let (f, a, fh) = t.create(ROOT_ID, "su", 2, 0o4755).unwrap();
+    t.release(RELEASE, fh).unwrap();
+    assert_eq!(a.mode, S_IFREG | 0o4755);
+    assert_eq!(host_mode(&t.p("su")), 0o4755);
+    let a = t
+        .setattr(f, |s| {
+            s.valid = abi::fattr::MODE;
+            s.mode = 0o6755;
+        })
+        .unwrap();
+    assert_eq!(a.mode, S_IFREG | 0o6755);
+    // security.capability passes (setcap in a package's postinst).
+    if is_root() {
+        assert_eq!(
+            t.xattr_set(f, "security.capability", &FILE_CAP_NET_RAW),
+            Ok(vec![])
+        );
+        assert_eq!(
+            t.xattr_get(f, "security.capability", 100).unwrap(),
+            FILE_CAP_NET_RAW
+        );
+        assert!(list_names(&t, f).contains(&b"security.capability".to_vec()));
+    }
+    // Other privileged namespaces and device nodes stay refused.
+    assert_eq!(t.xattr_set(f, "trusted.x", b"1"), Err(EPERM));
+    assert_eq!(t.xattr_set(f, "security.selinux", b"x"), Err(EPERM));
+    assert_eq!(
+        t.mknod(ROOT_ID, "mem", S_IFCHR | 0o600, (1 << 8) | 1),
+        Err(EPERM)
+    );
+}
+
+#[test]
+fn device_nodes_are_refused_in_passthrough_mode() {
+    for policy in [SharePolicy::Volume, SharePolicy::Rootfs] {
+        let t = T::with(|c| c.policy = policy);
+        // /dev/mem (1:1), /dev/sda (8:0).
+        assert_eq!(
+            t.mknod(ROOT_ID, "mem", S_IFCHR | 0o666, (1 << 8) | 1),
+            Err(EPERM)
+        );
+        assert_eq!(t.mknod(ROOT_ID, "sda", S_IFBLK | 0o666, 8 << 8), Err(EPERM));
+        assert!(!t.p("mem").exists() && !t.p("sda").exists());
+        // FIFOs, sockets and the overlayfs whiteout (char 0:0) are fine.
+        t.mknod(ROOT_ID, "fifo", S_IFIFO | 0o644, 0).unwrap();
+        t.mknod(ROOT_ID, "sock", S_IFSOCK | 0o644, 0).unwrap();
+        if is_root() {
+            let (_, a) = t.mknod(ROOT_ID, "wh", S_IFCHR, 0).unwrap();
+            assert_eq!((a.mode & S_IFMT, a.rdev), (S_IFCHR, 0));
+        }
+    }
+}
+
+#[test]
+fn privileged_xattr_namespaces_are_filtered() {
+    for policy in [SharePolicy::Volume, SharePolicy::Rootfs] {
+        let t = T::with(|c| c.policy = policy);
+        std::fs::write(t.p("f"), b"").unwrap();
+        let (f, _) = t.lookup(ROOT_ID, "f").unwrap();
+        for name in [
+            "trusted.overlay.opaque",
+            "security.selinux",
+            "security.ima",
+            "system.posix_acl_access",
+            "system.posix_acl_default",
+            "system.nfs4_acl",
+            "userx.nope",
+        ] {
+            assert_eq!(t.xattr_set(f, name, b"y"), Err(EPERM), "{name}");
+            assert_eq!(t.call(REMOVEXATTR, f, &cs(name)), Err(EPERM), "{name}");
+            assert_eq!(t.xattr_get(f, name, 100), Err(ENODATA), "{name}");
+        }
+        if policy == SharePolicy::Volume {
+            assert_eq!(
+                t.xattr_set(f, "security.capability", &FILE_CAP_NET_RAW),
+                Err(EPERM)
+            );
+        }
+        // What the host put there is neither visible nor removable.
+        if is_root() {
+            rustix::fs::setxattr(
+                t.p("f"),
+                "trusted.secret",
+                b"s",
+                rustix::fs::XattrFlags::empty(),
+            )
+            .unwrap();
+            rustix::fs::setxattr(
+                t.p("f"),
+                "security.capability",
+                &FILE_CAP_NET_RAW,
+                rustix::fs::XattrFlags::empty(),
+            )
+            .unwrap();
+        }
+        t.xattr_set(f, "user.ok", b"1").unwrap();
+        let names = list_names(&t, f);
+        let want: Vec<Vec<u8>> = if policy == SharePolicy::Rootfs && is_root() {
+            vec![b"security.capability".to_vec(), b"user.ok".to_vec()]
+        } else {
+            vec![b"user.ok".to_vec()]
+        };
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(sorted, want, "{policy:?}");
+        assert_eq!(t.xattr_get(f, "trusted.secret", 100), Err(ENODATA));
+        assert_eq!(t.call(REMOVEXATTR, f, &cs("trusted.secret")), Err(EPERM));
+        if is_root() {
+            let mut b = [0u8; 8];
+            assert_eq!(
+                rustix::fs::getxattr(t.p("f"), "trusted.secret", &mut b[..]).unwrap(),
+                1
+            );
+        }
+    }
+}
+
+#[test]
+fn ownership_xattr_is_hidden_in_passthrough_mode() {
+    let t = T::new();
+    std::fs::write(t.p("f"), b"").unwrap();
+    rustix::fs::setxattr(
+        t.p("f"),
+        OVERRIDE_XATTR,
+        b"0:0:0104755",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    let (f, _) = t.lookup(ROOT_ID, "f").unwrap();
+    assert_eq!(t.xattr_get(f, OVERRIDE_XATTR, 100), Err(ENODATA));
+    assert_eq!(t.xattr_set(f, OVERRIDE_XATTR, b"0:0:0104755"), Err(EPERM));
+    assert_eq!(t.call(REMOVEXATTR, f, &cs(OVERRIDE_XATTR)), Err(EPERM));
+    assert!(list_names(&t, f).is_empty());
+    let rep = t.xattr_list(f, 0).unwrap();
+    assert_eq!(u32::from_le_bytes(rep[0..4].try_into().unwrap()), 0);
+    // A guest-created file cannot get one either.
+    let (g, _, fh) = t.create(ROOT_ID, "g", 2, 0o644).unwrap();
+    t.release(RELEASE, fh).unwrap();
+    assert_eq!(t.xattr_set(g, OVERRIDE_XATTR, b"0:0:0104755"), Err(EPERM));
+    assert!(rustix::fs::getxattr(t.p("g"), OVERRIDE_XATTR, &mut [0u8; 64][..]).is_err());
+}
+
+#[test]
+fn kill_suidgid_on_write_truncate_and_open() {
+    // INIT offers HANDLE_KILLPRIV_V2 when the guest asks for it.
+    let t = T::with(|c| c.policy = SharePolicy::Rootfs);
+    t.call(DESTROY, 0, &[]).unwrap();
+    let mut w = Writer::new();
+    w.u32(7)
+        .u32(38)
+        .u32(0)
+        .u32(abi::init_flags::HANDLE_KILLPRIV_V2)
+        .bytes(&[0; 48]);
+    let rep = t.call(INIT, 0, &w.buf).unwrap();
+    let out_flags = u32::from_le_bytes(rep[12..16].try_into().unwrap());
+    assert_eq!(out_flags, abi::init_flags::HANDLE_KILLPRIV_V2);
+
+    let kill = abi::WRITE_KILL_SUIDGID;
+    let (f, _, fh) = t.create(ROOT_ID, "f", 2, 0o6755).unwrap();
+    // A write by a guest process with CAP_FSETID (no flag) keeps the bits...
+    t.write_flagged(fh, 0, b"a", 0).unwrap();
+    if is_root() {
+        assert_eq!(host_mode(&t.p("f")), 0o6755);
+    }
+    // ... one without clears setuid, and setgid because the file is group-executable.
+    t.write_flagged(fh, 0, b"b", kill).unwrap();
+    assert_eq!(host_mode(&t.p("f")), 0o755);
+    assert_eq!(t.getattr(f).unwrap().mode, S_IFREG | 0o755);
+    // Setgid without group execute (mandatory-locking marker) stays.
+    t.setattr(f, |s| {
+        s.valid = abi::fattr::MODE;
+        s.mode = 0o6745;
+    })
+    .unwrap();
+    t.write_flagged(fh, 0, b"c", kill).unwrap();
+    assert_eq!(host_mode(&t.p("f")), 0o2745);
+    t.release(RELEASE, fh).unwrap();
+    // Truncate through SETATTR.
+    let set = |m: u32| {
+        t.setattr(f, |s| {
+            s.valid = abi::fattr::MODE;
+            s.mode = m;
+        })
+        .unwrap()
+    };
+    set(0o4755);
+    let a = t
+        .setattr(f, |s| {
+            s.valid = abi::fattr::SIZE | abi::fattr::KILL_SUIDGID;
+            s.size = 0;
+        })
+        .unwrap();
+    assert_eq!(a.mode, S_IFREG | 0o755);
+    // OPEN with O_TRUNC (only then: the flag alone does nothing).
+    set(0o4755);
+    let fh = t.open_flagged(f, 1, abi::OPEN_KILL_SUIDGID).unwrap();
+    t.release(RELEASE, fh).unwrap();
+    assert_eq!(host_mode(&t.p("f")), 0o4755);
+    let fh = t
+        .open_flagged(f, 1 | abi::oflags::TRUNC, abi::OPEN_KILL_SUIDGID)
+        .unwrap();
+    t.release(RELEASE, fh).unwrap();
+    assert_eq!(host_mode(&t.p("f")), 0o755);
+    // CREATE of an existing file with O_TRUNC.
+    set(0o4755);
+    let (_, fh) = t
+        .create_flagged(
+            ROOT_ID,
+            "f",
+            1 | abi::oflags::TRUNC,
+            0o644,
+            abi::OPEN_KILL_SUIDGID,
+        )
+        .unwrap();
+    t.release(RELEASE, fh).unwrap();
+    assert_eq!(host_mode(&t.p("f")), 0o755);
+
+    // Xattr ownership mode: the guest-visible mode in the override is what gets killed.
+    let t = T::with(|c| {
+        c.policy = SharePolicy::Rootfs;
+        c.ownership = Ownership::Xattr;
+    });
+    let (f, a, fh) = t.create(ROOT_ID, "f", 2, 0o4755).unwrap();
+    assert_eq!(a.mode, S_IFREG | 0o4755);
+    t.write_flagged(fh, 0, b"x", kill).unwrap();
+    t.release(RELEASE, fh).unwrap();
+    assert_eq!(t.getattr(f).unwrap().mode, S_IFREG | 0o755);
+}
+
+#[test]
+fn fd_budget_is_shared_by_the_shares_of_a_vm() {
+    let budget = FdBudget::new(3);
+    let a = T::with(|c| c.fd_budget = budget.clone());
+    let b = T::with(|c| c.fd_budget = budget.clone());
+    for t in [&a, &b] {
+        for n in ["x", "y"] {
+            std::fs::write(t.p(n), n).unwrap();
+        }
+    }
+    let (ax, _) = a.lookup(ROOT_ID, "x").unwrap();
+    let (ay, _) = a.lookup(ROOT_ID, "y").unwrap();
+    // Another reference to a known inode costs nothing.
+    assert_eq!(a.lookup(ROOT_ID, "x").unwrap().0, ax);
+    let (bx, _) = b.lookup(ROOT_ID, "x").unwrap();
+    assert_eq!(budget.in_use(), 3);
+    // Spent: inodes and handles of either share are ENFILE, the shares keep working.
+    assert_eq!(b.lookup(ROOT_ID, "y").map(|_| ()), Err(ENFILE));
+    assert_eq!(a.open(ax, 0), Err(ENFILE));
+    assert_eq!(b.opendir(ROOT_ID), Err(ENFILE));
+    assert_eq!(b.create(ROOT_ID, "z", 2, 0o644).map(|_| ()), Err(ENFILE));
+    b.getattr(bx).unwrap();
+    assert_eq!(budget.in_use(), 3);
+    // FORGET in one share gives the fd back to the other.
+    a.forget(ay, 1);
+    assert_eq!(budget.in_use(), 2);
+    let (by, _) = b.lookup(ROOT_ID, "y").unwrap();
+    assert_eq!(a.open(ax, 0), Err(ENFILE));
+    b.forget(by, 1);
+    let fh = a.open(ax, 0).unwrap();
+    assert_eq!(a.read(fh, 0, 10).unwrap(), b"x");
+    assert_eq!(b.lookup(ROOT_ID, "y").map(|_| ()), Err(ENFILE));
+    a.release(RELEASE, fh).unwrap();
+    b.lookup(ROOT_ID, "y").unwrap();
+    // DESTROY (and dropping a server) gives everything back.
+    a.call(DESTROY, 0, &[]).unwrap();
+    assert_eq!(budget.in_use(), 2);
+    drop(b);
+    assert_eq!(budget.in_use(), 0);
+    assert_eq!(FdBudget::default().limit(), DEFAULT_FD_BUDGET);
+}
+
+#[test]
+fn request_threads_keep_only_file_capabilities() {
+    use rustix::thread::{capabilities, CapabilitySet as C};
+    let base = C::CHOWN | C::DAC_OVERRIDE | C::DAC_READ_SEARCH | C::FOWNER;
+    let main_before = capabilities(None).unwrap();
+    for (policy, want) in [
+        (SharePolicy::Volume, base),
+        (SharePolicy::Rootfs, base | C::FSETID | C::SETFCAP),
+    ] {
+        // A thread of its own, as the device's workers (T is not Sync).
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let t = T::with(|c| c.policy = policy);
+                std::fs::write(t.p("host-suid"), b"#!/bin/sh\n").unwrap();
+                std::fs::set_permissions(t.p("host-suid"), std::fs::Permissions::from_mode(0o4755))
+                    .unwrap();
+                let (f, _) = t.lookup(ROOT_ID, "host-suid").unwrap();
+                let left = t.srv.limit_thread_capabilities();
+                let now = capabilities(None).unwrap();
+                let had = main_before.effective;
+                assert_eq!(left, Some((had & want).bits()));
+                assert_eq!(now.effective, had & want, "{policy:?}");
+                assert_eq!(now.permitted, main_before.permitted & want);
+                if !is_root() {
+                    return;
+                }
+                assert!(!now.effective.contains(C::MKNOD | C::SYS_ADMIN));
+                // On a volume the host kernel now also clears setuid on a plain write (no
+                // CAP_FSETID), even if the guest kernel did not ask.
+                let fh = t.open(f, 1).unwrap();
+                t.write_flagged(fh, 0, b"#", 0).unwrap();
+                t.release(RELEASE, fh).unwrap();
+                let m = host_mode(&t.p("host-suid"));
+                match policy {
+                    SharePolicy::Volume => assert_eq!(m, 0o755),
+                    SharePolicy::Rootfs => assert_eq!(m, 0o4755),
+                }
+                // Ordinary work still succeeds: create, chown, chmod, xattrs.
+                t.uid.set(1000);
+                let (g, _, fh) = t.create(ROOT_ID, "g", 2, 0o640).unwrap();
+                t.release(RELEASE, fh).unwrap();
+                t.uid.set(0);
+                assert_eq!(std::fs::metadata(t.p("g")).unwrap().uid(), 1000);
+                t.setattr(g, |s| {
+                    s.valid = abi::fattr::MODE;
+                    s.mode = 0o600;
+                })
+                .unwrap();
+                t.xattr_set(g, "user.k", b"v").unwrap();
+                // The price on a volume: without CAP_FSETID the host kernel drops the setgid
+                // bit of a directory whose group the server is not in.
+                t.uid.set(1000);
+                t.gid.set(1000);
+                t.mkdir(ROOT_ID, "shared", 0o2775).unwrap();
+                let m = host_mode(&t.p("shared"));
+                match policy {
+                    SharePolicy::Volume => assert_eq!(m, 0o775),
+                    SharePolicy::Rootfs => assert_eq!(m, 0o2775),
+                }
+            })
+            .join()
+            .unwrap();
+        });
+    }
+    // Only the server threads lost anything.
+    assert_eq!(capabilities(None).unwrap(), main_before);
 }

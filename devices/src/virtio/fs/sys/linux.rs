@@ -567,3 +567,27 @@ pub fn geteuid() -> u32 {
 pub fn getegid() -> u32 {
     rustix::process::getegid().as_raw()
 }
+
+/// Limits the calling thread's capabilities (effective, permitted and inheritable sets) to what
+/// file operations need: `CAP_CHOWN`, `CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH`, `CAP_FOWNER`,
+/// plus `CAP_FSETID` and `CAP_SETFCAP` when `keep` says so. Capabilities are per thread on
+/// Linux (`capset` on the caller), so other threads of the process keep theirs. Capabilities
+/// the thread does not have are not added. Returns the effective set left (the raw bits).
+pub fn limit_thread_caps(keep: super::KeepCaps) -> Result<u64> {
+    use rustix::thread::{capabilities, set_capabilities, CapabilitySet as C, CapabilitySets};
+    let mut want = C::CHOWN | C::DAC_OVERRIDE | C::DAC_READ_SEARCH | C::FOWNER;
+    if keep.fsetid {
+        want |= C::FSETID;
+    }
+    if keep.setfcap {
+        want |= C::SETFCAP;
+    }
+    let cur = capabilities(None).map_err(e)?;
+    let new = CapabilitySets {
+        effective: cur.effective & want,
+        permitted: cur.permitted & want,
+        inheritable: cur.inheritable & want,
+    };
+    set_capabilities(None, new).map_err(e)?;
+    Ok(new.effective.bits())
+}

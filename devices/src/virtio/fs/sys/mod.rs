@@ -25,6 +25,15 @@ pub struct Errno(pub i32);
 /// Result of a system call wrapper.
 pub type Result<T> = std::result::Result<T, Errno>;
 
+/// Which optional capabilities a server thread keeps (see `limit_thread_caps`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeepCaps {
+    /// `CAP_FSETID`: writes and chmods by the server keep setuid/setgid bits.
+    pub fsetid: bool,
+    /// `CAP_SETFCAP`: the server may set `security.capability`.
+    pub setfcap: bool,
+}
+
 /// What the server needs of `struct stat`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[allow(missing_docs)]

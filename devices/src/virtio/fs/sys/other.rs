@@ -207,3 +207,9 @@ pub fn geteuid() -> u32 {
 pub fn getegid() -> u32 {
     0
 }
+
+/// Limits the calling thread's capabilities: nothing to do on hosts without Linux
+/// capabilities (the macOS port runs unprivileged).
+pub fn limit_thread_caps(keep: super::KeepCaps) -> Result<u64> {
+    Ok(0)
+}
