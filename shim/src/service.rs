@@ -544,6 +544,7 @@ impl TaskService {
             kernel_args: Vec::new(),
             run_dir,
             agent_timeout: vm.agent_timeout,
+            timings: None,
         })
         .map_err(|e| fail(rpc_err(Code::INTERNAL, format!("booting the VM: {e}"))))?;
         let sandbox = Arc::new(sandbox);

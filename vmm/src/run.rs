@@ -1,26 +1,24 @@
 //! `vmm run`: runs one command as a container in a fresh VM, with the user's stdio, signals and
 //! exit status, as `runc run` would.
 //!
-//! Flow: listen on the hybrid-vsock Unix sockets (`<dir>/vsock.sock_1024` for the agent's control
-//! connection, `_1025` for its stdio streams) → boot the VM with a virtio-vsock device and
-//! `skiff.agent=serve` → the agent dials in (= ready) → CreateContainer (rootfs `/rootfs` from the
-//! initramfs) → stdio copies → Start → forward signals → Wait (answered only after the output
-//! streams are drained) → Shutdown → exit with the container's status.
+//! A thin front end over [`Sandbox`] (the same boot the containerd shim uses): boot the VM with
+//! its shares and wait for the agent → CreateContainer (rootfs `/rootfs` from the initramfs, or
+//! the `--rootfs` share) → stdio copies → Start → forward signals → Wait (answered only after
+//! the output streams are drained) → Shutdown → exit with the container's status.
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use oci_spec::runtime::{BoxBuilder, Spec, User};
-use skiff_protocol::stream::StreamHub;
-use skiff_protocol::{Client, StreamKind, CONTROL_PORT, STREAM_PORT};
+use skiff_protocol::{Client, StreamKind};
 
 use crate::fs_device::{self, Share};
+use crate::sandbox::{self, Sandbox, SandboxConfig, SandboxShare};
 use crate::sys;
 use crate::timings::{Phase, Timings};
-use crate::vm::{self, SerialOut, VmConfig, DEFAULT_CMDLINE};
 
 /// Container id used inside the VM (one container per VM).
 const CONTAINER: &str = "skiff";
@@ -338,11 +336,15 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
             "too many volumes: at most {MAX_SHARES} shares (rootfs and volumes) fit one VM"
         )));
     }
-    let mut share_devices = Vec::new();
-    let budget = fs_device::FdBudget::default();
-    for (share, _) in &shares {
-        share_devices
-            .push(fs_device::create(share, &budget).map_err(|e| Error::Input(e.to_string()))?);
+    // Volumes were checked by parse_volume; the rootfs before the (maybe slow) kernel lookup.
+    // Sandbox::boot checks every share again, before it boots.
+    if let Some(r) = &opts.rootfs {
+        if !r.is_dir() {
+            return Err(Error::Input(format!(
+                "--rootfs {}: not a directory",
+                r.display()
+            )));
+        }
     }
     let (kernel, initrd) = match (&opts.kernel, &opts.initrd) {
         (Some(k), Some(i)) => (k.clone(), i.clone()),
@@ -354,115 +356,55 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     // Signals go to a forwarding thread, not to this process's default actions.
     sys::block_signals(&sys::FORWARDED).map_err(failed("blocking signals"))?;
 
-    let dir = crate::run_dir::create("run")
-        .map_err(|e| Error::Failed(format!("creating the run directory: {e}")))?;
-    let cleanup = RunDir(dir.clone());
+    // The sandbox creates it (exclusively, mode 0700) and removes it when dropped.
+    let dir = crate::run_dir::base()
+        .map_err(|e| Error::Failed(format!("creating the run directory: {e}")))?
+        .join(format!(
+            "run-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+        ));
     // Signals: before the container starts, a terminating one ends `vmm run` (the VM is
     // abandoned with the process); after, every signal is forwarded to the container, and a
     // third terminating signal forces the exit if the guest does not answer.
     let started: Arc<Mutex<Option<Arc<Client<UnixStream>>>>> = Arc::new(Mutex::new(None));
     spawn_signal_thread(started.clone(), dir.clone());
-    let uds = dir.join("vsock.sock");
-    let control = UnixListener::bind(format!("{}_{CONTROL_PORT}", uds.display()))
-        .map_err(failed("listening for the agent"))?;
-    let streams_listener = UnixListener::bind(format!("{}_{STREAM_PORT}", uds.display()))
-        .map_err(failed("listening for stdio streams"))?;
-    let hub: StreamHub<UnixStream> = StreamHub::new();
-    hub.accept_loop(move || streams_listener.accept().map(|(s, _)| s));
 
-    let console = opts
-        .console
-        .clone()
-        .unwrap_or_else(|| dir.join("console.log"));
-    let cfg = VmConfig {
+    let sandbox = Sandbox::boot(SandboxConfig {
         kernel,
-        initrd: Some(initrd),
-        cmdline: std::iter::once(format!("{DEFAULT_CMDLINE} skiff.agent=serve"))
-            .chain(opts.kernel_args.iter().cloned())
-            .collect::<Vec<_>>()
-            .join(" "),
+        initrd,
         cpus: opts.cpus,
         memory_mib: opts.memory_mib,
-        serial: SerialOut::File(console.clone()),
-        pit: vm::PitMode::Auto,
-    };
-    let (vm_tx, vm_rx) = mpsc::channel();
-    let vm_timings = timings.clone();
-    let (factory, events) = crate::vsock_device::create(&uds).map_err(Error::Failed)?;
-    let mut devices = vec![factory];
-    devices.extend(share_devices);
-    // When the VM ends, the vsock event loop stops and closes every guest connection, so a
-    // host call waiting on the agent (Wait, stdio copies) ends instead of hanging.
-    let events = std::sync::Arc::new(std::sync::Mutex::new(Some(events)));
-    let vm_events = events.clone();
-    std::thread::Builder::new()
-        .name("vm".into())
-        .spawn(move || {
-            let r = vm::run_with_devices(&cfg, vm_timings, devices);
-            if let Some(l) = vm_events.lock().ok().and_then(|mut g| g.take()) {
-                let _ = l.stop();
-            }
-            let _ = vm_tx.send(r);
-        })
-        .map_err(failed("starting the VM thread"))?;
-
-    // The agent's control connection is the readiness signal.
-    control.set_nonblocking(true).map_err(failed("listener"))?;
-    let deadline = Instant::now() + AGENT_TIMEOUT;
-    let stream = loop {
-        match control.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(Error::Failed(format!("accepting the agent: {e}"))),
-        }
-        if let Ok(r) = vm_rx.try_recv() {
-            let tail = console_tail(&console);
-            return Err(Error::Failed(match r {
-                Ok(res) => format!(
-                    "the VM ended ({:?}) before the agent connected; console:\n{tail}",
-                    res.exit
-                ),
-                Err(e) => format!("the VM failed: {e}"),
-            }));
-        }
-        if Instant::now() > deadline {
-            return Err(Error::Failed(format!(
-                "the agent did not connect within {AGENT_TIMEOUT:?}; console:\n{}",
-                console_tail(&console)
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    stream
-        .set_nonblocking(false)
-        .map_err(failed("agent connection"))?;
-    timings.mark(Phase::AgentReady);
+        shares: shares
+            .iter()
+            .map(|(share, target)| SandboxShare {
+                share: share.clone(),
+                guest_path: target.clone(),
+            })
+            .collect(),
+        console: opts.console.clone(),
+        kernel_args: opts.kernel_args.clone(),
+        run_dir: dir,
+        agent_timeout: AGENT_TIMEOUT,
+        timings: Some(timings.clone()),
+    })
+    .map_err(|e| match e {
+        sandbox::Error::Input(m) => Error::Input(m),
+        e => Error::Failed(e.to_string()),
+    })?;
+    timings.mark_at(Phase::AgentReady, sandbox.agent_ready_at());
     // An agent call that fails because the VM itself ended (a guest crash) says so.
     let agent_failed = |what: &str, e: &dyn std::fmt::Display| {
-        let ended = match vm_rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(Ok(res)) => format!(
-                " (the VM ended: {:?}; console:\n{})",
-                res.exit,
-                console_tail(&console)
-            ),
-            Ok(Err(ve)) => format!(" (the VM failed: {ve})"),
-            Err(_) => String::new(),
-        };
-        Error::Failed(format!("{what}: {e}{ended}"))
+        Error::Failed(format!(
+            "{what}: {e}{}",
+            sandbox.vm_ended(Duration::from_secs(1))
+        ))
     };
-    let (client, _hello) =
-        Client::from_stream(stream).map_err(|e| agent_failed("agent handshake", &e))?;
-
-    for (share, target) in &shares {
-        client
-            .mount_share(&share.tag, target, share.read_only)
-            .map_err(|e| {
-                agent_failed(
-                    &format!("mounting {} in the guest", share.host.display()),
-                    &e,
-                )
-            })?;
-    }
+    let client = sandbox.client().clone();
+    let hub = sandbox.streams();
     let rootfs = if opts.rootfs.is_some() {
         GUEST_SHARED_ROOTFS
     } else {
@@ -516,7 +458,6 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
         .map_err(|e| agent_failed("starting the container", &e))?;
     timings.mark(Phase::ContainerStarted);
 
-    let client = Arc::new(client);
     if let Ok(mut g) = started.lock() {
         *g = Some(client.clone());
     }
@@ -528,24 +469,20 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     for t in outs {
         let _ = t.join();
     }
-    let _ = client.shutdown();
-    match vm_rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(Ok(res)) => {
+    match sandbox.shutdown(Duration::from_secs(30)) {
+        Some(Ok(res)) => {
             for p in res.timings.phases() {
                 timings.mark_at(p.0, p.1);
             }
         }
-        Ok(Err(e)) => tracing::warn!("VM error after the container exited: {e}"),
-        Err(_) => tracing::warn!("the VM did not power off within 30 s after the container exited"),
-    }
-    if let Some(l) = events.lock().ok().and_then(|mut g| g.take()) {
-        let _ = l.stop();
+        Some(Err(e)) => tracing::warn!("VM error after the container exited: {e}"),
+        None => tracing::warn!("the VM did not power off within 30 s after the container exited"),
     }
     if opts.timings {
         eprint!("{}", timings.report());
         eprintln!("  container exit status: {status}");
     }
-    drop(cleanup);
+    drop(sandbox);
     Ok(status)
 }
 
@@ -585,66 +522,4 @@ fn spawn_signal_thread(started: Arc<Mutex<Option<Arc<Client<UnixStream>>>>>, dir
                 std::process::exit(128 + sig);
             }
         });
-}
-
-fn console_tail(path: &Path) -> String {
-    crate::console_log::tail(path, 20)
-}
-
-/// Removes the run directory (sockets, console log) when dropped.
-struct RunDir(PathBuf);
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn opts(args: &[&str]) -> RunOptions {
-        RunOptions {
-            kernel: None,
-            initrd: None,
-            cpus: 1,
-            memory_mib: 128,
-            env: vec!["A=b".into()],
-            workdir: Some("/tmp".into()),
-            user: Some("1000:100".into()),
-            tty: false,
-            interactive: false,
-            timings: false,
-            console: None,
-            kernel_args: Vec::new(),
-            rootfs: None,
-            volumes: Vec::new(),
-            xattr_ownership: false,
-            args: args.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    #[test]
-    fn spec_carries_the_command() {
-        let spec = build_spec(&opts(&["echo", "hi"])).unwrap_or_default();
-        let p = spec.process().clone().unwrap_or_default();
-        assert_eq!(p.args().clone().unwrap_or_default(), vec!["echo", "hi"]);
-        assert!(p
-            .env()
-            .clone()
-            .unwrap_or_default()
-            .contains(&"A=b".to_string()));
-        assert_eq!(p.cwd(), &PathBuf::from("/tmp"));
-        assert_eq!((p.user().uid(), p.user().gid()), (1000, 100));
-    }
-
-    #[test]
-    fn bad_input_is_named() {
-        assert!(matches!(build_spec(&opts(&[])), Err(Error::Input(_))));
-        let mut o = opts(&["true"]);
-        o.env = vec!["NOEQUALS".into()];
-        assert!(matches!(build_spec(&o), Err(Error::Input(_))));
-        assert!(parse_user("root").is_err());
-        assert_eq!(parse_user("7").ok(), Some((7, 7)));
-    }
 }

@@ -60,6 +60,9 @@ pub struct SandboxConfig {
     pub run_dir: PathBuf,
     /// How long the agent may take to dial in.
     pub agent_timeout: Duration,
+    /// The clock and phases so far (`vmm run` starts it at the top of `main`); default: a
+    /// clock started by [`Sandbox::boot`].
+    pub timings: Option<Timings>,
 }
 
 /// Errors of [`Sandbox::boot`], [`Sandbox::pause`] and [`Sandbox::resume`].
@@ -113,10 +116,13 @@ pub struct Sandbox {
     run_dir: PathBuf,
     console: PathBuf,
     vm_result: Mutex<Option<mpsc::Receiver<Result<RunResult, vm::Error>>>>,
+    /// The VM's result once seen by [`Sandbox::vm_ended`] (handed out by `shutdown`).
+    ended: Mutex<Option<Result<RunResult, vm::Error>>>,
     events: Arc<Mutex<Option<RunningLoop>>>,
     /// Pause/resume of the VM; `None` for an attached sandbox (no VM of its own).
     control: Option<VmControl>,
     started: Instant,
+    agent_ready: Instant,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -131,7 +137,11 @@ impl std::fmt::Debug for Sandbox {
 impl Sandbox {
     /// Boots the VM and waits for its agent (see the module docs).
     pub fn boot(cfg: SandboxConfig) -> Result<Self, Error> {
-        let started = Instant::now();
+        let timings = cfg
+            .timings
+            .clone()
+            .unwrap_or_else(|| Timings::new(Instant::now()));
+        let started = timings.start();
         if cfg.shares.len() > MAX_SHARES {
             return Err(Error::Input(format!(
                 "too many shares ({}): at most {MAX_SHARES} fit one VM",
@@ -188,7 +198,7 @@ impl Sandbox {
         std::thread::Builder::new()
             .name("vm".into())
             .spawn(move || {
-                let r = vm::run_controlled(&vm_cfg, Timings::new(started), devices, &vm_control);
+                let r = vm::run_controlled(&vm_cfg, timings, devices, &vm_control);
                 if let Some(l) = vm_events.lock().ok().and_then(|mut g| g.take()) {
                     let _ = l.stop();
                 }
@@ -226,23 +236,34 @@ impl Sandbox {
             }
             std::thread::sleep(Duration::from_millis(2));
         };
+        let agent_ready = Instant::now();
         stream
             .set_nonblocking(false)
             .map_err(io_err("agent connection"))?;
-        let (client, hello) = Client::from_stream(stream).map_err(|source| Error::Agent {
-            what: "agent handshake".into(),
-            source,
-        })?;
+        let vm_result = Mutex::new(Some(vm_rx));
+        let ended = Mutex::new(None);
+        // An agent call that fails because the VM itself ended (a guest crash) says so.
+        let agent_err = |what: String, source: ClientError| {
+            let why = vm_end_reason(&vm_result, &ended, &console, Duration::from_secs(1));
+            Error::Agent {
+                what: format!("{what}{why}"),
+                source,
+            }
+        };
+        let (client, hello) =
+            Client::from_stream(stream).map_err(|e| agent_err("agent handshake".into(), e))?;
         for s in &cfg.shares {
             client
                 .mount_share(&s.share.tag, &s.guest_path, s.share.read_only)
-                .map_err(|source| Error::Agent {
-                    what: format!(
-                        "mounting {} at {} in the guest",
-                        s.share.host.display(),
-                        s.guest_path
-                    ),
-                    source,
+                .map_err(|e| {
+                    agent_err(
+                        format!(
+                            "mounting {} at {} in the guest",
+                            s.share.host.display(),
+                            s.guest_path
+                        ),
+                        e,
+                    )
                 })?;
         }
         tracing::info!(
@@ -257,9 +278,11 @@ impl Sandbox {
             hub,
             run_dir: dir,
             console,
-            vm_result: Mutex::new(Some(vm_rx)),
+            vm_result,
+            ended,
             events,
             control: Some(vm_ctl),
+            agent_ready,
         })
     }
 
@@ -280,10 +303,24 @@ impl Sandbox {
             run_dir,
             console,
             vm_result: Mutex::new(None),
+            ended: Mutex::new(None),
             events: Arc::new(Mutex::new(None)),
             control: None,
             started: Instant::now(),
+            agent_ready: Instant::now(),
         }
+    }
+
+    /// When the agent dialed in.
+    pub fn agent_ready_at(&self) -> Instant {
+        self.agent_ready
+    }
+
+    /// Why the VM ended, when it ended within `wait` (for error messages after a failed
+    /// agent call: " (the VM ended: TripleFault; console: ...)"), else an empty string. The
+    /// result stays available to [`Sandbox::shutdown`].
+    pub fn vm_ended(&self, wait: Duration) -> String {
+        vm_end_reason(&self.vm_result, &self.ended, &self.console, wait)
     }
 
     /// Milliseconds since the VMM started booting this sandbox (for phase logs).
@@ -364,8 +401,13 @@ impl Sandbox {
             let _ = c.resume();
         }
         let rx = self.vm_result.lock().ok().and_then(|mut g| g.take());
+        let seen = self.ended.lock().ok().and_then(|mut g| g.take());
         if let Err(e) = self.client.shutdown_timeout(timeout) {
             tracing::debug!("agent shutdown: {e}");
+        }
+        if seen.is_some() {
+            self.stop_events();
+            return seen;
         }
         let rx = rx?;
         let r = match rx.recv_timeout(timeout) {
@@ -394,6 +436,36 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         self.stop_events();
         let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+type VmResult = Result<RunResult, vm::Error>;
+
+/// See [`Sandbox::vm_ended`].
+fn vm_end_reason(
+    rx: &Mutex<Option<mpsc::Receiver<VmResult>>>,
+    ended: &Mutex<Option<VmResult>>,
+    console: &Path,
+    wait: Duration,
+) -> String {
+    let Ok(mut slot) = ended.lock() else {
+        return String::new();
+    };
+    if slot.is_none() {
+        let got = rx
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().and_then(|r| r.recv_timeout(wait).ok()));
+        *slot = got;
+    }
+    match &*slot {
+        Some(Ok(res)) => format!(
+            " (the VM ended: {:?}; console:\n{})",
+            res.exit,
+            console_tail(console)
+        ),
+        Some(Err(e)) => format!(" (the VM failed: {e})"),
+        None => String::new(),
     }
 }
 
@@ -429,6 +501,7 @@ mod tests {
             kernel_args: Vec::new(),
             run_dir,
             agent_timeout: Duration::from_secs(1),
+            timings: None,
         }
     }
 

@@ -62,6 +62,11 @@ impl Timings {
         }
     }
 
+    /// The clock's start.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
     /// Milliseconds from the start to `at`.
     pub fn ms_since_start(&self, at: Instant) -> f64 {
         at.saturating_duration_since(self.start).as_secs_f64() * 1e3
