@@ -4,6 +4,7 @@
 pub mod arch;
 pub mod fs_device;
 pub mod hypervisor;
+pub mod net_device;
 pub mod run;
 pub mod sandbox;
 pub mod sys;
