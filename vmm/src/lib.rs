@@ -5,6 +5,7 @@ pub mod arch;
 pub mod console_log;
 pub mod fs_device;
 pub mod hypervisor;
+pub mod net_device;
 pub mod run;
 pub mod run_dir;
 pub mod sandbox;

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use skiff_vmm::fs_device;
+use skiff_vmm::net_device;
 use skiff_vmm::run::{self, RunOptions};
 use skiff_vmm::timings::Timings;
 use skiff_vmm::vm::{self, PitMode, SerialOut, VmConfig, DEFAULT_CMDLINE};
@@ -68,6 +69,15 @@ struct Cli {
     /// Guest RAM in MiB.
     #[arg(long, value_name = "MiB", default_value_t = 128)]
     memory: u64,
+    /// Network card (virtio-net, MAC 52:54:00 + pid): `stream:PATH` connects to a Unix stream
+    /// socket with 4-byte length framing (passt -s, gvproxy -listen-qemu), `dgram:PATH` to a
+    /// Unix datagram socket (gvproxy -listen-vfkit, vmnet-helper), `tap:NAME` opens a Linux tap.
+    #[arg(
+        long,
+        value_name = "none|stream:PATH|dgram:PATH|tap:NAME",
+        default_value = "none"
+    )]
+    net: String,
     /// Print per-phase boot timings to stderr when the VM ends.
     #[arg(long)]
     timings: bool,
@@ -233,6 +243,20 @@ fn main() -> ExitCode {
             }
         }
     }
+    // The card's event loop runs until the process exits.
+    let _net_loop = match net_device::parse_net(&cli.net)
+        .and_then(|n| net_device::create(&n, net_device::default_mac()))
+    {
+        Ok(Some((d, running))) => {
+            devices.push(d);
+            Some(running)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match vm::run_with_devices(&cfg, Timings::new(start), devices) {
         Ok(res) => {
             if cli.timings {

@@ -96,6 +96,18 @@ impl MockDriver {
         nqueues: usize,
         queue_size: u16,
     ) -> Result<MockDriver, Error> {
+        Self::probe_with_features(dev, mem, nqueues, queue_size, 0)
+    }
+
+    /// Like [`MockDriver::probe`], also accepting the device-offered bits of `extra` (for
+    /// example VIRTIO_NET_F_MRG_RXBUF) besides VIRTIO_F_VERSION_1.
+    pub fn probe_with_features(
+        dev: &mut dyn BusDevice,
+        mem: GuestMemoryMmap,
+        nqueues: usize,
+        queue_size: u16,
+        extra: u64,
+    ) -> Result<MockDriver, Error> {
         if rd32(dev, 0) != MMIO_MAGIC || rd32(dev, 4) != 2 {
             return Err(Error::Probe("bad magic or version"));
         }
@@ -105,15 +117,17 @@ impl MockDriver {
         wr32(dev, 0x14, 1);
         let high = rd32(dev, 0x10);
         wr32(dev, 0x14, 0);
-        let _low = rd32(dev, 0x10);
+        let low = rd32(dev, 0x10);
         let v1 = 1u32 << (VIRTIO_F_VERSION_1 - 32);
         if high & v1 == 0 {
             return Err(Error::Probe("no VIRTIO_F_VERSION_1"));
         }
+        let offered = (u64::from(high) << 32) | u64::from(low);
+        let accepted = (offered & extra) | (1u64 << VIRTIO_F_VERSION_1);
         wr32(dev, 0x24, 1);
-        wr32(dev, 0x20, v1);
+        wr32(dev, 0x20, (accepted >> 32) as u32);
         wr32(dev, 0x24, 0);
-        wr32(dev, 0x20, 0);
+        wr32(dev, 0x20, accepted as u32);
         let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
         wr32(dev, 0x70, s);
         if rd32(dev, 0x70) & status::FEATURES_OK == 0 {

@@ -9,6 +9,7 @@
 pub mod fs;
 pub mod mmio;
 pub mod mock;
+pub mod net;
 pub mod virtio_fs;
 pub mod vsock;
 

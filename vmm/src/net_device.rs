@@ -1,0 +1,191 @@
+//! Wires the devices crate's virtio-net device into a VM slot: a backend (Unix stream or
+//! datagram socket, Linux tap), its own event-loop thread, and a virtio-mmio transport on the
+//! MMIO bus. Nothing goes on the kernel command line beyond the slot's `virtio_mmio.device=`
+//! entry, which `vm::run_with_devices` adds for every device (the FDT on aarch64).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use skiff_devices::event_loop::{EventLoop, RunningLoop};
+use skiff_devices::virtio::mmio::MmioTransport;
+use skiff_devices::virtio::net::backend::NetBackend;
+use skiff_devices::virtio::net::{DgramBackend, Net, NetConfig, StreamBackend, TapBackend};
+use skiff_devices::BusDevice;
+
+use crate::vm::MmioDeviceFactory;
+
+/// Errors setting up the network card.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The `--net` value is not one of the accepted forms.
+    #[error("--net {0:?}: expected none, stream:PATH, dgram:PATH or tap:NAME")]
+    Spec(String),
+    /// The backend could not be opened (no listener at the path, no such tap, no permission).
+    #[error("--net {spec}: {source}")]
+    Backend {
+        /// The `--net` value.
+        spec: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device or its event loop could not be created.
+    #[error("virtio-net device: {0}")]
+    Device(String),
+}
+
+/// Where the guest's network card is plugged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetSpec {
+    /// No network card.
+    None,
+    /// A listening Unix stream socket, frames with a 4-byte big-endian length (passt `-s`,
+    /// gvproxy `-listen-qemu unix://`).
+    Stream(PathBuf),
+    /// A Unix datagram socket, one frame per datagram (gvproxy `-listen-vfkit unixgram://`,
+    /// vmnet-helper).
+    Dgram(PathBuf),
+    /// A Linux tap interface (created if the VMM may; needs CAP_NET_ADMIN).
+    Tap(String),
+}
+
+impl NetSpec {
+    fn describe(&self) -> String {
+        match self {
+            NetSpec::None => "none".into(),
+            NetSpec::Stream(p) => format!("stream:{}", p.display()),
+            NetSpec::Dgram(p) => format!("dgram:{}", p.display()),
+            NetSpec::Tap(n) => format!("tap:{n}"),
+        }
+    }
+}
+
+/// Parses `none`, `stream:PATH`, `dgram:PATH` or `tap:NAME`.
+pub fn parse_net(s: &str) -> Result<NetSpec, Error> {
+    let bad = || Error::Spec(s.to_string());
+    if s == "none" {
+        return Ok(NetSpec::None);
+    }
+    let (kind, arg) = s.split_once(':').ok_or_else(bad)?;
+    if arg.is_empty() {
+        return Err(bad());
+    }
+    match kind {
+        "stream" => Ok(NetSpec::Stream(arg.into())),
+        "dgram" => Ok(NetSpec::Dgram(arg.into())),
+        "tap" if arg.len() < 16 && !arg.contains('/') => Ok(NetSpec::Tap(arg.into())),
+        _ => Err(bad()),
+    }
+}
+
+/// A locally administered MAC `52:54:00:xx:xx:xx`, the low bytes from the process id.
+pub fn default_mac() -> [u8; 6] {
+    let p = std::process::id().to_be_bytes();
+    [0x52, 0x54, 0x00, p[1], p[2], p[3]]
+}
+
+/// Where a `dgram:` backend binds its own end (the peer answers to it). Left behind when the
+/// VMM exits; replaced by the next VMM with the same pid.
+fn dgram_local_path() -> PathBuf {
+    std::env::temp_dir().join(format!("skiff-net-{}.sock", std::process::id()))
+}
+
+fn open_backend(spec: &NetSpec) -> std::io::Result<Option<Box<dyn NetBackend>>> {
+    Ok(Some(match spec {
+        NetSpec::None => return Ok(None),
+        NetSpec::Stream(p) => Box::new(StreamBackend::connect(p)?),
+        NetSpec::Dgram(p) => Box::new(DgramBackend::connect(&dgram_local_path(), p)?),
+        NetSpec::Tap(n) => Box::new(TapBackend::open(n)?),
+    }))
+}
+
+/// Opens the backend `spec` names and creates the card with `mac`. `Ok(None)` for
+/// [`NetSpec::None`]. Keep the returned loop until the VM ends.
+pub fn create(
+    spec: &NetSpec,
+    mac: [u8; 6],
+) -> Result<Option<(MmioDeviceFactory, RunningLoop)>, Error> {
+    let backend = open_backend(spec).map_err(|source| Error::Backend {
+        spec: spec.describe(),
+        source,
+    })?;
+    match backend {
+        None => Ok(None),
+        Some(b) => create_with_backend(b, NetConfig::new(mac)).map(Some),
+    }
+}
+
+/// Creates the card over an already-open `backend` (e.g. a socketpair shared with passt
+/// `--fd`) and starts its event loop. Keep the returned loop until the VM ends.
+pub fn create_with_backend(
+    backend: Box<dyn NetBackend>,
+    config: NetConfig,
+) -> Result<(MmioDeviceFactory, RunningLoop), Error> {
+    let mut el = EventLoop::new().map_err(|e| Error::Device(e.to_string()))?;
+    let net = Net::new(config, backend, &mut el).map_err(|e| Error::Device(e.to_string()))?;
+    let factory: MmioDeviceFactory = Box::new(move |mem, irq| {
+        let t = MmioTransport::new(Box::new(net), mem.clone(), irq).map_err(|e| e.to_string())?;
+        Ok(Arc::new(Mutex::new(t)) as Arc<Mutex<dyn BusDevice>>)
+    });
+    let running = el.spawn().map_err(|e| Error::Device(e.to_string()))?;
+    Ok((factory, running))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn net_specs() {
+        assert_eq!(parse_net("none").unwrap(), NetSpec::None);
+        assert_eq!(
+            parse_net("stream:/run/passt.sock").unwrap(),
+            NetSpec::Stream("/run/passt.sock".into())
+        );
+        assert_eq!(
+            parse_net("dgram:/tmp/gv.sock").unwrap(),
+            NetSpec::Dgram("/tmp/gv.sock".into())
+        );
+        assert_eq!(parse_net("tap:tap0").unwrap(), NetSpec::Tap("tap0".into()));
+        for bad in [
+            "",
+            "stream",
+            "stream:",
+            "tap:a/b",
+            "tap:0123456789abcdef",
+            "udp:x",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
+        let m = default_mac();
+        assert_eq!(&m[..3], &[0x52, 0x54, 0x00]);
+    }
+
+    #[test]
+    fn stream_backend_without_a_listener_is_a_clear_error() {
+        let e = create(
+            &NetSpec::Stream("/nonexistent/skiff.sock".into()),
+            default_mac(),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            e.to_string()
+                .starts_with("--net stream:/nonexistent/skiff.sock: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn stream_backend_connects_and_builds_a_factory() {
+        let path = std::env::temp_dir().join(format!("skiff-net-test-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (_factory, running) = create(&NetSpec::Stream(path.clone()), default_mac())
+            .unwrap()
+            .unwrap();
+        running.stop().unwrap();
+        let _ = std::fs::remove_file(&path);
+    }
+}
