@@ -6,6 +6,7 @@ pub mod console_log;
 pub mod fs_device;
 pub mod hypervisor;
 pub mod net_device;
+pub mod passt;
 pub mod run;
 pub mod run_dir;
 pub mod sandbox;

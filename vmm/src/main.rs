@@ -149,6 +149,28 @@ struct RunArgs {
     /// root share an image whose files belong to root in the guest.
     #[arg(long)]
     xattr_ownership: bool,
+    /// The container's network: `passt` (default when passt is installed: outbound TCP/UDP
+    /// and DNS without root; the host's 127.0.0.1 is 10.0.2.2 in the container), `none`
+    /// (loopback only), `tap:NAME` (an existing Linux tap; give --ip/--gateway),
+    /// `stream:PATH` or `dgram:PATH` (a passt/gvproxy socket).
+    #[arg(long, value_name = "passt|none|tap:NAME|stream:PATH|dgram:PATH")]
+    net: Option<String>,
+    /// Publish a container port on the host, as `docker run -p` (passt only; repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "[HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]")]
+    publish: Vec<String>,
+    /// The container's host name (default: the agent's, "skiff").
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
+    /// DNS server for the container's /etc/resolv.conf (repeatable; default: passt's
+    /// forwarder to the host's resolver).
+    #[arg(long, value_name = "IP")]
+    dns: Vec<String>,
+    /// The container's address for tap/stream/dgram networks (default 10.0.2.15/24).
+    #[arg(long, value_name = "ADDR/PREFIX")]
+    ip: Option<String>,
+    /// The default gateway for tap/stream/dgram networks (default 10.0.2.2).
+    #[arg(long, value_name = "IP")]
+    gateway: Option<String>,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -205,6 +227,12 @@ fn main() -> ExitCode {
             rootfs: r.rootfs,
             volumes: r.volume,
             xattr_ownership: r.xattr_ownership,
+            net: r.net,
+            publish: r.publish,
+            hostname: r.hostname,
+            dns: r.dns,
+            ip: r.ip,
+            gateway: r.gateway,
             args: r.cmd,
         };
         return match run::run(&opts, Timings::new(start)) {

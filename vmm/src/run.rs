@@ -16,7 +16,8 @@ use oci_spec::runtime::{BoxBuilder, Spec, User};
 use skiff_protocol::{Client, StreamKind};
 
 use crate::fs_device::{self, Share};
-use crate::sandbox::{self, Sandbox, SandboxConfig, SandboxShare};
+use crate::sandbox::{self, Sandbox, SandboxConfig, SandboxNet, SandboxShare};
+use crate::{net_device, passt};
 use crate::sys;
 use crate::timings::{Phase, Timings};
 
@@ -64,8 +65,92 @@ pub struct RunOptions {
     /// Keep guest ownership (uid, gid, mode, device numbers) in the xattr
     /// `user.containers.override_stat` instead of chown on the host (rootless sharing).
     pub xattr_ownership: bool,
+    /// `--net`: passt (default when installed), none, tap:NAME, stream:PATH, dgram:PATH.
+    pub net: Option<String>,
+    /// `-p` values.
+    pub publish: Vec<String>,
+    /// `--hostname`.
+    pub hostname: Option<String>,
+    /// `--dns` values.
+    pub dns: Vec<String>,
+    /// `--ip ADDR/PREFIX` for tap/stream/dgram.
+    pub ip: Option<String>,
+    /// `--gateway IP` for tap/stream/dgram.
+    pub gateway: Option<String>,
     /// The command and its arguments.
     pub args: Vec<String>,
+}
+
+/// The network `vmm run` asked for, checked before boot (one clear line for bad input).
+pub fn plan_network(opts: &RunOptions) -> Result<SandboxNet, Error> {
+    let bad = |m: String| Error::Input(m);
+    let dns = opts
+        .dns
+        .iter()
+        .map(|d| {
+            d.parse::<std::net::IpAddr>()
+                .map_err(|_| bad(format!("--dns {d:?}: not an IP address")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ports = opts
+        .publish
+        .iter()
+        .map(|p| passt::parse_port(p).map_err(|e| bad(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(h) = &opts.hostname {
+        let ok = !h.is_empty()
+            && h.len() <= 63
+            && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            && !h.starts_with('-');
+        if !ok {
+            return Err(bad(format!(
+                "--hostname {h:?}: expected 1-63 letters, digits, '-' or '.'"
+            )));
+        }
+    }
+    let mode = match opts.net.as_deref() {
+        Some(m) => m.to_string(),
+        None if passt::find().is_some() => "passt".into(),
+        None => "none".into(),
+    };
+    let net = match mode.as_str() {
+        "passt" => {
+            if passt::find().is_none() {
+                return Err(bad(passt::Error::Missing.to_string()));
+            }
+            SandboxNet::Passt { ports, dns }
+        }
+        m => {
+            if !ports.is_empty() {
+                return Err(bad(format!(
+                    "-p needs --net passt (with --net {m}, publish ports on your own network)"
+                )));
+            }
+            let spec = net_device::parse_net(m).map_err(|e| bad(e.to_string()))?;
+            if spec == net_device::NetSpec::None {
+                SandboxNet::None
+            } else {
+                let mut guest = passt::GuestNet::passt(&dns);
+                if let Some(ip) = &opts.ip {
+                    let (a, p) = ip
+                        .split_once('/')
+                        .and_then(|(a, p)| Some((a.parse().ok()?, p.parse::<u8>().ok()?)))
+                        .filter(|(_, p)| *p <= 32)
+                        .ok_or_else(|| bad(format!("--ip {ip:?}: expected ADDR/PREFIX (IPv4)")))?;
+                    guest.address = a;
+                    guest.prefix = p;
+                }
+                if let Some(g) = &opts.gateway {
+                    guest.gateway = g
+                        .parse()
+                        .map_err(|_| bad(format!("--gateway {g:?}: not an IPv4 address")))?;
+                }
+                guest.mtu = 1500;
+                SandboxNet::Backend { spec, guest }
+            }
+        }
+    };
+    Ok(net)
 }
 
 /// Where the agent mounts the rootfs share in the guest.
@@ -346,6 +431,19 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
             )));
         }
     }
+    let net = plan_network(opts)?;
+    if let Some(h) = &opts.hostname {
+        spec.set_hostname(Some(h.clone()));
+    }
+    if net != SandboxNet::None {
+        // The container uses the VM's network (its eth0), as `docker run` gives a container
+        // its network: the VM is the isolation boundary.
+        if let Some(linux) = spec.linux_mut() {
+            if let Some(ns) = linux.namespaces_mut() {
+                ns.retain(|n| n.typ() != oci_spec::runtime::LinuxNamespaceType::Network);
+            }
+        }
+    }
     let (kernel, initrd) = match (&opts.kernel, &opts.initrd) {
         (Some(k), Some(i)) => (k.clone(), i.clone()),
         (k, i) => {
@@ -390,6 +488,8 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
         run_dir: dir,
         agent_timeout: AGENT_TIMEOUT,
         timings: Some(timings.clone()),
+        net,
+        hostname: opts.hostname.clone(),
     })
     .map_err(|e| match e {
         sandbox::Error::Input(m) => Error::Input(m),

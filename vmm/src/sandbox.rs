@@ -22,6 +22,9 @@ use skiff_protocol::stream::StreamHub;
 use skiff_protocol::{Client, ClientError, Hello, CONTROL_PORT, STREAM_PORT};
 
 use crate::fs_device::{self, Share};
+use crate::net_device::{self, NetSpec};
+use crate::passt::{self, GuestNet, Passt, PortMap};
+use std::net::IpAddr;
 use crate::timings::Timings;
 use crate::vm::{self, RunResult, SerialOut, VmConfig, VmControl, DEFAULT_CMDLINE};
 
@@ -63,6 +66,34 @@ pub struct SandboxConfig {
     /// The clock and phases so far (`vmm run` starts it at the top of `main`); default: a
     /// clock started by [`Sandbox::boot`].
     pub timings: Option<Timings>,
+    /// The VM's network card, if any.
+    pub net: SandboxNet,
+    /// The guest's host name (`/etc/hostname`, `/etc/hosts`; default: the agent's choice).
+    pub hostname: Option<String>,
+}
+
+/// How the VM is networked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SandboxNet {
+    /// No network card (the container has loopback only).
+    #[default]
+    None,
+    /// passt, started by the sandbox on a socketpair and ended with it (see [`crate::passt`]):
+    /// outbound TCP/UDP and DNS without root, `ports` published on the host.
+    Passt {
+        /// Published ports.
+        ports: Vec<PortMap>,
+        /// DNS servers for the container (default: passt's forwarder).
+        dns: Vec<IpAddr>,
+    },
+    /// A backend the caller names (stream or datagram socket, tap), with the guest addressing
+    /// the caller decides.
+    Backend {
+        /// The backend.
+        spec: NetSpec,
+        /// The guest's addressing.
+        guest: GuestNet,
+    },
 }
 
 /// Errors of [`Sandbox::boot`], [`Sandbox::pause`] and [`Sandbox::resume`].
@@ -123,6 +154,11 @@ pub struct Sandbox {
     control: Option<VmControl>,
     started: Instant,
     agent_ready: Instant,
+    /// The network card's event loop (stopped with the VM).
+    net_loop: Mutex<Option<RunningLoop>>,
+    /// passt, when the sandbox started it (killed with the sandbox).
+    passt: Mutex<Option<Passt>>,
+    guest_net: Option<GuestNet>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -188,6 +224,43 @@ impl Sandbox {
         let (factory, events) = crate::vsock_device::create(&uds).map_err(Error::Vm)?;
         let mut devices = vec![factory];
         devices.extend(share_devices);
+        // The network card last: passt (or the named backend) is up before the VM starts.
+        let mac = net_device::default_mac();
+        let (net_dev, net_loop, mut passt, guest_net) = match &cfg.net {
+            SandboxNet::None => (None, None, None, None),
+            SandboxNet::Passt { ports, dns } => {
+                let guest = GuestNet::passt(dns);
+                let (p, fd) = passt::start(&guest, ports, Some(&dir.join("passt.log")))
+                    .map_err(|e| match e {
+                        passt::Error::Spawn(m) => Error::Vm(format!("passt: {m}")),
+                        e => Error::Input(e.to_string()),
+                    })?;
+                let backend = skiff_devices::virtio::net::StreamBackend::new(fd)
+                    .map_err(io_err("passt socket"))?;
+                let mut ncfg = skiff_devices::virtio::net::NetConfig::new(mac);
+                ncfg.mtu = guest.mtu;
+                let (f, l) = net_device::create_with_backend(Box::new(backend), ncfg)
+                    .map_err(|e| Error::Vm(e.to_string()))?;
+                (Some(f), Some(l), Some(p), Some(guest))
+            }
+            SandboxNet::Backend { spec, guest } => {
+                match net_device::create(spec, mac).map_err(|e| Error::Input(e.to_string()))? {
+                    Some((f, l)) => (Some(f), Some(l), None, Some(guest.clone())),
+                    None => (None, None, None, None),
+                }
+            }
+        };
+        if let Some(f) = net_dev {
+            devices.push(f);
+        }
+        if devices.len() > MAX_SHARES + 1 {
+            return Err(Error::Input(format!(
+                "too many shares ({}): with a network card at most {} fit one VM",
+                cfg.shares.len(),
+                MAX_SHARES - 1
+            )));
+        }
+        let net_loop = Mutex::new(net_loop);
         // When the VM ends, the vsock event loop stops and closes every guest connection, so
         // a host call waiting on the agent (Wait, stdio copies) ends instead of hanging.
         let events = Arc::new(Mutex::new(Some(events)));
@@ -266,6 +339,14 @@ impl Sandbox {
                     )
                 })?;
         }
+        if let Some(guest) = &guest_net {
+            if let Some(p) = passt.as_mut() {
+                p.check_alive().map_err(|e| Error::Vm(e.to_string()))?;
+            }
+            client
+                .configure_network(&guest_network_config(guest, mac, cfg.hostname.as_deref()))
+                .map_err(|e| agent_err("configuring the guest network".into(), e))?;
+        }
         tracing::info!(
             ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
             "boot phase (ms since VMM start): agent ready, shares mounted"
@@ -283,6 +364,9 @@ impl Sandbox {
             events,
             control: Some(vm_ctl),
             agent_ready,
+            net_loop,
+            passt: Mutex::new(passt),
+            guest_net,
         })
     }
 
@@ -308,6 +392,9 @@ impl Sandbox {
             control: None,
             started: Instant::now(),
             agent_ready: Instant::now(),
+            net_loop: Mutex::new(None),
+            passt: Mutex::new(None),
+            guest_net: None,
         }
     }
 
@@ -425,10 +512,28 @@ impl Sandbox {
         r
     }
 
+    /// The guest's network addressing, when it has a network card.
+    pub fn guest_net(&self) -> Option<&GuestNet> {
+        self.guest_net.as_ref()
+    }
+
+    /// passt's process id, when the sandbox started one.
+    pub fn passt_pid(&self) -> Option<u32> {
+        self.passt
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(Passt::pid))
+    }
+
     fn stop_events(&self) {
         if let Some(l) = self.events.lock().ok().and_then(|mut g| g.take()) {
             let _ = l.stop();
         }
+        if let Some(l) = self.net_loop.lock().ok().and_then(|mut g| g.take()) {
+            let _ = l.stop();
+        }
+        // Killed and reaped.
+        drop(self.passt.lock().ok().and_then(|mut g| g.take()));
     }
 }
 
@@ -502,6 +607,8 @@ mod tests {
             run_dir,
             agent_timeout: Duration::from_secs(1),
             timings: None,
+            net: SandboxNet::None,
+            hostname: None,
         }
     }
 

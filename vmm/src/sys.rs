@@ -152,3 +152,26 @@ pub fn raise_nofile_limit() {
         }
     });
 }
+
+/// Makes `fd` descriptor 3 of the child `cmd` starts (inherited across exec) and gives the
+/// child an empty signal mask (the caller may have blocked signals for its own forwarding).
+pub fn pass_fd_as_3(cmd: &mut std::process::Command, fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    let empty = sigset(&[]);
+    // SAFETY: the hook runs in the child between fork and exec and only makes
+    // async-signal-safe calls (dup2, fcntl, pthread_sigmask) on plain integers and a sigset
+    // built before the fork; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd != 3 && libc::dup2(fd, 3) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let flags = libc::fcntl(3, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+}
