@@ -978,6 +978,10 @@ impl Handler for Agent {
                 target,
                 read_only,
             } => mount_share(&tag, &target, read_only),
+            Request::ConfigureNetwork(_) => Err(err(
+                libc::ENOSYS,
+                "network configuration is not implemented by this agent yet",
+            )),
             Request::Shutdown => Ok(Response::Ok),
         };
         reply.send(r);
