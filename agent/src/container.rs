@@ -105,14 +105,20 @@ pub fn proc_plan(p: &Process, terminal: bool) -> io::Result<ProcPlan> {
     })
 }
 
-/// Computes the container plan from a spec.
-pub fn root_plan(spec: &Spec, rootfs: &Path) -> io::Result<RootPlan> {
+/// Computes the container plan from a spec. With `vm_network` (the host configured the
+/// guest's network), a `network` namespace entry is ignored, with or without a path: the
+/// container shares the VM's network namespace, where the configured interfaces are (a path
+/// names a host namespace, meaningless in the guest; a new namespace would hold only `lo`).
+pub fn root_plan(spec: &Spec, rootfs: &Path, vm_network: bool) -> io::Result<RootPlan> {
     let mut unshare = 0;
     let mut new_pid_ns = false;
     let mut masked = Vec::new();
     let mut ro = Vec::new();
     if let Some(linux) = spec.linux() {
         for ns in linux.namespaces().iter().flatten() {
+            if vm_network && ns.typ() == LinuxNamespaceType::Network {
+                continue;
+            }
             if ns.path().is_some() {
                 return Err(einval("joining namespaces by path is not supported"));
             }
@@ -146,6 +152,33 @@ pub fn root_plan(spec: &Spec, rootfs: &Path) -> io::Result<RootPlan> {
         masked_paths: masked,
         readonly_paths: ro,
     })
+}
+
+/// Adds read-write (read-only with a read-only root) bind mounts of `files` — (source in the
+/// agent's filesystem, destination in the container) — after the spec's mounts, except where
+/// the spec already mounts something at that destination (containerd's CRI brings its own
+/// `/etc/hosts`, `/etc/resolv.conf`, `/etc/hostname`). A missing destination file is created
+/// when the mount is made (as for any bind mount of a file). Returns the destinations added.
+pub fn add_file_binds(plan: &mut RootPlan, files: &[(PathBuf, &str)]) -> Vec<String> {
+    let mut added = Vec::new();
+    for (src, dest) in files {
+        if plan
+            .mounts
+            .iter()
+            .any(|m| m.destination() == Path::new(dest))
+        {
+            continue;
+        }
+        let mut m = Mount::default();
+        m.set_destination(PathBuf::from(dest));
+        m.set_typ(Some("bind".into()));
+        m.set_source(Some(src.clone()));
+        let rw = if plan.readonly_root { "ro" } else { "rw" };
+        m.set_options(Some(vec!["rbind".into(), "rprivate".into(), rw.into()]));
+        plan.mounts.push(m);
+        added.push(dest.to_string());
+    }
+    added
 }
 
 fn rlimit_number(name: &str) -> Option<u32> {

@@ -3,6 +3,7 @@
 //! do the host-side integration tests, which run containers directly on the test host.
 
 pub mod container;
+pub mod net;
 pub mod runtime;
 pub mod sys;
 

@@ -1,10 +1,10 @@
 //! The agent's request handler: containers, processes, stdio pumps, reaping, cgroups.
 
 use crate::container::{self, ChildFds, ProcPlan, RootPlan};
-use crate::sys;
+use crate::{net, sys};
 use skiff_protocol::{
-    ErrorReply, Event, Handler, Hello, LinuxResources, OciSpec, Outbox, Replier, Request, Response,
-    Stats, Stdio, StreamHeader, StreamKind, STREAM_PORT,
+    ErrorReply, Event, Handler, Hello, LinuxResources, NetworkConfig, OciSpec, Outbox, Replier,
+    Request, Response, Stats, Stdio, StreamHeader, StreamKind, STREAM_PORT,
 };
 use std::collections::HashMap;
 use std::fs::File;
@@ -38,7 +38,13 @@ pub struct Config {
     /// Reap every child (`waitpid(-1)`): the agent is PID 1. When false (tests), only the
     /// agent's own processes are waited for.
     pub reap_all: bool,
+    /// Where `ConfigureNetwork` writes `resolv.conf`, `hosts` and `hostname`, and each
+    /// container's copies (`containers/<id>/`) that are bind-mounted into it.
+    pub net_dir: PathBuf,
 }
+
+/// The guest directory for the generated network files ([`Config::net_dir`]).
+pub const NET_DIR: &str = "/run/skiff/net";
 
 impl Config {
     /// `/sys/fs/cgroup/skiff` when a cgroup v2 hierarchy is mounted at `/sys/fs/cgroup`.
@@ -47,6 +53,7 @@ impl Config {
         Self {
             cgroup_root: v2.then(|| PathBuf::from("/sys/fs/cgroup/skiff")),
             reap_all,
+            net_dir: PathBuf::from(NET_DIR),
         }
     }
 }
@@ -313,6 +320,8 @@ pub struct Agent {
     reaper: Arc<Reaper>,
     containers: Mutex<HashMap<String, Container>>,
     waiters: Arc<AtomicUsize>,
+    /// The network the host configured (`ConfigureNetwork`), for containers created later.
+    network: Mutex<Option<Arc<net::Plan>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -335,7 +344,56 @@ impl Agent {
             config,
             containers: Mutex::new(HashMap::new()),
             waiters: Arc::new(AtomicUsize::new(0)),
+            network: Mutex::new(None),
         }
+    }
+
+    /// `ConfigureNetwork`: checks the whole configuration, applies it over rtnetlink, writes
+    /// the files, and remembers it for containers created from now on.
+    fn configure_network(&self, cfg: &NetworkConfig) -> Reply {
+        let ne = |e: net::Error| err(e.errno(), e.to_string());
+        let plan = net::plan(cfg).map_err(ne)?;
+        net::apply(&plan).map_err(ne)?;
+        net::Files::new(&plan, plan.hostname.as_deref())
+            .write(&self.config.net_dir)
+            .map_err(ne)?;
+        *lock(&self.network) = Some(Arc::new(plan));
+        Ok(Response::Ok)
+    }
+
+    /// The directory of a container's own network files.
+    fn net_files_dir(&self, id: &str) -> PathBuf {
+        self.config.net_dir.join("containers").join(id)
+    }
+
+    /// With a configured network: the container's `resolv.conf`, `hosts` and `hostname`
+    /// (host name from the spec, else from the network configuration) written to its own
+    /// directory and added as bind mounts; the spec's host name, when it has none, is the
+    /// configuration's.
+    fn add_network_files(
+        &self,
+        id: &str,
+        plan: &net::Plan,
+        rplan: &mut RootPlan,
+    ) -> Result<(), ErrorReply> {
+        if rplan.hostname.is_none() {
+            rplan.hostname = plan.hostname.clone();
+        }
+        let hostname = rplan.hostname.as_deref().filter(|h| {
+            let ok = net::valid_hostname(h);
+            if !ok {
+                eprintln!(
+                    "SKIFF-AGENT: container {id}: host name {h:?} left out of /etc/hosts and \
+                     /etc/hostname (not a valid host name)"
+                );
+            }
+            ok
+        });
+        let files = net::Files::new(plan, hostname)
+            .write(&self.net_files_dir(id))
+            .map_err(|e| err(e.errno(), e.to_string()))?;
+        container::add_file_binds(rplan, &files);
+        Ok(())
     }
 
     fn find(&self, id: &str, exec_id: Option<&str>) -> Result<Arc<Proc>, ErrorReply> {
@@ -377,8 +435,22 @@ impl Agent {
             .as_ref()
             .ok_or_else(|| err(libc::EINVAL, "spec has no process"))?;
         let pplan = container::proc_plan(process, terminal).map_err(ErrorReply::from)?;
-        let rplan = container::root_plan(spec, rootfs).map_err(ErrorReply::from)?;
-        let cgroup = self.make_cgroup(id, spec)?;
+        let network = lock(&self.network).clone();
+        let mut rplan =
+            container::root_plan(spec, rootfs, network.is_some()).map_err(ErrorReply::from)?;
+        if let Some(plan) = &network {
+            if let Err(e) = self.add_network_files(id, plan, &mut rplan) {
+                let _ = std::fs::remove_dir_all(self.net_files_dir(id));
+                return Err(e);
+            }
+        }
+        let cgroup = match self.make_cgroup(id, spec) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(self.net_files_dir(id));
+                return Err(e);
+            }
+        };
         let pidns = if rplan.new_pid_ns {
             sys::PidNs::New
         } else {
@@ -402,6 +474,7 @@ impl Agent {
                 if let Some(cg) = &cgroup {
                     let _ = std::fs::remove_dir(cg);
                 }
+                let _ = std::fs::remove_dir_all(self.net_files_dir(id));
                 return Err(e);
             }
         };
@@ -409,6 +482,7 @@ impl Agent {
             if let Err(e) = std::fs::write(cg.join("cgroup.procs"), proc_.pid.to_string()) {
                 let _ = sys::kill(proc_.pid, libc::SIGKILL);
                 let _ = std::fs::remove_dir(cg);
+                let _ = std::fs::remove_dir_all(self.net_files_dir(id));
                 return Err(err(libc::EIO, format!("joining cgroup: {e}")));
             }
         }
@@ -775,6 +849,7 @@ impl Agent {
             }
             None => {
                 if let Some(c) = cs.remove(id) {
+                    let _ = std::fs::remove_dir_all(self.net_files_dir(id));
                     if let Some(o) = &c.oom {
                         o.stop.store(true, Ordering::SeqCst);
                     }
@@ -978,6 +1053,7 @@ impl Handler for Agent {
                 target,
                 read_only,
             } => mount_share(&tag, &target, read_only),
+            Request::ConfigureNetwork(cfg) => self.configure_network(&cfg),
             Request::Shutdown => Ok(Response::Ok),
         };
         reply.send(r);

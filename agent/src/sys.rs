@@ -570,3 +570,105 @@ impl FileWatch {
         Ok(true)
     }
 }
+
+/// A `NETLINK_ROUTE` socket, in the network namespace of the thread that opened it. Reads
+/// time out after 5 s so a silent kernel cannot hang the agent.
+#[derive(Debug)]
+pub struct Netlink {
+    fd: OwnedFd,
+}
+
+impl Netlink {
+    pub fn route() -> io::Result<Self> {
+        // SAFETY: socket takes integer arguments.
+        let raw = check(unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        })?;
+        // SAFETY: `raw` was just returned by socket and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_nl is plain data; all-zero is a valid value (pid 0: the kernel
+        // picks the port id).
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: addr is a valid sockaddr_nl and the length matches it.
+        check(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        })?;
+        let tv = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        // SAFETY: tv is a valid timeval and the length matches it.
+        check(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        })?;
+        Ok(Self { fd })
+    }
+
+    /// Sends one datagram (one or more netlink messages) to the kernel.
+    pub fn send(&self, buf: &[u8]) -> io::Result<()> {
+        loop {
+            // SAFETY: buf is readable for its whole length; the socket's default destination
+            // is the kernel.
+            let n = unsafe { libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
+            if n >= 0 {
+                return if n as usize == buf.len() {
+                    Ok(())
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "short netlink send",
+                    ))
+                };
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Receives one datagram into `buf`; a datagram larger than `buf` is an error.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: buf is writable for its whole length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_TRUNC,
+                )
+            };
+            if n >= 0 {
+                let n = n as usize;
+                return if n <= buf.len() {
+                    Ok(n)
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("netlink reply of {n} bytes truncated"),
+                    ))
+                };
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}

@@ -4,8 +4,8 @@
 //! the client at once (e.g. one blocked in [`Client::wait`] while another sends a signal).
 
 use crate::{
-    read_message, write_message, Event, FrameError, Hello, LinuxResources, Message, OciProcess,
-    OciSpec, Request, Response, Stats, Stdio, PROTOCOL_VERSION,
+    read_message, write_message, Event, FrameError, Hello, LinuxResources, Message, NetworkConfig,
+    OciProcess, OciSpec, Request, Response, Stats, Stdio, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::fmt;
@@ -417,6 +417,12 @@ impl<W: Write + Send> Client<W> {
             target: target.into(),
             read_only,
         })?)
+    }
+
+    /// Configures the guest's network (interfaces, routes, and the `resolv.conf`, `hosts`
+    /// and `hostname` files of containers created afterwards).
+    pub fn configure_network(&self, config: &NetworkConfig) -> Result<(), ClientError> {
+        expect_ok(self.call(Request::ConfigureNetwork(config.clone()))?)
     }
 
     /// Asks the agent to power the VM off (it answers first).

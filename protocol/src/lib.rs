@@ -168,8 +168,85 @@ pub enum Request {
         #[serde(default)]
         read_only: bool,
     },
+    /// Configures the guest's network before a container starts: interfaces (found by MAC),
+    /// addresses, MTU, routes over rtnetlink, and the `resolv.conf`, `hosts` and `hostname`
+    /// files later containers get bind-mounted over theirs. A later request replaces the
+    /// files; addresses and routes are added (replacing equal ones). Replies [`Response::Ok`].
+    ConfigureNetwork(NetworkConfig),
     /// The agent answers `Ok`, then powers the VM off.
     Shutdown,
+}
+
+/// Most interfaces in one [`NetworkConfig`].
+pub const MAX_NET_INTERFACES: usize = 8;
+/// Most addresses per interface.
+pub const MAX_NET_ADDRESSES: usize = 16;
+/// Most routes.
+pub const MAX_NET_ROUTES: usize = 32;
+/// Most DNS servers.
+pub const MAX_NET_DNS: usize = 8;
+/// Most search domains.
+pub const MAX_NET_SEARCH: usize = 16;
+/// Most extra `hosts` entries.
+pub const MAX_NET_HOSTS: usize = 64;
+/// Most names on one `hosts` entry.
+pub const MAX_NET_HOST_NAMES: usize = 8;
+/// Longest string anywhere in a [`NetworkConfig`] (a domain name is at most 253 bytes).
+pub const MAX_NET_STRING: usize = 253;
+
+/// The guest's network as the host decided it (e.g. passt's `-a/-n/-g/-D/-m`). Every string is
+/// parsed and checked by the agent; [`validate`] only bounds counts and lengths.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    #[serde(default)]
+    pub interfaces: Vec<NetInterface>,
+    #[serde(default)]
+    pub routes: Vec<NetRoute>,
+    /// DNS server addresses (`nameserver` lines of `resolv.conf`).
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// Search domains (`search` line of `resolv.conf`).
+    #[serde(default)]
+    pub search: Vec<String>,
+    /// The hostname for `/etc/hostname` and `/etc/hosts` when the container spec sets none.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Extra `/etc/hosts` lines.
+    #[serde(default)]
+    pub hosts: Vec<HostEntry>,
+}
+
+/// One guest interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInterface {
+    /// MAC address (`52:54:00:12:34:56`) of the interface to configure. At least one of `mac`
+    /// and `name` is needed; with both, the interface with that MAC is renamed to `name`.
+    #[serde(default)]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Addresses with their prefix length: `10.0.2.15/24`, `fd00::2/64`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+}
+
+/// One route. The interface is the one with an address whose subnet holds the gateway (or
+/// the destination, for an on-link route); with a single interface, that one (on-link).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetRoute {
+    /// `0.0.0.0/0` or `::/0` for a default route, else a CIDR.
+    pub destination: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+}
+
+/// One extra `/etc/hosts` line: an address and its names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostEntry {
+    pub ip: String,
+    pub names: Vec<String>,
 }
 
 /// Successful replies.
@@ -434,8 +511,64 @@ pub fn validate(msg: &Message) -> Result<(), FrameError> {
             }
             Ok(())
         }
+        Request::ConfigureNetwork(n) => check_network(n),
         Request::Shutdown => Ok(()),
     }
+}
+
+/// Bounds on a [`NetworkConfig`]: counts and string lengths (the agent parses the strings).
+fn check_network(n: &NetworkConfig) -> Result<(), FrameError> {
+    fn count<T>(what: &str, v: &[T], max: usize) -> Result<(), FrameError> {
+        if v.len() > max {
+            return Err(FrameError::Malformed(format!(
+                "network: {} {what}, at most {max}",
+                v.len()
+            )));
+        }
+        Ok(())
+    }
+    fn len(s: &str) -> Result<(), FrameError> {
+        if s.len() > MAX_NET_STRING {
+            return Err(FrameError::Malformed(format!(
+                "network: a string of {} bytes, at most {MAX_NET_STRING}",
+                s.len()
+            )));
+        }
+        Ok(())
+    }
+    count("interfaces", &n.interfaces, MAX_NET_INTERFACES)?;
+    count("routes", &n.routes, MAX_NET_ROUTES)?;
+    count("DNS servers", &n.dns, MAX_NET_DNS)?;
+    count("search domains", &n.search, MAX_NET_SEARCH)?;
+    count("hosts entries", &n.hosts, MAX_NET_HOSTS)?;
+    for i in &n.interfaces {
+        count(
+            "addresses on one interface",
+            &i.addresses,
+            MAX_NET_ADDRESSES,
+        )?;
+        i.mac
+            .iter()
+            .chain(&i.name)
+            .chain(&i.addresses)
+            .try_for_each(|s| len(s))?;
+    }
+    for r in &n.routes {
+        std::iter::once(&r.destination)
+            .chain(&r.gateway)
+            .try_for_each(|s| len(s))?;
+    }
+    for h in &n.hosts {
+        count("names on one hosts entry", &h.names, MAX_NET_HOST_NAMES)?;
+        std::iter::once(&h.ip)
+            .chain(&h.names)
+            .try_for_each(|s| len(s))?;
+    }
+    n.dns
+        .iter()
+        .chain(&n.search)
+        .chain(&n.hostname)
+        .try_for_each(|s| len(s))
 }
 
 /// Exit status per runc conventions from a `waitpid` status word.

@@ -9,6 +9,34 @@ fn spec() -> OciSpec {
     OciSpec::default()
 }
 
+fn network() -> NetworkConfig {
+    NetworkConfig {
+        interfaces: vec![NetInterface {
+            mac: Some("52:54:00:12:34:56".into()),
+            name: Some("eth0".into()),
+            addresses: vec!["10.0.2.15/24".into(), "fd00::2/64".into()],
+            mtu: Some(65520),
+        }],
+        routes: vec![
+            NetRoute {
+                destination: "0.0.0.0/0".into(),
+                gateway: Some("10.0.2.2".into()),
+            },
+            NetRoute {
+                destination: "::/0".into(),
+                gateway: Some("fd00::1".into()),
+            },
+        ],
+        dns: vec!["10.0.2.3".into()],
+        search: vec!["example.org".into()],
+        hostname: Some("box".into()),
+        hosts: vec![HostEntry {
+            ip: "10.0.2.2".into(),
+            names: vec!["host.skiff.internal".into()],
+        }],
+    }
+}
+
 fn all_messages() -> Vec<Message> {
     let req = |request| Message::Request { id: 7, request };
     vec![
@@ -60,6 +88,8 @@ fn all_messages() -> Vec<Message> {
         }),
         req(Request::Pids { id: "c1".into() }),
         req(Request::Stats { id: "c1".into() }),
+        req(Request::ConfigureNetwork(network())),
+        req(Request::ConfigureNetwork(NetworkConfig::default())),
         req(Request::Shutdown),
         Message::Response {
             id: 7,
@@ -187,6 +217,54 @@ fn ids_are_validated() {
 }
 
 #[test]
+fn network_config_counts_and_lengths_are_bounded() {
+    let frame = |n: NetworkConfig| {
+        let m = Message::Request {
+            id: 1,
+            request: Request::ConfigureNetwork(n),
+        };
+        decode(&encode(&m).unwrap()).map(|(m, _)| m)
+    };
+    assert!(frame(network()).is_ok());
+    let mut n = network();
+    n.interfaces[0].addresses = vec!["10.0.0.1/8".into(); MAX_NET_ADDRESSES + 1];
+    assert!(matches!(frame(n), Err(FrameError::Malformed(_))));
+    let mut n = network();
+    n.interfaces = vec![NetInterface::default(); MAX_NET_INTERFACES + 1];
+    assert!(frame(n).is_err());
+    let mut n = network();
+    n.routes = vec![NetRoute::default(); MAX_NET_ROUTES + 1];
+    assert!(frame(n).is_err());
+    let mut n = network();
+    n.dns = vec!["1.1.1.1".into(); MAX_NET_DNS + 1];
+    assert!(frame(n).is_err());
+    let mut n = network();
+    n.search = vec!["a".into(); MAX_NET_SEARCH + 1];
+    assert!(frame(n).is_err());
+    let mut n = network();
+    n.hosts = vec![HostEntry::default(); MAX_NET_HOSTS + 1];
+    assert!(frame(n).is_err());
+    let mut n = network();
+    n.hosts[0].names = vec!["a".into(); MAX_NET_HOST_NAMES + 1];
+    assert!(frame(n).is_err());
+    let mut n = network();
+    n.hostname = Some("h".repeat(MAX_NET_STRING + 1));
+    assert!(frame(n).is_err());
+    let mut n = network();
+    n.routes[0].gateway = Some("g".repeat(MAX_NET_STRING + 1));
+    assert!(frame(n).is_err());
+    // Missing optional fields decode to their defaults.
+    let body = br#"{"request":{"id":3,"request":{"configure_network":{}}}}"#;
+    assert_eq!(
+        decode_body(body).unwrap(),
+        Message::Request {
+            id: 3,
+            request: Request::ConfigureNetwork(NetworkConfig::default())
+        }
+    );
+}
+
+#[test]
 fn exit_status_conventions() {
     assert_eq!(exit_status_from_wait(0), 0);
     assert_eq!(exit_status_from_wait(42 << 8), 42);
@@ -241,6 +319,7 @@ impl Handler for Echo {
                 });
             }
             Request::Pids { .. } => reply.send(Ok(Response::Pids { pids: vec![5] })),
+            Request::ConfigureNetwork(n) if n == network() => reply.send(Ok(Response::Ok)),
             _ => reply.send(Err(ErrorReply::new(38, "not implemented"))),
         }
     }
@@ -271,6 +350,7 @@ fn client_and_serve_over_a_socketpair() {
         other => panic!("{other:?}"),
     }
     assert_eq!(waiter.join().unwrap(), 3);
+    client.configure_network(&network()).unwrap();
     assert!(matches!(
         events.recv().unwrap(),
         Event::Exit { status: 3, .. }
