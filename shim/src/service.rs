@@ -545,6 +545,9 @@ impl TaskService {
             run_dir,
             agent_timeout: vm.agent_timeout,
             timings: None,
+            // containerd networking (CNI namespaces, pods) is issue 15: loopback only for now.
+            net: skiff_vmm::sandbox::SandboxNet::None,
+            hostname: None,
         })
         .map_err(|e| fail(rpc_err(Code::INTERNAL, format!("booting the VM: {e}"))))?;
         let sandbox = Arc::new(sandbox);

@@ -156,7 +156,11 @@ struct RunArgs {
     #[arg(long, value_name = "passt|none|tap:NAME|stream:PATH|dgram:PATH")]
     net: Option<String>,
     /// Publish a container port on the host, as `docker run -p` (passt only; repeatable).
-    #[arg(short = 'p', long = "publish", value_name = "[HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]")]
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]"
+    )]
     publish: Vec<String>,
     /// The container's host name (default: the agent's, "skiff").
     #[arg(long, value_name = "NAME")]

@@ -3,7 +3,7 @@
 //! MMIO bus. Nothing goes on the kernel command line beyond the slot's `virtio_mmio.device=`
 //! entry, which `vm::run_with_devices` adds for every device (the FDT on aarch64).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use skiff_devices::event_loop::{EventLoop, RunningLoop};
@@ -95,7 +95,16 @@ fn open_backend(spec: &NetSpec) -> std::io::Result<Option<Box<dyn NetBackend>>> 
         NetSpec::None => return Ok(None),
         NetSpec::Stream(p) => Box::new(StreamBackend::connect(p)?),
         NetSpec::Dgram(p) => Box::new(DgramBackend::connect(&dgram_local_path(), p)?),
-        NetSpec::Tap(n) => Box::new(TapBackend::open(n)?),
+        NetSpec::Tap(n) => {
+            // An existing tap only: TUNSETIFF would otherwise create a new, unconnected one.
+            if !Path::new("/sys/class/net").join(n).exists() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no network interface {n:?} in this network namespace (create it first: ip tuntap add {n} mode tap)"),
+                ));
+            }
+            Box::new(TapBackend::open(n)?)
+        }
     }))
 }
 

@@ -288,12 +288,24 @@ mod tests {
         );
         assert_eq!(p.passt_spec(), "127.0.0.1/18080:80");
         let p = parse_port("5353:53/udp").unwrap();
-        assert_eq!((p.host_ip, p.proto, p.passt_spec()), (None, Proto::Udp, "5353:53".into()));
+        assert_eq!(
+            (p.host_ip, p.proto, p.passt_spec()),
+            (None, Proto::Udp, "5353:53".into())
+        );
         let p = parse_port("[::1]:8080:80/tcp").unwrap();
         assert_eq!(p.host_ip, Some("::1".parse().unwrap()));
         for bad in [
-            "80", "a:80", "80:b", "0:80", "80:0", "70000:80", "1.2.3:80:80", "80:80/sctp", ":80",
-            "80:", "x.y:1:2",
+            "80",
+            "a:80",
+            "80:b",
+            "0:80",
+            "80:0",
+            "70000:80",
+            "1.2.3:80:80",
+            "80:80/sctp",
+            ":80",
+            "80:",
+            "x.y:1:2",
         ] {
             let e = parse_port(bad).unwrap_err();
             assert!(e.to_string().contains(bad), "{bad}: {e}");
@@ -306,7 +318,10 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let p = parse_port(&format!("127.0.0.1:{port}:80")).unwrap();
         let e = p.check_free().unwrap_err().to_string();
-        assert!(e.contains(&port.to_string()) && e.contains("not free"), "{e}");
+        assert!(
+            e.contains(&port.to_string()) && e.contains("not free"),
+            "{e}"
+        );
         drop(l);
         p.check_free().unwrap();
     }

@@ -17,9 +17,9 @@ use skiff_protocol::{Client, StreamKind};
 
 use crate::fs_device::{self, Share};
 use crate::sandbox::{self, Sandbox, SandboxConfig, SandboxNet, SandboxShare};
-use crate::{net_device, passt};
 use crate::sys;
 use crate::timings::{Phase, Timings};
+use crate::{net_device, passt};
 
 /// Container id used inside the VM (one container per VM).
 const CONTAINER: &str = "skiff";
@@ -100,7 +100,8 @@ pub fn plan_network(opts: &RunOptions) -> Result<SandboxNet, Error> {
     if let Some(h) = &opts.hostname {
         let ok = !h.is_empty()
             && h.len() <= 63
-            && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
             && !h.starts_with('-');
         if !ok {
             return Err(bad(format!(
@@ -432,9 +433,10 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
         }
     }
     let net = plan_network(opts)?;
-    if let Some(h) = &opts.hostname {
-        spec.set_hostname(Some(h.clone()));
-    }
+    // The container's host name: --hostname, else "skiff" (oci-spec's default is "youki").
+    spec.set_hostname(Some(
+        opts.hostname.clone().unwrap_or_else(|| "skiff".into()),
+    ));
     if net != SandboxNet::None {
         // The container uses the VM's network (its eth0), as `docker run` gives a container
         // its network: the VM is the isolation boundary.

@@ -24,9 +24,9 @@ use skiff_protocol::{Client, ClientError, Hello, CONTROL_PORT, STREAM_PORT};
 use crate::fs_device::{self, Share};
 use crate::net_device::{self, NetSpec};
 use crate::passt::{self, GuestNet, Passt, PortMap};
-use std::net::IpAddr;
 use crate::timings::Timings;
 use crate::vm::{self, RunResult, SerialOut, VmConfig, VmControl, DEFAULT_CMDLINE};
+use std::net::IpAddr;
 
 /// virtio-mmio slots left for shares (one goes to vsock).
 pub const MAX_SHARES: usize = 9;
@@ -230,11 +230,12 @@ impl Sandbox {
             SandboxNet::None => (None, None, None, None),
             SandboxNet::Passt { ports, dns } => {
                 let guest = GuestNet::passt(dns);
-                let (p, fd) = passt::start(&guest, ports, Some(&dir.join("passt.log")))
-                    .map_err(|e| match e {
+                let (p, fd) = passt::start(&guest, ports, Some(&dir.join("passt.log"))).map_err(
+                    |e| match e {
                         passt::Error::Spawn(m) => Error::Vm(format!("passt: {m}")),
                         e => Error::Input(e.to_string()),
-                    })?;
+                    },
+                )?;
                 let backend = skiff_devices::virtio::net::StreamBackend::new(fd)
                     .map_err(io_err("passt socket"))?;
                 let mut ncfg = skiff_devices::virtio::net::NetConfig::new(mac);
@@ -545,6 +546,40 @@ impl Drop for Sandbox {
 }
 
 type VmResult = Result<RunResult, vm::Error>;
+
+/// What the agent is told about the guest's network: `eth0` (found by `mac`) with the
+/// address, MTU and default route, the DNS servers, the host name, and `host.skiff.internal`
+/// for the gateway (the host's loopback under passt).
+fn guest_network_config(
+    guest: &GuestNet,
+    mac: [u8; 6],
+    hostname: Option<&str>,
+) -> skiff_protocol::NetworkConfig {
+    let mac = mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    skiff_protocol::NetworkConfig {
+        interfaces: vec![skiff_protocol::NetInterface {
+            mac: Some(mac),
+            name: Some("eth0".into()),
+            addresses: vec![format!("{}/{}", guest.address, guest.prefix)],
+            mtu: Some(u32::from(guest.mtu)),
+        }],
+        routes: vec![skiff_protocol::NetRoute {
+            destination: "0.0.0.0/0".into(),
+            gateway: Some(guest.gateway.to_string()),
+        }],
+        dns: guest.dns.iter().map(ToString::to_string).collect(),
+        search: Vec::new(),
+        hostname: hostname.map(Into::into),
+        hosts: vec![skiff_protocol::HostEntry {
+            ip: guest.gateway.to_string(),
+            names: vec!["host.skiff.internal".into()],
+        }],
+    }
+}
 
 /// See [`Sandbox::vm_ended`].
 fn vm_end_reason(

@@ -1,0 +1,118 @@
+#!/bin/bash
+# Networking end to end, run inside one nested VM (tools/kvm-vm) by tests/tests/network.rs.
+#   network.sh OUT   (env: SKIFF_VMM, SKIFF_KERNEL, SKIFF_INITRD)
+# Every server listens on 127.0.0.1 or inside a namespace made here; every wait is bounded.
+# Each case writes OUT/<case>.rc and OUT/<case>.out; the Rust side checks them.
+set -u
+OUT=$1
+VMM=$SKIFF_VMM
+cd "$OUT" || exit 1
+res() { n=$1; shift; "$@" > "$OUT/$n.out" 2>&1; echo $? > "$OUT/$n.rc"; echo "case $n: $(cat $OUT/$n.rc)" >&2; }
+# L1 has no link at all: give it what a networked host has (passt copies its configuration).
+ip link set lo up
+ip link add sk0 type veth peer name sk1 && ip addr add 192.0.2.1/24 dev sk0 \
+  && ip link set sk0 up && ip link set sk1 up && ip route add default via 192.0.2.254 \
+  || echo "host network setup failed" >&2
+# Host tools inside a container: the host's /usr over the busybox root (merged /usr).
+HOSTUSR="-v /usr:/usr:ro -v /usr/lib:/lib:ro -v /usr/lib64:/lib64:ro"
+python3 - <<'PY' &
+import socket, threading, struct
+def udp_echo():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 9999))
+    while True:
+        d, a = s.recvfrom(65535); s.sendto(b"echo:" + d, a)
+def dns():
+    # Answers A queries for *.skiff.test with 198.51.100.7, NXDOMAIN otherwise.
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 53))
+    while True:
+        q, a = s.recvfrom(512)
+        if len(q) < 12: continue
+        i = 12; labels = []
+        while i < len(q) and q[i] != 0:
+            labels.append(q[i+1:i+1+q[i]].decode(errors="replace")); i += 1 + q[i]
+        qtype = struct.unpack(">H", q[i+1:i+3])[0] if i + 3 <= len(q) else 0
+        question = q[12:i+5]; name = ".".join(labels)
+        ok = name.endswith("skiff.test")
+        ans = b""
+        if ok and qtype == 1:
+            ans = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + bytes([198, 51, 100, 7])
+        flags = 0x8180 if ok else 0x8183
+        hdr = q[:2] + struct.pack(">HHHHH", flags, 1, 1 if ans else 0, 0, 0)
+        s.sendto(hdr + question + ans, a)
+def sink():
+    # Receives one stream on 9000 and writes its sha256 to OUT/sink.sha.
+    import hashlib, os
+    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); l.bind(("127.0.0.1", 9000)); l.listen(1)
+    c, _ = l.accept(); h = hashlib.sha256(); n = 0
+    while True:
+        b = c.recv(1 << 20)
+        if not b: break
+        h.update(b); n += len(b)
+    open(os.environ["OUT"] + "/sink.sha", "w").write(f"{h.hexdigest()} {n}\n")
+for f in (udp_echo, dns, sink): threading.Thread(target=f, daemon=True).start()
+threading.Event().wait()
+PY
+SRV=$!
+export OUT
+echo "served-$$-$RANDOM" > "$OUT/file.txt"
+head -c 268435456 /dev/urandom > /tmp/big
+sha256sum < /tmp/big | cut -d' ' -f1 > "$OUT/big.sha"
+python3 -m http.server 8000 --bind 127.0.0.1 --directory "$OUT" > /dev/null 2>&1 &
+HTTP=$!
+python3 -m http.server 8001 --bind 127.0.0.1 --directory /tmp > /dev/null 2>&1 &
+HTTPBIG=$!
+for i in $(seq 50); do wget -q -O /dev/null http://127.0.0.1:8000/file.txt 2>/dev/null && break; sleep 0.2; done
+V="timeout -k 5 180 $VMM run"
+
+# Outbound TCP through passt's gateway mapping (10.0.2.2 = the host's loopback).
+res tcp $V --hostname box -- sh -c 'wget -q -O - http://10.0.2.2:8000/file.txt; hostname; cat /etc/hostname; ip -o -4 addr show eth0; ip route'
+# Published ports: two VMs at once, each with its own host port.
+for p in 1 2; do
+  $V -p 127.0.0.1:1808$p:80 -- sh -c "mkdir -p /www; echo from-container-$p > /www/index.html; httpd -f -p 80 -h /www & sleep 60" > "$OUT/pub$p.vm" 2>&1 &
+  eval "PUB$p=\$!"
+done
+for p in 1 2; do
+  for i in $(seq 120); do wget -q -O - http://127.0.0.1:1808$p/index.html > "$OUT/publish$p.out" 2>/dev/null && break; sleep 0.5; done
+  wget -q -O - http://127.0.0.1:1808$p/index.html > "$OUT/publish$p.out" 2>&1; echo $? > "$OUT/publish$p.rc"
+done
+kill $PUB1 $PUB2 2>/dev/null; wait $PUB1 $PUB2 2>/dev/null
+# UDP round trip to an echo server on the host's loopback (the host's python in the container).
+res udp $V $HOSTUSR -- /usr/bin/python3 -c '
+import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(10)
+s.sendto(b"ping-udp", ("10.0.2.2", 9999)); print(s.recvfrom(100)[0].decode())'
+# DNS: a made-up name through the resolver the container was given.
+res dns $V --dns 10.0.2.2 -- sh -c 'cat /etc/resolv.conf; nslookup made-up.skiff.test'
+# 256 MiB host -> container -> host, checked on both sides.
+rm -f "$OUT/sink.sha"
+res big $V --memory 512 -- sh -c 'mkfifo /tmp/f; nc 10.0.2.2 9000 < /tmp/f & wget -q -O - http://10.0.2.2:8001/big | tee /tmp/f | sha256sum; wait'
+for i in $(seq 50); do [ -s "$OUT/sink.sha" ] && break; sleep 0.2; done
+# tap: in a namespace made here, a tap with an address and a server behind it.
+ip netns add sknet
+ip -n sknet link set lo up
+ip -n sknet tuntap add sktap0 mode tap vnet_hdr
+ln -sf /tmp/big "$OUT/tapbig"
+ip -n sknet addr add 10.9.0.1/24 dev sktap0
+ip -n sknet link set sktap0 up
+ip netns exec sknet python3 -m http.server 8002 --bind 10.9.0.1 --directory "$OUT" > /dev/null 2>&1 &
+TAPSRV=$!
+sleep 1
+res tap ip netns exec sknet $V --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/file.txt; ip -o link show eth0'
+res tapbig ip netns exec sknet $V --memory 512 --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/tapbig | sha256sum'
+kill $TAPSRV 2>/dev/null
+# Bad input: one line each, status 125, nothing left behind.
+res bad_port $V -p 80:x -- true
+python3 -c 'import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", 18090)); s.listen(); time.sleep(60)' &
+TAKEN=$!
+sleep 0.5
+res port_taken $V -p 127.0.0.1:18090:80 -- true
+kill $TAKEN
+res no_passt env PATH=/nonexistent $V --net passt -- true
+res no_tap $V --net tap:sknosuch --ip 10.9.0.2/24 -- true
+res bad_net $V --net bogus -- true
+# Loopback only, as runc gives without a network.
+res none $V --net none -- sh -c 'ip -o link | cut -d: -f2'
+pgrep -a passt > "$OUT/passt.left"
+ip link show | grep -c sknosuch > "$OUT/tap.left"
+kill $SRV $HTTP $HTTPBIG 2>/dev/null
+ip netns del sknet
+exit 0
