@@ -4,7 +4,7 @@
 # Every server listens on 127.0.0.1 or inside a namespace made here; every wait is bounded.
 # Each case writes OUT/<case>.rc and OUT/<case>.out; the Rust side checks them.
 set -u
-OUT=$1
+OUT=$1; export OUT
 VMM=$SKIFF_VMM
 cd "$OUT" || exit 1
 res() { n=$1; shift; "$@" > "$OUT/$n.out" 2>&1; echo $? > "$OUT/$n.rc"; echo "case $n: $(cat $OUT/$n.rc)" >&2; }
@@ -53,7 +53,6 @@ for f in (udp_echo, dns, sink): threading.Thread(target=f, daemon=True).start()
 threading.Event().wait()
 PY
 SRV=$!
-export OUT
 echo "served-$$-$RANDOM" > "$OUT/file.txt"
 head -c 268435456 /dev/urandom > /tmp/big
 sha256sum < /tmp/big | cut -d' ' -f1 > "$OUT/big.sha"
@@ -95,7 +94,7 @@ ip -n sknet addr add 10.9.0.1/24 dev sktap0
 ip -n sknet link set sktap0 up
 ip netns exec sknet python3 -m http.server 8002 --bind 10.9.0.1 --directory "$OUT" > /dev/null 2>&1 &
 TAPSRV=$!
-sleep 1
+for i in $(seq 100); do ip netns exec sknet wget -q -O /dev/null http://10.9.0.1:8002/file.txt 2>/dev/null && break; sleep 0.2; done
 res tap ip netns exec sknet $V --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/file.txt; ip -o link show eth0'
 res tapbig ip netns exec sknet $V --memory 512 --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/tapbig | sha256sum'
 kill $TAPSRV 2>/dev/null
@@ -103,10 +102,10 @@ kill $TAPSRV 2>/dev/null
 res bad_port $V -p 80:x -- true
 python3 -c 'import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", 18090)); s.listen(); time.sleep(60)' &
 TAKEN=$!
-sleep 0.5
+for i in $(seq 100); do python3 -c 'import socket; socket.create_connection(("127.0.0.1", 18090), 1)' 2>/dev/null && break; sleep 0.2; done
 res port_taken $V -p 127.0.0.1:18090:80 -- true
 kill $TAKEN
-res no_passt env PATH=/nonexistent $V --net passt -- true
+res no_passt env PATH=/nonexistent /usr/bin/timeout -k 5 60 $VMM run --net passt -- true
 res no_tap $V --net tap:sknosuch --ip 10.9.0.2/24 -- true
 res bad_net $V --net bogus -- true
 # Loopback only, as runc gives without a network.

@@ -175,6 +175,10 @@ struct RunArgs {
     /// The default gateway for tap/stream/dgram networks (default 10.0.2.2).
     #[arg(long, value_name = "IP")]
     gateway: Option<String>,
+    /// How long the guest agent may take to come up, in seconds (nested or heavily loaded
+    /// hosts boot slowly).
+    #[arg(long, value_name = "SECS", default_value_t = 180)]
+    agent_timeout: u64,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -237,6 +241,7 @@ fn main() -> ExitCode {
             dns: r.dns,
             ip: r.ip,
             gateway: r.gateway,
+            agent_timeout: std::time::Duration::from_secs(r.agent_timeout.max(1)),
             args: r.cmd,
         };
         return match run::run(&opts, Timings::new(start)) {

@@ -170,12 +170,11 @@ impl GuestNet {
     }
 }
 
-/// The passt binary, if installed (`$PATH`, then `/usr/bin`).
+/// The passt binary, if installed (found on `$PATH`).
 pub fn find() -> Option<PathBuf> {
     std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain([PathBuf::from("/usr/bin")])
         .map(|d| d.join("passt"))
         .find(|p| p.is_file())
 }

@@ -27,8 +27,6 @@ const CONTAINER: &str = "skiff";
 const GUEST_ROOTFS: &str = "/rootfs";
 /// virtio-mmio slots left for shares (one goes to vsock).
 const MAX_SHARES: usize = 9;
-/// How long the agent may take to dial in (nested, emulated boots are slow).
-const AGENT_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// What `vmm run` was asked to do.
 #[derive(Debug, Clone)]
@@ -77,6 +75,8 @@ pub struct RunOptions {
     pub ip: Option<String>,
     /// `--gateway IP` for tap/stream/dgram.
     pub gateway: Option<String>,
+    /// How long the agent may take to dial in.
+    pub agent_timeout: Duration,
     /// The command and its arguments.
     pub args: Vec<String>,
 }
@@ -488,7 +488,7 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
         console: opts.console.clone(),
         kernel_args: opts.kernel_args.clone(),
         run_dir: dir,
-        agent_timeout: AGENT_TIMEOUT,
+        agent_timeout: opts.agent_timeout,
         timings: Some(timings.clone()),
         net,
         hostname: opts.hostname.clone(),
