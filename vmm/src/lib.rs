@@ -8,6 +8,7 @@ pub mod hypervisor;
 pub mod run;
 pub mod run_dir;
 pub mod sandbox;
+pub mod seccomp;
 pub mod sys;
 pub mod timings;
 pub mod vm;
