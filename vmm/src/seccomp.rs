@@ -206,8 +206,8 @@ mod imp {
     type Calls = &'static [(&'static str, libc::c_long)];
 
     /// What every filtered thread needs: the C library and Rust runtime under the hood (memory,
-    /// futexes, thread exit, signal return, clocks, random keys for hash maps), stderr logging,
-    /// and closing descriptors.
+    /// futexes, thread exit, signal return, clocks, random keys for hash maps, `abort()` after a
+    /// panic), stderr logging, and closing descriptors.
     const BASE: Calls = calls![
         SYS_brk,
         SYS_clock_gettime,
@@ -232,6 +232,8 @@ mod imp {
         SYS_sched_yield,
         SYS_set_robust_list,
         SYS_sigaltstack,
+        SYS_rt_sigaction,
+        SYS_tgkill,
         SYS_write,
         SYS_writev,
     ];
@@ -290,9 +292,9 @@ mod imp {
     ];
 
     /// The VM thread and vCPU threads on top of [`BASE`] and [`FS`]: KVM ioctls (`KVM_RUN`,
-    /// `KVM_IRQ_LINE`, vCPU setup), starting threads (vCPUs, virtio-fs workers), the kick
-    /// signal's handler and its `tgkill`, a worker's own filter and capability drop, and the
-    /// console file's rotation (rename, create).
+    /// `KVM_IRQ_LINE`, vCPU setup), starting threads (vCPUs, virtio-fs workers), a worker's own
+    /// filter and capability drop, and the console file's rotation (rename, create, in [`FS`]).
+    /// The kick signal's handler and `tgkill` are in [`BASE`], limited by [`arg_rules`].
     const VMM: Calls = calls![
         SYS_capget,
         SYS_capset,
@@ -302,9 +304,7 @@ mod imp {
         SYS_mmap,
         SYS_mprotect,
         SYS_prctl,
-        SYS_rt_sigaction,
         SYS_seccomp,
-        SYS_tgkill,
     ];
 
     /// Legacy x86_64 names glibc and std still use for some calls (`rename`, `unlink`...).
@@ -409,7 +409,7 @@ mod imp {
         NAMES
             .iter()
             .flat_map(|c| c.iter())
-            .find(|(_, n)| i64::from(*n) == nr)
+            .find(|(_, n)| *n == nr)
             .map(|(s, _)| s.trim_start_matches("SYS_"))
     }
 
@@ -453,6 +453,8 @@ mod imp {
     const KVMIO: u64 = 0xae;
 
     /// Argument conditions for the calls that have them; an empty list allows any arguments.
+    // `libc::FIONBIO` is a `c_ulong` with glibc and a `c_int` with musl.
+    #[allow(clippy::unnecessary_cast)]
     fn arg_rules(kind: Kind, nr: libc::c_long) -> Result<Vec<SeccompRule>, String> {
         let no_exec = || {
             rule(vec![cond(
@@ -497,21 +499,21 @@ mod imp {
                 ],
             )?,
             libc::SYS_seccomp => one_of(0, &[libc::SECCOMP_SET_MODE_FILTER as u64])?,
-            // The vCPU kick, and abort() after a panic.
-            libc::SYS_tgkill => one_of(
-                2,
-                &[
-                    crate::hypervisor::kvm::kick_signal() as u64,
-                    libc::SIGABRT as u64,
-                ],
-            )?,
-            libc::SYS_rt_sigaction => one_of(
-                0,
-                &[
-                    crate::hypervisor::kvm::kick_signal() as u64,
-                    libc::SIGABRT as u64,
-                ],
-            )?,
+            // abort() after a panic everywhere; the vCPU kick signal (its handler is installed
+            // on the first vCPU thread, the VM thread sends it) on the vmm list.
+            libc::SYS_tgkill | libc::SYS_rt_sigaction => {
+                let arg = if nr == libc::SYS_tgkill { 2 } else { 0 };
+                match kind {
+                    Kind::Vmm => one_of(
+                        arg,
+                        &[
+                            crate::hypervisor::kvm::kick_signal() as u64,
+                            libc::SIGABRT as u64,
+                        ],
+                    )?,
+                    Kind::VirtioFs | Kind::Events => one_of(arg, &[libc::SIGABRT as u64])?,
+                }
+            }
             // Unix sockets only.
             libc::SYS_socket => one_of(0, &[libc::AF_UNIX as u64])?,
             _ => Vec::new(),
@@ -522,7 +524,7 @@ mod imp {
         let mut rules = BTreeMap::new();
         for calls in lists(kind) {
             for &(_, nr) in calls {
-                rules.insert(i64::from(nr), arg_rules(kind, nr)?);
+                rules.insert(nr, arg_rules(kind, nr)?);
             }
         }
         let mismatch = match mode {
