@@ -579,6 +579,27 @@ mod imp {
         }
 
         #[test]
+        fn console_rotation_runs_under_the_vmm_list() {
+            // vCPU threads write the console file and rotate it when full (rename + create);
+            // a call missing from the list would end this test process with status 159.
+            use std::io::Write;
+            let dir = std::env::temp_dir().join(format!("skiff-seccomp-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("console.log");
+            let mut log = crate::console_log::CappedLog::create(&path, 4096).unwrap();
+            let t = std::thread::spawn(move || {
+                install(Kind::Vmm, Mode::On).unwrap();
+                for _ in 0..20 {
+                    log.write_all(&[b'x'; 1000]).unwrap();
+                }
+                log.flush().unwrap();
+            });
+            t.join().unwrap();
+            assert!(crate::console_log::rotated_path(&path).exists());
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+
+        #[test]
         fn the_worker_lists_are_inside_the_vmm_list() {
             // A virtio-fs worker inherits the vmm filter from its vCPU thread: its own list can
             // only narrow it.
