@@ -48,6 +48,9 @@ pub enum Error {
     /// The loop thread panicked.
     #[error("the event loop thread panicked")]
     Panicked,
+    /// The loop thread's start hook failed (see [`EventLoop::spawn_with`]).
+    #[error("the event loop thread's setup failed: {0}")]
+    ThreadStart(#[source] io::Error),
 }
 
 /// Bits of a token left to a handler (the high bits carry the handler's index).
@@ -288,16 +291,44 @@ impl EventLoop {
     }
 
     /// Runs on its own thread until [`RunningLoop::stop`].
-    pub fn spawn(mut self) -> Result<RunningLoop, Error> {
+    pub fn spawn(self) -> Result<RunningLoop, Error> {
+        self.spawn_with(|| Ok(()))
+    }
+
+    /// Like [`EventLoop::spawn`], calling `start` first on the new thread (the VMM installs the
+    /// thread's seccomp filter there). Returns once `start` has run; if it fails, the thread
+    /// ends without serving anything and this returns [`Error::ThreadStart`].
+    pub fn spawn_with(
+        mut self,
+        start: impl FnOnce() -> io::Result<()> + Send + 'static,
+    ) -> Result<RunningLoop, Error> {
         let stop = self.stop.clone();
         let waker = self.waker.clone();
+        let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("skiff-events".into())
             .spawn(move || -> Result<(), Error> {
+                let started = start();
+                let ok = started.is_ok();
+                let _ = started_tx.send(started);
+                if !ok {
+                    return Ok(());
+                }
                 while !self.run_once(None)? {}
                 Ok(())
             })
             .map_err(Error::Spawn)?;
+        match started_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(Error::ThreadStart(e));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(Error::Panicked);
+            }
+        }
         Ok(RunningLoop {
             stop,
             waker,
@@ -381,6 +412,26 @@ mod tests {
         assert_eq!(*log.lock().unwrap(), vec!["7 true [1, 2]", "woken"]);
         let running = el.spawn().unwrap();
         wake.wake();
+        running.stop().unwrap();
+    }
+
+    #[test]
+    fn a_failing_start_hook_fails_the_spawn() {
+        let el = EventLoop::new().unwrap();
+        let e = el
+            .spawn_with(|| Err(io::Error::other("no filter")))
+            .unwrap_err();
+        assert!(e.to_string().contains("no filter"), "{e}");
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        let running = EventLoop::new()
+            .unwrap()
+            .spawn_with(move || {
+                r.store(true, Ordering::SeqCst);
+                Ok(())
+            })
+            .unwrap();
+        assert!(ran.load(Ordering::SeqCst));
         running.stop().unwrap();
     }
 }

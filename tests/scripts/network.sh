@@ -81,10 +81,13 @@ import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeou
 s.sendto(b"ping-udp", ("10.0.2.2", 9999)); print(s.recvfrom(100)[0].decode())'
 # DNS: a made-up name through the resolver the container was given.
 res dns $V --dns 10.0.2.2 -- sh -c 'cat /etc/resolv.conf; nslookup made-up.skiff.test'
-# 256 MiB host -> container -> host, checked on both sides.
+# 256 MiB host -> container (random data, sha256 in the container) and ~256 MiB container ->
+# host (`seq`, sha256 on the host).
+res big_in $V --memory 512 -- sh -c 'wget -q -O - http://10.0.2.2:8001/big | sha256sum'
+seq 1 31000000 | sha256sum | cut -d' ' -f1 > "$OUT/seq.sha"
 rm -f "$OUT/sink.sha"
-res big $V --memory 512 -- sh -c 'mkfifo /tmp/f; nc 10.0.2.2 9000 < /tmp/f & wget -q -O - http://10.0.2.2:8001/big | tee /tmp/f | sha256sum; wait'
-for i in $(seq 50); do [ -s "$OUT/sink.sha" ] && break; sleep 0.2; done
+res big_out $V -- sh -c 'seq 1 31000000 | nc 10.0.2.2 9000'
+for i in $(seq 100); do [ -s "$OUT/sink.sha" ] && break; sleep 0.2; done
 # tap: in a namespace made here, a tap with an address and a server behind it.
 ip netns add sknet
 ip -n sknet link set lo up

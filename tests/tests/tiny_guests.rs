@@ -147,6 +147,54 @@ fn smp_all_vcpus_start_and_stop() {
     }
 }
 
+#[test]
+fn seccomp_denied_call_ends_the_vmm_with_one_clear_line() {
+    // SKIFF_SECCOMP_SELFTEST=1 makes vCPU 0 call socket(AF_INET) after its setup, which no
+    // allowlist has: with the filters on (the default) the VMM must end at once with status
+    // 159 and a line naming the call; off or logging, the guest runs to its end.
+    let elf = build_guest("pvh.S", &["ACTION=0"]);
+    let run = |mode: Option<&str>| {
+        let mut cmd = Command::new("timeout");
+        cmd.arg("60")
+            .arg(vmm_binary())
+            .args(["--kernel", elf.to_str().unwrap(), "--cmdline", "sc"])
+            .env("SKIFF_SECCOMP_SELFTEST", "1")
+            .env_remove("SKIFF_SECCOMP");
+        if let Some(m) = mode {
+            cmd.args(["--seccomp", m]);
+        }
+        let out = cmd.output().unwrap();
+        let (o, e) = text(&out);
+        (out.status.code(), o, e)
+    };
+    for mode in [None, Some("on")] {
+        let (code, out, err) = run(mode);
+        assert_eq!(code, Some(159), "{mode:?}: stdout {out:?} stderr {err:?}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("skiff-vmm: seccomp: "))
+            .unwrap_or_else(|| panic!("no seccomp line in {err:?}"));
+        assert!(
+            line.contains("forbidden system call socket (")
+                && line.contains("under the vmm allowlist")
+                && line.contains("status 159"),
+            "{line}"
+        );
+        assert!(!out.contains("PVH magic"), "the guest ran on: {out:?}");
+    }
+    for mode in ["off", "log"] {
+        let (code, out, err) = run(Some(mode));
+        assert_eq!(code, Some(0), "{mode}: {err}");
+        assert_eq!(out, "PVH magic=ok cmdline=sc\n", "{mode}: {err}");
+        assert!(!err.contains("skiff-vmm: seccomp:"), "{mode}: {err}");
+    }
+    let out = Command::new(vmm_binary())
+        .args(["--kernel", elf.to_str().unwrap(), "--seccomp", "sometimes"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
 // ---- bad input: one clear line, status 2, no panic ----
 
 fn bad(args: &[&str], envs: &[(&str, &str)], expect: &str) {

@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use skiff_devices::virtio::fs::ReadSink;
 use skiff_devices::virtio::fs::{Config, Ownership, Server};
 pub use skiff_devices::virtio::fs::{FdBudget, SharePolicy};
 use skiff_devices::virtio::mmio::MmioTransport;
-use skiff_devices::virtio::virtio_fs::VirtioFs;
+use skiff_devices::virtio::virtio_fs::{FuseHandler, VirtioFs};
 use skiff_devices::BusDevice;
 
 use crate::vm::MmioDeviceFactory;
@@ -95,7 +96,7 @@ pub fn create(share: &Share, budget: &FdBudget) -> Result<MmioDeviceFactory, Err
         tag: share.tag.clone(),
         source,
     })?;
-    let dev = VirtioFs::new(&share.tag, Arc::new(server)).map_err(|e| Error::Device {
+    let dev = VirtioFs::new(&share.tag, Arc::new(Confined(server))).map_err(|e| Error::Device {
         tag: share.tag.clone(),
         msg: e.to_string(),
     })?;
@@ -103,6 +104,34 @@ pub fn create(share: &Share, budget: &FdBudget) -> Result<MmioDeviceFactory, Err
         let t = MmioTransport::new(Box::new(dev), mem.clone(), irq).map_err(|e| e.to_string())?;
         Ok(Arc::new(Mutex::new(t)) as Arc<Mutex<dyn BusDevice>>)
     }))
+}
+
+/// The FUSE server with each worker thread confined: after the server's own per-thread setup
+/// (dropping capabilities), the worker installs the `virtio-fs` seccomp allowlist.
+#[derive(Debug)]
+struct Confined(Server);
+
+impl FuseHandler for Confined {
+    fn handle(&self, req: &[u8], max_out: usize) -> Option<Vec<u8>> {
+        self.0.handle(req, max_out)
+    }
+
+    fn handle_read_direct(
+        &self,
+        req: &[u8],
+        max_out: usize,
+        sink: &mut ReadSink<'_>,
+    ) -> Option<(Vec<u8>, usize)> {
+        self.0.handle_read_direct(req, max_out, sink)
+    }
+
+    fn thread_start(&self) {
+        FuseHandler::thread_start(&self.0);
+        // A failure leaves the worker under the `vmm` list it inherited from its vCPU thread.
+        if let Err(e) = crate::seccomp::install(crate::seccomp::Kind::VirtioFs) {
+            tracing::error!("virtio-fs worker: {e}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod passt;
 pub mod run;
 pub mod run_dir;
 pub mod sandbox;
+pub mod seccomp;
 pub mod sys;
 pub mod timings;
 pub mod vm;

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use skiff_vmm::fs_device;
 use skiff_vmm::net_device;
 use skiff_vmm::run::{self, RunOptions};
+use skiff_vmm::seccomp;
 use skiff_vmm::timings::Timings;
 use skiff_vmm::vm::{self, PitMode, SerialOut, VmConfig, DEFAULT_CMDLINE};
 
@@ -25,9 +26,29 @@ Linux guests: the default command line uses `reboot=k,panic_warm panic=-1`, so a
 marks \"userspace reached\" by writing 123 to the boot-timer port (x86: port 0x3f0).
 
 Environment: SKIFF_LOG sets the log filter (default `warn`; e.g. `skiff_vmm=debug`).
+SKIFF_SECCOMP=on|off|log sets the seccomp mode when --seccomp is not given. A system call
+outside a VMM thread's allowlist ends the VMM with status 159 and one `skiff-vmm: seccomp:`
+line naming it on stderr.
 
 Example:
   vmm --kernel vmlinux --initrd initramfs.cpio --timings";
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Seccomp {
+    On,
+    Off,
+    Log,
+}
+
+impl From<Seccomp> for seccomp::Mode {
+    fn from(s: Seccomp) -> Self {
+        match s {
+            Seccomp::On => seccomp::Mode::On,
+            Seccomp::Off => seccomp::Mode::Off,
+            Seccomp::Log => seccomp::Mode::Log,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Pit {
@@ -89,6 +110,11 @@ struct Cli {
     /// it); tiny guests boot faster without it.
     #[arg(long, value_enum, default_value_t = Pit::Auto)]
     pit: Pit,
+    /// Seccomp allowlists on the VMM's threads (Linux): `on` ends the VMM on a call outside
+    /// them (status 159), `log` only has the kernel log such calls (dmesg), `off` installs
+    /// none. Default: $SKIFF_SECCOMP, else `on`.
+    #[arg(long, value_enum, value_name = "MODE")]
+    seccomp: Option<Seccomp>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,6 +205,11 @@ struct RunArgs {
     /// hosts boot slowly).
     #[arg(long, value_name = "SECS", default_value_t = 180)]
     agent_timeout: u64,
+    /// Seccomp allowlists on the VMM's threads (Linux): `on` ends the VMM on a call outside
+    /// them (status 159), `log` only has the kernel log such calls (dmesg), `off` installs
+    /// none. Default: $SKIFF_SECCOMP, else `on`.
+    #[arg(long, value_enum, value_name = "MODE")]
+    seccomp: Option<Seccomp>,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -219,6 +250,9 @@ fn main() -> ExitCode {
         .try_init();
 
     if let Some(Command::Run(r)) = cli.command {
+        if let Some(m) = r.seccomp {
+            seccomp::set_mode(m.into());
+        }
         let opts = RunOptions {
             kernel: r.kernel,
             initrd: r.initrd,
@@ -251,6 +285,9 @@ fn main() -> ExitCode {
                 ExitCode::from(125)
             }
         };
+    }
+    if let Some(m) = cli.seccomp {
+        seccomp::set_mode(m.into());
     }
     let Some(kernel) = cli.kernel else {
         eprintln!("vmm: error: --kernel is required (see vmm --help)");

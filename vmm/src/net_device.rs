@@ -136,7 +136,13 @@ pub fn create_with_backend(
         let t = MmioTransport::new(Box::new(net), mem.clone(), irq).map_err(|e| e.to_string())?;
         Ok(Arc::new(Mutex::new(t)) as Arc<Mutex<dyn BusDevice>>)
     });
-    let running = el.spawn().map_err(|e| Error::Device(e.to_string()))?;
+    // Spawned from the caller's (unfiltered) thread: the loop installs the event-loop
+    // seccomp allowlist (sockets, tap read/write, TUNSETOFFLOAD) before it serves the guest.
+    let running = el
+        .spawn_with(|| {
+            crate::seccomp::install(crate::seccomp::Kind::Events).map_err(std::io::Error::other)
+        })
+        .map_err(|e| Error::Device(e.to_string()))?;
     Ok((factory, running))
 }
 

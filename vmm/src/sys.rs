@@ -175,3 +175,131 @@ pub fn pass_fd_as_3(cmd: &mut std::process::Command, fd: std::os::fd::RawFd) {
         });
     }
 }
+
+/// What the `SIGSYS` handler needs, set once by [`install_sigsys_handler`].
+#[cfg(target_os = "linux")]
+struct SigsysConfig {
+    name: fn(i64) -> Option<&'static str>,
+    status: i32,
+}
+
+#[cfg(target_os = "linux")]
+static SIGSYS_CONFIG: std::sync::OnceLock<SigsysConfig> = std::sync::OnceLock::new();
+
+#[cfg(target_os = "linux")]
+thread_local! {
+    /// The seccomp list this thread runs under, for the denial message.
+    static THREAD_LABEL: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
+}
+
+/// Records which seccomp list the calling thread runs under (named by the `SIGSYS` handler).
+#[cfg(target_os = "linux")]
+pub fn set_thread_label(label: &'static str) {
+    THREAD_LABEL.with(|l| l.set(label));
+}
+
+/// A fixed-size buffer for building the denial message without allocating.
+#[cfg(target_os = "linux")]
+struct MsgBuf {
+    buf: [u8; 384],
+    len: usize,
+}
+
+#[cfg(target_os = "linux")]
+impl MsgBuf {
+    fn push(&mut self, s: &[u8]) {
+        for &b in s {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = b;
+                self.len += 1;
+            }
+        }
+    }
+
+    fn push_num(&mut self, n: i64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let neg = n < 0;
+        let mut v = n.unsigned_abs();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 || i == 0 {
+                break;
+            }
+        }
+        if neg {
+            self.push(b"-");
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+/// The `SIGSYS` handler: one line on stderr naming the system call and the thread's list, then
+/// `_exit` with the configured status. Async-signal-safe: stack buffer, static data, `write`
+/// and `_exit` (both allowed by every list).
+#[cfg(target_os = "linux")]
+extern "C" fn sigsys_handler(
+    _sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    let mut m = MsgBuf {
+        buf: [0; 384],
+        len: 0,
+    };
+    // siginfo_t for SIGSYS (`_sigsys` in the kernel's union, which starts at byte 16 on 64-bit
+    // targets): `void *_call_addr; int _syscall; unsigned int _arch;`.
+    let nr: i64 = if info.is_null() {
+        -1
+    } else {
+        // SAFETY: the kernel passes a valid siginfo_t (SA_SIGINFO), 128 bytes long; byte 24
+        // holds `_syscall` for SIGSYS on 64-bit Linux, an aligned i32 inside the struct.
+        i64::from(unsafe { info.cast::<u8>().add(24).cast::<i32>().read() })
+    };
+    let (name, status) = match SIGSYS_CONFIG.get() {
+        Some(c) => ((c.name)(nr), c.status),
+        None => (None, 159),
+    };
+    // A const-initialised thread-local without a destructor is a plain TLS slot: reading it
+    // takes no lock and allocates nothing.
+    let label = THREAD_LABEL.with(|l| l.get());
+    // Threads that installed no list of their own (vCPU threads) inherited the VM thread's.
+    let label = if label.is_empty() { "vmm" } else { label };
+    m.push(b"skiff-vmm: seccomp: forbidden system call ");
+    m.push(name.unwrap_or("syscall").as_bytes());
+    m.push(b" (");
+    m.push_num(nr);
+    m.push(b") by a thread under the ");
+    m.push(label.as_bytes());
+    m.push(b" allowlist; the VMM exits with status ");
+    m.push_num(i64::from(status));
+    m.push(b" (debug with --seccomp log or SKIFF_SECCOMP=log)\n");
+    // SAFETY: `m.buf[..m.len]` is initialised memory; write(2) and _exit(2) are
+    // async-signal-safe.
+    unsafe {
+        libc::write(2, m.buf.as_ptr().cast(), m.len);
+        libc::_exit(status);
+    }
+}
+
+/// Installs (once per process) the `SIGSYS` handler that reports a call a seccomp filter
+/// trapped: `name` maps a system call number to its name, `status` is the exit status.
+#[cfg(target_os = "linux")]
+pub fn install_sigsys_handler(name: fn(i64) -> Option<&'static str>, status: i32) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = SIGSYS_CONFIG.set(SigsysConfig { name, status });
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = sigsys_handler as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: installs an async-signal-safe handler (see `sigsys_handler`) for SIGSYS,
+        // which nothing else in the process handles; `action` is fully initialised.
+        unsafe {
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut());
+        }
+    });
+}

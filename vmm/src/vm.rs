@@ -399,6 +399,13 @@ pub fn run_controlled(
             let _ = tx.send(Event::HostStop);
         }
     }));
+    // From here on this thread, the vCPU threads and what they spawn (virtio-fs workers, at
+    // the guest's device activation) run under the `vmm` seccomp allowlist; the guest has not
+    // run yet. The memory thread above ends before it does.
+    if let Err(e) = crate::seccomp::install(crate::seccomp::Kind::Vmm) {
+        let _ = mem_thread.join();
+        return Err(Error::Vmm(e.to_string()));
+    }
     // Every vCPU must exist before the boot CPU runs: an INIT/SIPI sent to a vCPU that has not
     // been created yet is lost.
     let ready = Arc::new(std::sync::Barrier::new(cfg.cpus as usize + 1));
@@ -554,6 +561,7 @@ fn vcpu_thread(
     // and a stop kicks it. Dropped (unregistered) before the vCPU itself.
     let gate = control.enter(vcpu.kicker());
     if id == 0 {
+        crate::seccomp::selftest_if_requested();
         sink.send(Event::Stamp(Phase::FirstVcpuEntry, Instant::now()));
     }
     let mut unknown_exits = 0u32;

@@ -22,6 +22,12 @@ pub fn create(uds: &Path) -> Result<(MmioDeviceFactory, RunningLoop), String> {
         let t = MmioTransport::new(Box::new(vsock), mem.clone(), irq).map_err(|e| e.to_string())?;
         Ok(Arc::new(Mutex::new(t)) as Arc<Mutex<dyn BusDevice>>)
     });
-    let running = el.spawn().map_err(|e| format!("vsock event loop: {e}"))?;
+    // The loop thread is spawned from the caller's (unfiltered) thread: it installs its own
+    // seccomp allowlist before serving the guest.
+    let running = el
+        .spawn_with(|| {
+            crate::seccomp::install(crate::seccomp::Kind::Events).map_err(std::io::Error::other)
+        })
+        .map_err(|e| format!("vsock event loop: {e}"))?;
     Ok((factory, running))
 }

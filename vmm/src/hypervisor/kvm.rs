@@ -177,7 +177,7 @@ impl VmX86_64 for KvmVm {
 }
 
 /// Signal used to kick a vCPU thread out of `KVM_RUN`.
-fn kick_signal() -> libc::c_int {
+pub fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN() + 1
 }
 
