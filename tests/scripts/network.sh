@@ -100,6 +100,21 @@ TAPSRV=$!
 for i in $(seq 100); do ip netns exec sknet wget -q -O /dev/null http://10.9.0.1:8002/file.txt 2>/dev/null && break; sleep 0.2; done
 res tap ip netns exec sknet $V --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/file.txt; ip -o link show eth0'
 res tapbig ip netns exec sknet $V --memory 512 --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/tapbig | sha256sum'
+# ~256 MiB container -> a sink in the namespace, over the tap.
+ip netns exec sknet python3 -c '
+import socket, hashlib, os
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); l.bind(("10.9.0.1", 9001)); l.listen(1)
+c, _ = l.accept(); h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 20)
+    if not b: break
+    h.update(b); n += len(b)
+open(os.environ["OUT"] + "/tapsink.sha", "w").write(f"{h.hexdigest()} {n}\n")' &
+TAPSINK=$!
+for i in $(seq 100); do ip netns exec sknet ss -ltn 2>/dev/null | grep -q 10.9.0.1:9001 && break; sleep 0.2; done
+res tapbig_out ip netns exec sknet $V --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'seq 1 31000000 | nc 10.9.0.1 9001'
+for i in $(seq 100); do [ -s "$OUT/tapsink.sha" ] && break; sleep 0.2; done
+kill $TAPSINK 2>/dev/null
 kill $TAPSRV 2>/dev/null
 # Bad input: one line each, status 125, nothing left behind.
 res bad_port $V -p 80:x -- true
