@@ -83,22 +83,6 @@ fn containers_get_a_network() {
         rc_of("big_in") == 0 && big.len() == 64 && outp("big_in").starts_with(&big),
         "big_in",
     );
-    // Container -> host bulk data is checked over the tap. Over Debian 12's passt (2023-03)
-    // the guest's TCP connection is reset after 6-60 MB (seen with MTU 65520 and 1500); the
-    // figure is printed, not asserted, until that is understood (issue 12).
-    let seq = read("seq.sha").trim().to_string();
-    eprintln!(
-        "network: container -> host over passt: rc={} received {:?} (want {seq} 267888897): {:?}",
-        rc_of("big_out"),
-        read("sink.sha").trim(),
-        outp("big_out").trim()
-    );
-    check(
-        rc_of("tapbig_out") == 0
-            && seq.len() == 64
-            && read("tapsink.sha") == format!("{seq} 267888897\n"),
-        "tapbig_out",
-    );
     check(rc_of("tap") == 0 && outp("tap").starts_with(&served), "tap");
     check(
         rc_of("tapbig") == 0 && big.len() == 64 && outp("tapbig").starts_with(&big),
