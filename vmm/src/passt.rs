@@ -49,6 +49,9 @@ pub enum Error {
     /// passt is not installed.
     #[error("passt is not installed (apt-get install passt, or tools/setup); use --net none for no network")]
     Missing,
+    /// The host has no default route, so passt has no external interface to use.
+    #[error("passt: the host has no default route (passt needs one to reach the outside); use --net none, or add a route")]
+    NoRoute,
     /// passt could not be started or ended at once.
     #[error("passt: {0}")]
     Spawn(String),
@@ -179,6 +182,43 @@ pub fn find() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Whether the host has a default route (IPv4 or IPv6) through a real interface, which passt
+/// needs: with none it exits at start with "External interface not usable". Read from
+/// `/proc/net/route` and `/proc/net/ipv6_route`; where those do not exist (not Linux) the
+/// answer is yes and passt itself decides.
+pub fn host_has_default_route() -> bool {
+    let v4 = std::fs::read_to_string("/proc/net/route");
+    let v6 = std::fs::read_to_string("/proc/net/ipv6_route");
+    if v4.is_err() && v6.is_err() {
+        return true;
+    }
+    default_route_v4(v4.as_deref().unwrap_or("")) || default_route_v6(v6.as_deref().unwrap_or(""))
+}
+
+/// `/proc/net/route`: a default route is destination 00000000 with mask 00000000, up, not on lo.
+fn default_route_v4(table: &str) -> bool {
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[0] != "lo"
+            && f[1] == "00000000"
+            && f[7] == "00000000"
+            && u32::from_str_radix(f[3], 16).is_ok_and(|fl| fl & 0x1 != 0 && fl & 0x200 == 0)
+    })
+}
+
+/// `/proc/net/ipv6_route`: destination ::/0, up (RTF_UP) and not a reject route, not on lo.
+fn default_route_v6(table: &str) -> bool {
+    table.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 10
+            && f[9] != "lo"
+            && f[0].bytes().all(|b| b == b'0')
+            && f[1] == "00"
+            && u32::from_str_radix(f[8], 16).is_ok_and(|fl| fl & 0x1 != 0 && fl & 0x200 == 0)
+    })
+}
+
 /// A running passt; killed and reaped when dropped.
 #[derive(Debug)]
 pub struct Passt {
@@ -277,6 +317,22 @@ pub fn start(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn default_routes_from_proc() {
+        let hdr =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n";
+        let dflt = "eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+        let net = "eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert!(default_route_v4(&format!("{hdr}{dflt}{net}")));
+        assert!(!default_route_v4(&format!("{hdr}{net}")));
+        assert!(!default_route_v4(hdr));
+        let v6_lo_reject = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo\n";
+        let v6_dflt = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000003 00000000 00000003     eth0\n";
+        let v6_link = "fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000002 00000000 00000001     eth0\n";
+        assert!(!default_route_v6(&format!("{v6_link}{v6_lo_reject}")));
+        assert!(default_route_v6(&format!("{v6_link}{v6_dflt}")));
+    }
 
     #[test]
     fn port_specs() {

@@ -111,13 +111,26 @@ pub fn plan_network(opts: &RunOptions) -> Result<SandboxNet, Error> {
     }
     let mode = match opts.net.as_deref() {
         Some(m) => m.to_string(),
-        None if passt::find().is_some() => "passt".into(),
-        None => "none".into(),
+        None if passt::find().is_some() && passt::host_has_default_route() => "passt".into(),
+        None => {
+            tracing::info!(
+                "no network for the container: {} (--net none)",
+                if passt::find().is_none() {
+                    "passt is not installed"
+                } else {
+                    "the host has no default route"
+                }
+            );
+            "none".into()
+        }
     };
     let net = match mode.as_str() {
         "passt" => {
             if passt::find().is_none() {
                 return Err(bad(passt::Error::Missing.to_string()));
+            }
+            if !passt::host_has_default_route() {
+                return Err(bad(passt::Error::NoRoute.to_string()));
             }
             SandboxNet::Passt { ports, dns }
         }
