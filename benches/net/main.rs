@@ -5,16 +5,20 @@
 //! The guest workload (`workload.c`, built here with `gcc -O2 -static`) runs from a busybox
 //! initramfs built here; it connects to three servers that this process runs (Rust threads):
 //!
-//! * tx (guest -> host): sends `--mib` MiB to a sink, which counts bytes until EOF and answers
-//!   with its count; timed until that count arrives, so every byte has reached the host;
+//! * tx (guest -> host): announces and sends `--mib` MiB to a sink, which answers with the
+//!   count it received; timed until that count arrives, so every byte has reached the host
+//!   (no half-close: bookworm's passt forwards nothing to the guest after the guest's FIN);
 //! * rx (host -> guest): a source sends `--mib` MiB and closes; timed until EOF;
 //! * rr: 1-byte ping-pong with an echo server (TCP_NODELAY both ends) for `--rr-secs` seconds.
 //!
 //! Four variants, interleaved `--runs` times (1 vCPU, 512 MiB each, no vhost anywhere):
 //!
 //! * `skiff-passt`: `passt -f -q -1 -s SOCK -a 10.0.2.15 -n 24 -g 10.0.2.2` + `vmm --net
-//!   stream:SOCK`; the guest is 10.0.2.15/24 with MTU 65520 (what `vmm run` gives a container),
-//!   the servers listen on 127.0.0.1, which passt maps to the gateway 10.0.2.2;
+//!   stream:SOCK`. SOCK's directory is mode 1777: passt (run as root) drops to `nobody`
+//!   before it binds, and Debian bookworm's passt (2023-03-09) then ignores a failed bind,
+//!   listens on an unnamed socket nobody can reach and, with `-1`, exits 0 about 1 s later.
+//!   The servers listen on 127.0.0.1, which passt maps to the gateway 10.0.2.2; the guest is
+//!   10.0.2.15/24 with MTU 65520 (what `vmm run` gives a container);
 //! * `qemu-passt`: the same passt + QEMU `-netdev stream` (unix socket) + `virtio-net-device`;
 //! * `skiff-tap`, `qemu-tap`: a network namespace made here (`ip netns add`) holding a tap with
 //!   vnet_hdr, 10.9.0.1/24; the VMM (`--net tap:T`, or QEMU `-netdev tap,...,vhost=off`) runs
@@ -23,7 +27,7 @@
 //!   end, also on error and on SIGINT/SIGTERM.
 //!
 //! Figures are the guest's own CLOCK_MONOTONIC (`tx_mbps`, `rx_mbps`, `rr_per_s` on the serial
-//! console); the servers' own timings are a cross-check (sink: first byte to EOF; source:
+//! console); the servers' own timings are a cross-check (sink: first to last byte; source:
 //! accept to the guest's close; echo: round trips / first byte to EOF). A phase that makes no
 //! progress for `--stall-secs` (guest socket timeouts) is reported as failed and the workload
 //! goes on, so a stalled direction still leaves the other figures; a run that does not end in
@@ -277,14 +281,19 @@ impl Drop for FakeRoute {
     }
 }
 
-/// The directory for passt's sockets; removed when dropped.
+/// The directory for passt's sockets (mode 1777, like /tmp: passt binds as `nobody`);
+/// removed when dropped.
 #[derive(Debug)]
 struct TempDir(PathBuf);
 
 impl TempDir {
     fn create(p: PathBuf) -> Result<TempDir> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
-        Ok(TempDir(p))
+        let d = TempDir(p);
+        std::fs::set_permissions(&d.0, std::fs::Permissions::from_mode(0o1777))
+            .with_context(|| format!("chmod 1777 {}", d.0.display()))?;
+        Ok(d)
     }
 }
 
@@ -402,18 +411,21 @@ fn timed_out(e: &std::io::Error) -> bool {
     )
 }
 
-/// Reads until EOF (Ok(bytes, first byte, EOF)), echoing what it reads when `echo`.
+/// Reads until EOF or `limit` bytes (Ok(bytes, first byte, end)), echoing what it reads when
+/// `echo`.
 fn drain(
     s: &mut TcpStream,
     echo: bool,
+    limit: u64,
     stop: &AtomicBool,
     deadline: Instant,
 ) -> std::result::Result<(u64, Option<Instant>, Instant), String> {
     let mut buf = vec![0u8; 256 << 10];
     let (mut n, mut first) = (0u64, None);
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return Ok((n, first, Instant::now())),
+    while n < limit {
+        let want = (limit - n).min(buf.len() as u64) as usize;
+        match s.read(&mut buf[..want]) {
+            Ok(0) => break,
             Ok(k) => {
                 first.get_or_insert_with(Instant::now);
                 n += k as u64;
@@ -429,6 +441,30 @@ fn drain(
             Err(e) => return Err(format!("read after {n} bytes: {e}")),
         }
     }
+    Ok((n, first, Instant::now()))
+}
+
+/// Fills `buf` (or fails).
+fn read_full(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    stop: &AtomicBool,
+    deadline: Instant,
+) -> std::result::Result<(), String> {
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(format!("EOF after {got} of {} bytes", buf.len())),
+            Ok(k) => got += k,
+            Err(e) if timed_out(&e) => {
+                if let Some(why) = should_give_up(stop, deadline) {
+                    return Err(format!("after {got} of {} bytes: {why}", buf.len()));
+                }
+            }
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    Ok(())
 }
 
 fn write_all(
@@ -456,13 +492,22 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 * 8.0 / 1e6 / d.as_secs_f64().max(1e-9)
 }
 
-/// Sink: counts bytes until EOF, answers with the count (8 bytes LE), closes.
+/// Sink: reads an 8-byte length (LE), then that many bytes (or to EOF), answers with the
+/// count (8 bytes LE) and waits for the guest's close. No half-close: see workload.c.
 fn sink(l: TcpListener, stop: Arc<AtomicBool>, deadline: Instant) -> ServerResult {
     let mut s = accept(&l, &stop, deadline)?;
-    let (n, first, eof) = drain(&mut s, false, &stop, deadline)?;
+    let mut hdr = [0u8; 8];
+    read_full(&mut s, &mut hdr, &stop, deadline).map_err(|e| format!("length: {e}"))?;
+    let want = u64::from_le_bytes(hdr);
+    let (n, first, end) = drain(&mut s, false, want, &stop, deadline)?;
     write_all(&mut s, &n.to_le_bytes(), &stop, deadline)?;
-    let _ = s.shutdown(Shutdown::Write);
-    let d = first.map(|f| eof - f).unwrap_or_default();
+    let (extra, _, _) = drain(&mut s, false, u64::MAX, &stop, deadline)?;
+    if n != want || extra != 0 {
+        return Err(format!(
+            "received {n} of {want} announced bytes, then {extra} more"
+        ));
+    }
+    let d = first.map(|f| end - f).unwrap_or_default();
     Ok(vec![
         ("host_tx_bytes".into(), n as f64),
         ("host_tx_mbps".into(), mbps(n, d)),
@@ -485,7 +530,7 @@ fn source(l: TcpListener, bytes: u64, stop: Arc<AtomicBool>, deadline: Instant) 
         left -= k as u64;
     }
     let _ = s.shutdown(Shutdown::Write);
-    let (extra, _, eof) = drain(&mut s, false, &stop, deadline)?;
+    let (extra, _, eof) = drain(&mut s, false, u64::MAX, &stop, deadline)?;
     if extra != 0 {
         return Err(format!("the guest sent {extra} bytes to the source"));
     }
@@ -496,7 +541,7 @@ fn source(l: TcpListener, bytes: u64, stop: Arc<AtomicBool>, deadline: Instant) 
 fn echo(l: TcpListener, stop: Arc<AtomicBool>, deadline: Instant) -> ServerResult {
     let mut s = accept(&l, &stop, deadline)?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (n, first, eof) = drain(&mut s, true, &stop, deadline)?;
+    let (n, first, eof) = drain(&mut s, true, u64::MAX, &stop, deadline)?;
     let d = first.map(|f| eof - f).unwrap_or_default();
     Ok(vec![
         ("host_rr_count".into(), n as f64),
@@ -667,6 +712,17 @@ fn unix_listening(path: &Path) -> bool {
         })
 }
 
+/// passt's stderr in one line, without its "Failed to send N bytes to syslog" noise.
+fn passt_said(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Failed to send"))
+        .collect();
+    lines.join(" | ")
+}
+
 /// A running passt; killed and reaped when dropped.
 struct Passt {
     child: Child,
@@ -692,10 +748,7 @@ impl Passt {
         let mut seen: Option<Instant> = None;
         loop {
             if let Some(st) = p.child.try_wait()? {
-                bail!(
-                    "passt exited early ({st}): {}",
-                    std::fs::read_to_string(log).unwrap_or_default().trim()
-                );
+                bail!("passt exited early ({st}): {}", passt_said(log));
             }
             if sock.exists() {
                 let since = *seen.get_or_insert_with(Instant::now);
@@ -710,9 +763,9 @@ impl Passt {
         }
     }
 
-    /// passt -1 exits when its client goes; give it a moment, then kill and reap it.
+    /// passt -1 exits when its client goes; give it a moment, then kill and reap it (Drop).
     fn finish(mut self) {
-        let end = Instant::now() + Duration::from_secs(5);
+        let end = Instant::now() + Duration::from_secs(3);
         while Instant::now() < end && matches!(self.child.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -1072,7 +1125,7 @@ fn report(outcomes: &Outcomes, mib: u64, rr_secs: u64) -> String {
     );
     let _ = writeln!(
         o,
-        "{:<12} {:>30} {:>30} {:>28} {:>12}",
+        "{:<12} {:>32} {:>32} {:>28} {:>12}",
         "variant",
         "tx Mbit/s (guest->host)",
         "rx Mbit/s (host->guest)",
@@ -1085,7 +1138,7 @@ fn report(outcomes: &Outcomes, mib: u64, rr_secs: u64) -> String {
         }
         let _ = writeln!(
             o,
-            "{:<12} {:>30} {:>30} {:>28} {:>12.1}",
+            "{:<12} {:>32} {:>32} {:>28} {:>12.1}",
             v.key,
             cell(i, "tx_mbps", 1),
             cell(i, "rx_mbps", 1),
@@ -1095,7 +1148,7 @@ fn report(outcomes: &Outcomes, mib: u64, rr_secs: u64) -> String {
     }
     let _ = writeln!(
         o,
-        "cross-check, host side (the bench's servers: sink first byte..EOF, source accept..guest \
+        "cross-check, host side (the bench's servers: sink first..last byte, source accept..guest \
          close, echo round trips / first byte..EOF), medians:"
     );
     for (i, v) in VARIANTS.iter().enumerate() {
@@ -1386,7 +1439,7 @@ fn main() -> Result<()> {
                 }
                 Err(e) => {
                     eprintln!("netbench:   run failed: {e:#}");
-                    outcomes[i].push(Err(format!("{e:#}")));
+                    outcomes[i].push(Err(format!("{e:#}").replace('\n', " | ")));
                 }
             }
         }
