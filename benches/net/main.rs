@@ -944,6 +944,11 @@ fn run_once(cfg: &Config, v: &Variant, run: usize) -> Result<RunResult> {
                 ]
                 .map(String::from),
             );
+            // The card tells the guest its MTU (VIRTIO_NET_F_MTU caps eth0's): the same as
+            // the guest is asked to use, as `vmm run` does over passt.
+            if let Some(m) = mtu {
+                argv.extend(["--mtu".to_string(), m.to_string()]);
+            }
         }
         Vmm::Qemu => {
             let netdev = match v.net {

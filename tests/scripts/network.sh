@@ -39,20 +39,25 @@ def dns():
         flags = 0x8180 if ok else 0x8183
         hdr = q[:2] + struct.pack(">HHHHH", flags, 1, 1 if ans else 0, 0, 0)
         s.sendto(hdr + question + ans, a)
-def sink():
-    # Receives one stream on 9000 and writes its sha256 to OUT/sink.sha.
-    import hashlib, os
-    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); l.bind(("127.0.0.1", 9000)); l.listen(1)
-    c, _ = l.accept(); h = hashlib.sha256(); n = 0
+for f in (udp_echo, dns): threading.Thread(target=f, daemon=True).start()
+threading.Event().wait()
+PY
+SRV=$!
+# A sink: receives one TCP stream on ADDR:PORT, writes "<sha256> <bytes>" to FILE (bounded waits).
+cat > /tmp/sink.py <<'PY'
+import hashlib, socket, sys
+addr, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); l.bind((addr, port)); l.listen(1)
+l.settimeout(600); c, _ = l.accept(); c.settimeout(120); h = hashlib.sha256(); n = 0
+try:
     while True:
         b = c.recv(1 << 20)
         if not b: break
         h.update(b); n += len(b)
-    open(os.environ["OUT"] + "/sink.sha", "w").write(f"{h.hexdigest()} {n}\n")
-for f in (udp_echo, dns, sink): threading.Thread(target=f, daemon=True).start()
-threading.Event().wait()
+except OSError as e:
+    print(f"sink {port}: {e!r} after {n} bytes", file=sys.stderr)
+open(path, "w").write(f"{h.hexdigest()} {n}\n")
 PY
-SRV=$!
 echo "served-$$-$RANDOM" > "$OUT/file.txt"
 head -c 268435456 /dev/urandom > /tmp/big
 sha256sum < /tmp/big | cut -d' ' -f1 > "$OUT/big.sha"
@@ -81,9 +86,15 @@ import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeou
 s.sendto(b"ping-udp", ("10.0.2.2", 9999)); print(s.recvfrom(100)[0].decode())'
 # DNS: a made-up name through the resolver the container was given.
 res dns $V --dns 10.0.2.2 -- sh -c 'cat /etc/resolv.conf; nslookup made-up.skiff.test'
-# 256 MiB host -> container (random data, sha256 in the container). Container -> host bulk
-# data is not checked yet: it stalls (tap) or is reset (passt) after 6-60 MB (issue 12).
-res big_in $V --memory 512 -- sh -c 'wget -q -O - http://10.0.2.2:8001/big | sha256sum'
+# 256 MiB host -> container (random data, sha256 in the container), and container -> host (the
+# same file, shared read-only, sent with nc to a sink on the host's loopback; sha256 there).
+VBIG="timeout -k 5 420 $VMM run --memory 512"
+res big_in $VBIG -- sh -c 'wget -q -O - http://10.0.2.2:8001/big | sha256sum'
+python3 /tmp/sink.py 127.0.0.1 9000 "$OUT/big_out.sha" &
+SINK=$!
+for i in $(seq 100); do ss -ltn | grep -q ':9000 ' && break; sleep 0.2; done
+res big_out $VBIG -v /tmp:/data:ro -- sh -c 'nc 10.0.2.2 9000 < /data/big'
+for i in $(seq 100); do [ -s "$OUT/big_out.sha" ] && break; sleep 0.2; done; kill $SINK 2>/dev/null
 # tap: in a namespace made here, a tap with an address and a server behind it.
 ip netns add sknet
 ip -n sknet link set lo up
@@ -93,9 +104,29 @@ ip -n sknet addr add 10.9.0.1/24 dev sktap0
 ip -n sknet link set sktap0 up
 ip netns exec sknet python3 -m http.server 8002 --bind 10.9.0.1 --directory "$OUT" > /dev/null 2>&1 &
 TAPSRV=$!
+# A sink: receives one TCP stream on ADDR:PORT, writes "<sha256> <bytes>" to FILE (bounded waits).
+cat > /tmp/sink.py <<'PY'
+import hashlib, socket, sys
+addr, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); l.bind((addr, port)); l.listen(1)
+l.settimeout(600); c, _ = l.accept(); c.settimeout(120); h = hashlib.sha256(); n = 0
+try:
+    while True:
+        b = c.recv(1 << 20)
+        if not b: break
+        h.update(b); n += len(b)
+except OSError as e:
+    print(f"sink {port}: {e!r} after {n} bytes", file=sys.stderr)
+open(path, "w").write(f"{h.hexdigest()} {n}\n")
+PY
 for i in $(seq 100); do ip netns exec sknet wget -q -O /dev/null http://10.9.0.1:8002/file.txt 2>/dev/null && break; sleep 0.2; done
 res tap ip netns exec sknet $V --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/file.txt; ip -o link show eth0'
-res tapbig ip netns exec sknet $V --memory 512 --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/tapbig | sha256sum'
+res tapbig ip netns exec sknet $VBIG --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/tapbig | sha256sum'
+ip netns exec sknet python3 /tmp/sink.py 10.9.0.1 9001 "$OUT/tapbig_out.sha" &
+SINK=$!
+for i in $(seq 100); do ip netns exec sknet ss -ltn | grep -q ':9001 ' && break; sleep 0.2; done
+res tapbig_out ip netns exec sknet $VBIG -v /tmp:/data:ro --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'nc 10.9.0.1 9001 < /data/big'
+for i in $(seq 100); do [ -s "$OUT/tapbig_out.sha" ] && break; sleep 0.2; done; kill $SINK 2>/dev/null
 kill $TAPSRV 2>/dev/null
 # Bad input: one line each, status 125, nothing left behind.
 res bad_port $V -p 80:x -- true

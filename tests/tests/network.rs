@@ -39,7 +39,7 @@ fn containers_get_a_network() {
         ),
     )
     .unwrap();
-    let rc = run_script_on_real_kvm("network", &script, &out, 900);
+    let rc = run_script_on_real_kvm("network", &script, &out, 1500);
     let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap_or_default();
     let rc_of = |n: &str| -> i32 { read(&format!("{n}.rc")).trim().parse().unwrap_or(-1) };
     let outp = |n: &str| read(&format!("{n}.out"));
@@ -82,6 +82,16 @@ fn containers_get_a_network() {
     check(
         rc_of("big_in") == 0 && big.len() == 64 && outp("big_in").starts_with(&big),
         "big_in",
+    );
+    // Container -> host: the sink's sha256 and byte count equal the file's.
+    let want = format!("{big} 268435456");
+    check(
+        rc_of("big_out") == 0 && big.len() == 64 && read("big_out.sha").trim() == want,
+        "big_out",
+    );
+    check(
+        rc_of("tapbig_out") == 0 && big.len() == 64 && read("tapbig_out.sha").trim() == want,
+        "tapbig_out",
     );
     check(rc_of("tap") == 0 && outp("tap").starts_with(&served), "tap");
     check(

@@ -99,6 +99,10 @@ struct Cli {
         default_value = "none"
     )]
     net: String,
+    /// The card's MTU, told to the guest (VIRTIO_NET_F_MTU; the guest cannot raise its eth0
+    /// above it): 65520 suits passt, 1500 gvproxy and most taps. 68..=65536.
+    #[arg(long, value_name = "BYTES", default_value_t = skiff_devices::virtio::net::DEFAULT_MTU)]
+    mtu: u16,
     /// Print per-phase boot timings to stderr when the VM ends.
     #[arg(long)]
     timings: bool,
@@ -319,7 +323,7 @@ fn main() -> ExitCode {
     }
     // The card's event loop runs until the process exits.
     let _net_loop = match net_device::parse_net(&cli.net)
-        .and_then(|n| net_device::create(&n, net_device::default_mac()))
+        .and_then(|n| net_device::create(&n, net_device::default_mac(), cli.mtu))
     {
         Ok(Some((d, running))) => {
             devices.push(d);

@@ -113,6 +113,7 @@ fn open_backend(spec: &NetSpec) -> std::io::Result<Option<Box<dyn NetBackend>>> 
 pub fn create(
     spec: &NetSpec,
     mac: [u8; 6],
+    mtu: u16,
 ) -> Result<Option<(MmioDeviceFactory, RunningLoop)>, Error> {
     let backend = open_backend(spec).map_err(|source| Error::Backend {
         spec: spec.describe(),
@@ -120,7 +121,11 @@ pub fn create(
     })?;
     match backend {
         None => Ok(None),
-        Some(b) => create_with_backend(b, NetConfig::new(mac)).map(Some),
+        Some(b) => {
+            let mut config = NetConfig::new(mac);
+            config.mtu = mtu;
+            create_with_backend(b, config).map(Some)
+        }
     }
 }
 
@@ -132,6 +137,16 @@ pub fn create_with_backend(
 ) -> Result<(MmioDeviceFactory, RunningLoop), Error> {
     let mut el = EventLoop::new().map_err(|e| Error::Device(e.to_string()))?;
     let net = Net::new(config, backend, &mut el).map_err(|e| Error::Device(e.to_string()))?;
+    if let Some(secs) = std::env::var("SKIFF_NET_PROBE_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let probe = net.probe();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(secs.max(1)));
+            eprintln!("net-probe: {}", probe.describe());
+        });
+    }
     let factory: MmioDeviceFactory = Box::new(move |mem, irq| {
         let t = MmioTransport::new(Box::new(net), mem.clone(), irq).map_err(|e| e.to_string())?;
         Ok(Arc::new(Mutex::new(t)) as Arc<Mutex<dyn BusDevice>>)
@@ -182,6 +197,7 @@ mod tests {
         let e = create(
             &NetSpec::Stream("/nonexistent/skiff.sock".into()),
             default_mac(),
+            1500,
         )
         .err()
         .unwrap();
@@ -197,7 +213,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("skiff-net-test-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let (_factory, running) = create(&NetSpec::Stream(path.clone()), default_mac())
+        let (_factory, running) = create(&NetSpec::Stream(path.clone()), default_mac(), 1500)
             .unwrap()
             .unwrap();
         running.stop().unwrap();

@@ -245,7 +245,9 @@ impl Sandbox {
                 (Some(f), Some(l), Some(p), Some(guest))
             }
             SandboxNet::Backend { spec, guest } => {
-                match net_device::create(spec, mac).map_err(|e| Error::Input(e.to_string()))? {
+                match net_device::create(spec, mac, guest.mtu)
+                    .map_err(|e| Error::Input(e.to_string()))?
+                {
                     Some((f, l)) => (Some(f), Some(l), None, Some(guest.clone())),
                     None => (None, None, None, None),
                 }

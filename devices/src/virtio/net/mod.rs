@@ -323,6 +323,51 @@ impl Net {
     pub fn mac(&self) -> [u8; 6] {
         self.config.mac
     }
+
+    /// A handle that describes the worker's state (for diagnostics).
+    pub fn probe(&self) -> NetProbe {
+        NetProbe {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Reads the worker's state for diagnostics: queue indices, pending frames, readiness.
+pub struct NetProbe {
+    shared: Arc<Mutex<Worker>>,
+}
+
+impl std::fmt::Debug for NetProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NetProbe")
+    }
+}
+
+impl NetProbe {
+    /// One line: counters, pending frames, readiness and each queue's indices.
+    pub fn describe(&self) -> String {
+        let w = lock(&self.shared);
+        let c = w.stats.snapshot();
+        let mut s = format!(
+            "tx {} frames {} B, rx {} frames {} B, tx_dropped {} rx_dropped {} malformed {} rx_bad {}; tx_pending {:?} rx_pending {:?} readable {} writable {} dead {}",
+            c.tx_frames, c.tx_bytes, c.rx_frames, c.rx_bytes, c.tx_dropped, c.rx_dropped,
+            c.tx_malformed(), c.rx_bad_buffers, w.tx_pending, w.rx_pending, w.readable, w.writable, w.dead
+        );
+        if let Some(a) = &w.active {
+            for (i, q) in a.queues.iter().enumerate() {
+                let avail = q
+                    .avail_idx(&a.mem, Ordering::Acquire)
+                    .map(|x| x.0.to_string())
+                    .unwrap_or_default();
+                s.push_str(&format!(
+                    "; q{i} avail {avail} next_avail {} next_used {}",
+                    q.next_avail(),
+                    q.next_used()
+                ));
+            }
+        }
+        s
+    }
 }
 
 /// `TUN_F_*` flags for the receive offloads in `acked`.
