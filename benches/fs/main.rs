@@ -47,14 +47,15 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+#[path = "../common/capture.rs"]
+mod capture;
+use capture::{run_capture, Captured};
 
 const WORKLOAD_C: &str = include_str!("workload.c");
 const TAG: &str = "fsb";
@@ -174,82 +175,6 @@ struct Config {
     /// Extra arguments appended to QEMU's and to virtiofsd's command lines.
     qemu_args: Vec<String>,
     virtiofsd_args: Vec<String>,
-}
-
-/// Output lines of one process, each with the time it arrived (since spawn).
-struct Captured {
-    lines: Vec<(Duration, String)>,
-    status: Option<ExitStatus>,
-    timed_out: bool,
-}
-
-/// Runs `argv` with stdout captured line by line (timestamped) and stderr appended to
-/// `stderr_log`; kills it after `timeout`.
-fn run_capture(argv: &[String], timeout: Duration, stderr_log: &Path) -> Result<Captured> {
-    let err =
-        File::create(stderr_log).with_context(|| format!("creating {}", stderr_log.display()))?;
-    let start = Instant::now();
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(err))
-        .spawn()
-        .with_context(|| format!("starting {}", argv[0]))?;
-    let mut stdout = child.stdout.take().context("no stdout")?;
-    let child = Arc::new(Mutex::new(child));
-    // Watchdog: a hung guest prints nothing, so the reads below would block forever.
-    let (tx, rx) = mpsc::channel::<()>();
-    let watchdog = {
-        let child = child.clone();
-        std::thread::spawn(move || {
-            if rx.recv_timeout(timeout) == Err(mpsc::RecvTimeoutError::Timeout) {
-                if let Ok(mut c) = child.lock() {
-                    let _ = c.kill();
-                }
-                return true;
-            }
-            false
-        })
-    };
-    let mut lines = Vec::new();
-    let mut pending = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = stdout.read(&mut buf).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        let now = start.elapsed();
-        pending.extend_from_slice(&buf[..n]);
-        while let Some(i) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=i).collect();
-            let s = String::from_utf8_lossy(&line).trim().to_string();
-            // Progress for slow runs (and where a stalled one stopped): phase markers as they come.
-            if s.starts_with('@') {
-                eprintln!("fsbench:     {:7.1} s {s}", now.as_secs_f64());
-            }
-            lines.push((now, s));
-        }
-    }
-    if !pending.is_empty() {
-        lines.push((
-            start.elapsed(),
-            String::from_utf8_lossy(&pending).trim().to_string(),
-        ));
-    }
-    let _ = tx.send(());
-    let timed_out = watchdog.join().unwrap_or(false);
-    let status = child
-        .lock()
-        .map_err(|_| anyhow::anyhow!("child lock poisoned"))?
-        .wait()
-        .ok();
-    Ok(Captured {
-        lines,
-        status,
-        timed_out,
-    })
 }
 
 /// Figures of one run: the workload's `key value` lines plus `l1_*` cross-check figures.
@@ -411,7 +336,7 @@ fn run_once(cfg: &Config, v: &Variant, run: usize) -> Result<Figures> {
             a
         }
     };
-    let res = run_capture(&argv, cfg.timeout, &log("stderr"));
+    let res = run_capture(&argv, cfg.timeout, &log("stderr"), "fsbench", || false);
     if let Some(mut dmn) = daemon {
         // virtiofsd exits when QEMU closes the vhost-user socket; give it a moment.
         let end = Instant::now() + Duration::from_secs(5);

@@ -57,14 +57,17 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+#[path = "../common/capture.rs"]
+mod capture;
+use capture::run_capture;
 
 const WORKLOAD_C: &str = include_str!("workload.c");
 const GUEST_MEM_MIB: u32 = 512;
@@ -614,92 +617,6 @@ struct Config {
     netns: Option<String>,
 }
 
-/// Output lines of one process, each with the time it arrived (since spawn).
-struct Captured {
-    lines: Vec<(Duration, String)>,
-    status: Option<ExitStatus>,
-    timed_out: bool,
-}
-
-/// Runs `argv` with stdout captured line by line (timestamped) and stderr appended to
-/// `stderr_log`; kills it after `timeout` or on SIGINT/SIGTERM.
-fn run_capture(argv: &[String], timeout: Duration, stderr_log: &Path) -> Result<Captured> {
-    let err =
-        File::create(stderr_log).with_context(|| format!("creating {}", stderr_log.display()))?;
-    let start = Instant::now();
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(err))
-        .spawn()
-        .with_context(|| format!("starting {}", argv[0]))?;
-    let mut stdout = child.stdout.take().context("no stdout")?;
-    let child = Arc::new(Mutex::new(child));
-    // Watchdog: a hung guest prints nothing, so the reads below would block forever.
-    let (tx, rx) = mpsc::channel::<()>();
-    let watchdog = {
-        let child = child.clone();
-        std::thread::spawn(move || {
-            let end = start + timeout;
-            loop {
-                match rx.recv_timeout(Duration::from_millis(100)) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    _ => return false,
-                }
-                if interrupted() || Instant::now() >= end {
-                    if let Ok(mut c) = child.lock() {
-                        let _ = c.kill();
-                    }
-                    return true;
-                }
-            }
-        })
-    };
-    let mut lines = Vec::new();
-    let mut pending = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = match stdout.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => 0,
-        };
-        if n == 0 {
-            break;
-        }
-        let now = start.elapsed();
-        pending.extend_from_slice(&buf[..n]);
-        while let Some(i) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=i).collect();
-            let s = String::from_utf8_lossy(&line).trim().to_string();
-            // Progress, and where a stalled run stopped: markers and errors as they come.
-            if s.starts_with('@') || s.contains("_error") {
-                eprintln!("netbench:     {:7.1} s {s}", now.as_secs_f64());
-            }
-            lines.push((now, s));
-        }
-    }
-    if !pending.is_empty() {
-        lines.push((
-            start.elapsed(),
-            String::from_utf8_lossy(&pending).trim().to_string(),
-        ));
-    }
-    let _ = tx.send(());
-    let timed_out = watchdog.join().unwrap_or(false);
-    let status = child
-        .lock()
-        .map_err(|_| anyhow::anyhow!("child lock poisoned"))?
-        .wait()
-        .ok();
-    Ok(Captured {
-        lines,
-        status,
-        timed_out,
-    })
-}
-
 /// Whether a unix socket is listening at `path` (per /proc/net/unix: flags 00010000).
 fn unix_listening(path: &Path) -> bool {
     let p = path.to_string_lossy();
@@ -743,7 +660,8 @@ impl Passt {
         let mut p = Passt { child };
         // Bounded wait for the socket to be listening (a connect before listen(2) would be
         // refused). passt may list it in another namespace's /proc/net/unix: then the socket
-        // file having existed for 1 s does.
+        // file having existed for 3 s does (1 s was once too short for trixie's passt in a
+        // loaded L1: the VMM's connect was refused).
         let end = Instant::now() + Duration::from_secs(20);
         let mut seen: Option<Instant> = None;
         loop {
@@ -752,7 +670,7 @@ impl Passt {
             }
             if sock.exists() {
                 let since = *seen.get_or_insert_with(Instant::now);
-                if unix_listening(sock) || since.elapsed() >= Duration::from_secs(1) {
+                if unix_listening(sock) || since.elapsed() >= Duration::from_secs(3) {
                     return Ok(p);
                 }
             }
@@ -970,7 +888,7 @@ fn run_once(cfg: &Config, v: &Variant, run: usize) -> Result<RunResult> {
         }
     }
     std::fs::write(log("argv"), argv.join("\n") + "\n")?;
-    let res = run_capture(&argv, cfg.timeout, &log("stderr"));
+    let res = run_capture(&argv, cfg.timeout, &log("stderr"), "netbench", interrupted);
     let host = servers.finish();
     if let Some(p) = passt {
         p.finish();

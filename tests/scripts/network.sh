@@ -104,21 +104,6 @@ ip -n sknet addr add 10.9.0.1/24 dev sktap0
 ip -n sknet link set sktap0 up
 ip netns exec sknet python3 -m http.server 8002 --bind 10.9.0.1 --directory "$OUT" > /dev/null 2>&1 &
 TAPSRV=$!
-# A sink: receives one TCP stream on ADDR:PORT, writes "<sha256> <bytes>" to FILE (bounded waits).
-cat > /tmp/sink.py <<'PY'
-import hashlib, socket, sys
-addr, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); l.bind((addr, port)); l.listen(1)
-l.settimeout(600); c, _ = l.accept(); c.settimeout(120); h = hashlib.sha256(); n = 0
-try:
-    while True:
-        b = c.recv(1 << 20)
-        if not b: break
-        h.update(b); n += len(b)
-except OSError as e:
-    print(f"sink {port}: {e!r} after {n} bytes", file=sys.stderr)
-open(path, "w").write(f"{h.hexdigest()} {n}\n")
-PY
 for i in $(seq 100); do ip netns exec sknet wget -q -O /dev/null http://10.9.0.1:8002/file.txt 2>/dev/null && break; sleep 0.2; done
 res tap ip netns exec sknet $V --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/file.txt; ip -o link show eth0'
 res tapbig ip netns exec sknet $VBIG --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/tapbig | sha256sum'

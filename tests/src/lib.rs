@@ -159,6 +159,18 @@ pub fn run_on_real_kvm(program: &Path, args: &[&str]) -> Output {
 /// on a timeout the script runs once more, loudly. Returns the last exit code (124 = timed
 /// out twice).
 pub fn run_script_on_real_kvm(name: &str, script: &Path, rw: &Path, timeout_s: u32) -> i32 {
+    run_script_on_real_kvm_mem(name, script, rw, timeout_s, None)
+}
+
+/// [`run_script_on_real_kvm`] with the nested VM's memory in MiB (`tools/kvm-vm --mem`; its
+/// default otherwise). Ignored on a hardware host.
+pub fn run_script_on_real_kvm_mem(
+    name: &str,
+    script: &Path,
+    rw: &Path,
+    timeout_s: u32,
+    mem_mib: Option<u32>,
+) -> i32 {
     let build = || {
         let mut c = match kvm_kind() {
             KvmKind::Hardware => {
@@ -168,9 +180,11 @@ pub fn run_script_on_real_kvm(name: &str, script: &Path, rw: &Path, timeout_s: u
             }
             KvmKind::Pvm | KvmKind::Missing => {
                 let mut c = Command::new(repo_root().join("tools/kvm-vm"));
-                c.arg("--rw")
-                    .arg(rw)
-                    .args(["--timeout", &timeout_s.to_string(), "--", "sh"]);
+                c.arg("--rw").arg(rw);
+                if let Some(m) = mem_mib {
+                    c.args(["--mem", &m.to_string()]);
+                }
+                c.args(["--timeout", &timeout_s.to_string(), "--", "sh"]);
                 c
             }
         };

@@ -758,3 +758,55 @@ fn tap_in_a_private_netns_answers_arp() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn tx_kicks_are_reenabled_when_drained_and_no_interrupt_is_honoured() {
+    let (mut h, mut peer) = Harness::stream();
+    let used_flags = |h: &Harness| -> u16 {
+        h.drv
+            .mem
+            .read_obj::<u16>(GuestAddress(h.drv.queues[TX].used))
+            .unwrap()
+    };
+    // Drained queue: the device wants kicks again (VRING_USED_F_NO_NOTIFY clear), or a guest
+    // that waits for a kick to be heard would stall.
+    let f = frame(100, 7);
+    h.transmit(&f, &[]);
+    let reader = std::thread::spawn(move || (read_prefixed(&mut peer), peer));
+    let mut used = 0;
+    for _ in 0..200 {
+        h.pump(1);
+        used += h.drv.take_used(TX).unwrap().len();
+        if used == 1 {
+            break;
+        }
+    }
+    let (got, mut peer) = reader.join().unwrap();
+    assert_eq!(got, f);
+    assert_eq!(used, 1);
+    assert_eq!(used_flags(&h) & 1, 0, "notifications left disabled");
+    // The driver says VRING_AVAIL_F_NO_INTERRUPT: the frame goes out, no interrupt comes.
+    h.drv
+        .mem
+        .write_obj::<u16>(1u16.to_le(), GuestAddress(h.drv.queues[TX].avail))
+        .unwrap();
+    let irq0 = h.irqs.load(Ordering::Relaxed);
+    let a = frame(200, 8);
+    h.transmit(&a, &[]);
+    let reader = std::thread::spawn(move || read_prefixed(&mut peer));
+    let mut used = 0;
+    for _ in 0..200 {
+        h.pump(1);
+        used += h.drv.take_used(TX).unwrap().len();
+        if used == 1 {
+            break;
+        }
+    }
+    assert_eq!(reader.join().unwrap(), a);
+    assert_eq!(used, 1);
+    assert_eq!(
+        h.irqs.load(Ordering::Relaxed),
+        irq0,
+        "interrupt despite NO_INTERRUPT"
+    );
+}
