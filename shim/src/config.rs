@@ -12,7 +12,8 @@
 //!
 //! The file format is a TOML subset: `key = value` lines, `#` comments, integers and
 //! double-quoted strings. Keys: `kernel`, `initrd`, `cpus`, `memory_mib`, `agent_timeout_s`,
-//! `console_log`.
+//! `console_log`, `boot_slots` (how many VMs boot at once on the host, 0 = no limit; default
+//! `$SKIFF_BOOT_SLOTS`, else the number of CPUs: see `skiff_vmm::boot_slots`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,12 +21,9 @@ use std::time::Duration;
 
 use containerd_shim::protos::protobuf::{well_known_types::any::Any, CodedInputStream};
 
-/// Where `tools/install` puts the kernel and initramfs.
-pub const DEFAULT_KERNEL: &str = "/usr/local/share/skiff/vmlinux";
-/// See [`DEFAULT_KERNEL`].
-pub const DEFAULT_INITRD: &str = "/usr/local/share/skiff/initramfs.cpio";
-/// The system-wide settings file.
-pub const SYSTEM_FILE: &str = "/etc/skiff/skiff.toml";
+pub use skiff_vmm::settings_file::{
+    INSTALLED_INITRD as DEFAULT_INITRD, INSTALLED_KERNEL as DEFAULT_KERNEL, SYSTEM_FILE,
+};
 /// Annotation: number of vCPUs.
 pub const ANNOTATION_CPUS: &str = "io.skiff.vm.cpus";
 /// Annotation: guest memory in MiB.
@@ -63,6 +61,7 @@ pub struct VmSettings {
     pub memory_mib: u64,
     pub agent_timeout: Duration,
     pub console: Option<PathBuf>,
+    pub boot_slots: Option<usize>,
 }
 
 impl Default for VmSettings {
@@ -74,6 +73,7 @@ impl Default for VmSettings {
             memory_mib: 512,
             agent_timeout: Duration::from_secs(60),
             console: None,
+            boot_slots: None,
         }
     }
 }
@@ -140,27 +140,14 @@ impl VmSettings {
 
     /// Applies `key = value` lines.
     pub fn apply_text(&mut self, source_name: &str, text: &str) -> Result<(), Error> {
-        for (i, raw) in text.lines().enumerate() {
-            let err = |msg: String| Error::Syntax {
+        for e in skiff_vmm::settings_file::entries(text) {
+            let err = |line: usize, msg: String| Error::Syntax {
                 source_name: source_name.to_string(),
-                line: i + 1,
+                line,
                 msg,
             };
-            let line = strip_comment(raw).trim();
-            if line.is_empty() || line.starts_with('[') {
-                continue;
-            }
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| err(format!("expected `key = value`, got {line:?}")))?;
-            let v = v.trim();
-            let v = if let Some(q) = v.strip_prefix('"') {
-                q.strip_suffix('"')
-                    .ok_or_else(|| err(format!("unterminated string {v}")))?
-            } else {
-                v
-            };
-            self.set(k.trim(), v).map_err(err)?;
+            let (n, k, v) = e.map_err(|(n, msg)| err(n, msg))?;
+            self.set(k, v).map_err(|msg| err(n, msg))?;
         }
         Ok(())
     }
@@ -196,9 +183,16 @@ impl VmSettings {
                 }
                 self.agent_timeout = Duration::from_secs(n);
             }
+            "boot_slots" => {
+                let n = number("boot_slots")?;
+                if n > 4096 {
+                    return Err(format!("boot_slots must be 0..=4096, got {n}"));
+                }
+                self.boot_slots = Some(n as usize);
+            }
             other => {
                 return Err(format!(
-                    "unknown key {other:?} (known: kernel, initrd, cpus, memory_mib, agent_timeout_s, console_log)"
+                    "unknown key {other:?} (known: kernel, initrd, cpus, memory_mib, agent_timeout_s, console_log, boot_slots)"
                 ))
             }
         }
@@ -217,18 +211,6 @@ impl VmSettings {
         }
         Ok(())
     }
-}
-
-fn strip_comment(line: &str) -> &str {
-    let mut in_str = false;
-    for (i, c) in line.char_indices() {
-        match c {
-            '"' => in_str = !in_str,
-            '#' if !in_str => return &line[..i],
-            _ => {}
-        }
-    }
-    line
 }
 
 /// `runtimeoptions.v1.Options { type_url = 1; config_path = 2; config_body = 3 }` →

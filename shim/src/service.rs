@@ -548,6 +548,7 @@ impl TaskService {
             // containerd networking (CNI namespaces, pods) is issue 15: loopback only for now.
             net: skiff_vmm::sandbox::SandboxNet::None,
             hostname: None,
+            boot_slots: vm.boot_slots,
         })
         .map_err(|e| fail(rpc_err(Code::INTERNAL, format!("booting the VM: {e}"))))?;
         let sandbox = Arc::new(sandbox);

@@ -89,6 +89,13 @@ const CASES: &[Case] = &[
         args: "--timings -- true",
         stdin: None,
     },
+    // The guest ticks on the LAPIC's TSC-deadline timer (the vCPU's CPUID offers it), not on
+    // the PIT (one in-kernel PIT worker wakeup per tick on the host).
+    Case {
+        name: "timer",
+        args: "-- sh -c 'grep -m1 -o -w tsc_deadline_timer /proc/cpuinfo; cat /sys/devices/system/clockevents/clockevent0/current_device'",
+        stdin: None,
+    },
     // Run under script(1) so vmm has a terminal of a known size (30x100) to pass on.
     Case {
         name: "tty",
@@ -229,6 +236,10 @@ fn vmm_run_cases() {
         "timings",
     );
     check(rc("segv") == 139, "segv");
+    check(
+        rc("timer") == 0 && read("timer", "stdout") == "tsc_deadline_timer\nlapic-deadline\n",
+        "timer",
+    );
     let secs: u64 = read("sigterm-before-start", "secs")
         .trim()
         .parse()

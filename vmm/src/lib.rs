@@ -2,6 +2,8 @@
 //! The `vmm` binary (`src/main.rs`) is a thin CLI over [`vm::run`].
 
 pub mod arch;
+pub mod artifacts;
+pub mod boot_slots;
 pub mod console_log;
 pub mod fs_device;
 pub mod hypervisor;
@@ -11,6 +13,7 @@ pub mod run;
 pub mod run_dir;
 pub mod sandbox;
 pub mod seccomp;
+pub mod settings_file;
 pub mod sys;
 pub mod timings;
 pub mod vm;

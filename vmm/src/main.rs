@@ -209,6 +209,11 @@ struct RunArgs {
     /// hosts boot slowly).
     #[arg(long, value_name = "SECS", default_value_t = 180)]
     agent_timeout: u64,
+    /// At most N of this user's VMs boot at once on this host; the others wait for a slot
+    /// before starting (a running VM holds none). 0 = no limit. Default: $SKIFF_BOOT_SLOTS,
+    /// else the number of CPUs.
+    #[arg(long, value_name = "N")]
+    boot_slots: Option<usize>,
     /// Seccomp allowlists on the VMM's threads (Linux): `on` ends the VMM on a call outside
     /// them (status 159), `log` only has the kernel log such calls (dmesg), `off` installs
     /// none. Default: $SKIFF_SECCOMP, else `on`.
@@ -280,6 +285,7 @@ fn main() -> ExitCode {
             ip: r.ip,
             gateway: r.gateway,
             agent_timeout: std::time::Duration::from_secs(r.agent_timeout.max(1)),
+            boot_slots: r.boot_slots,
             args: r.cmd,
         };
         return match run::run(&opts, Timings::new(start)) {

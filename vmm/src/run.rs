@@ -76,6 +76,8 @@ pub struct RunOptions {
     /// `--gateway IP` for tap/stream/dgram.
     pub gateway: Option<String>,
     /// How long the agent may take to dial in.
+    /// How many VMs may boot at once (see [`crate::boot_slots`]; `None`: the default).
+    pub boot_slots: Option<usize>,
     pub agent_timeout: Duration,
     /// The command and its arguments.
     pub args: Vec<String>,
@@ -223,52 +225,6 @@ pub enum Error {
 
 fn failed(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
     move |e| Error::Failed(format!("{what}: {e}"))
-}
-
-/// The kernel and initramfs Skiff built: `$SKIFF_KERNEL`/`$SKIFF_INITRD`, else built (or found
-/// in the cache) by the checkout's scripts next to this binary, with progress on stderr.
-pub fn default_artifacts() -> Result<(PathBuf, PathBuf), Error> {
-    if let (Some(k), Some(i)) = (
-        std::env::var_os("SKIFF_KERNEL"),
-        std::env::var_os("SKIFF_INITRD"),
-    ) {
-        return Ok((k.into(), i.into()));
-    }
-    let exe = std::env::current_exe().map_err(failed("locating the vmm binary"))?;
-    let root = exe
-        .ancestors()
-        .find(|d| d.join("kernel/build.sh").exists())
-        .ok_or_else(|| {
-            Error::Input(
-                "no --kernel given and this vmm is not in a Skiff checkout that can build one; \
-                 pass --kernel and --initrd (or set SKIFF_KERNEL and SKIFF_INITRD)"
-                    .into(),
-            )
-        })?
-        .to_path_buf();
-    let script = |name: &str| -> Result<PathBuf, Error> {
-        let path = root.join(name);
-        // First without --print-path: builds on first use, with progress messages.
-        let st = std::process::Command::new(&path)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .map_err(|e| Error::Failed(format!("running {}: {e}", path.display())))?;
-        if !st.success() {
-            return Err(Error::Failed(format!("{} failed ({st})", path.display())));
-        }
-        let out = std::process::Command::new(&path)
-            .arg("--print-path")
-            .output()
-            .map_err(|e| Error::Failed(format!("running {}: {e}", path.display())))?;
-        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-    };
-    let kernel = std::env::var_os("SKIFF_KERNEL")
-        .map(PathBuf::from)
-        .map_or_else(|| script("kernel/build.sh").map(|d| d.join("vmlinux")), Ok)?;
-    let initrd = std::env::var_os("SKIFF_INITRD")
-        .map(PathBuf::from)
-        .map_or_else(|| script("kernel/build-initramfs.sh"), Ok)?;
-    Ok((kernel, initrd))
 }
 
 /// Parses `UID[:GID]` (numbers only: the rootfs's /etc/passwd is not consulted yet).
@@ -459,13 +415,8 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
             }
         }
     }
-    let (kernel, initrd) = match (&opts.kernel, &opts.initrd) {
-        (Some(k), Some(i)) => (k.clone(), i.clone()),
-        (k, i) => {
-            let (dk, di) = default_artifacts()?;
-            (k.clone().unwrap_or(dk), i.clone().unwrap_or(di))
-        }
-    };
+    let (kernel, initrd) = crate::artifacts::find(opts.kernel.as_deref(), opts.initrd.as_deref())
+        .map_err(|e| Error::Input(e.to_string()))?;
     // Signals go to a forwarding thread, not to this process's default actions.
     sys::block_signals(&sys::FORWARDED).map_err(failed("blocking signals"))?;
 
@@ -505,6 +456,7 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
         timings: Some(timings.clone()),
         net,
         hostname: opts.hostname.clone(),
+        boot_slots: opts.boot_slots,
     })
     .map_err(|e| match e {
         sandbox::Error::Input(m) => Error::Input(m),

@@ -70,6 +70,9 @@ pub struct SandboxConfig {
     pub net: SandboxNet,
     /// The guest's host name (`/etc/hostname`, `/etc/hosts`; default: the agent's choice).
     pub hostname: Option<String>,
+    /// How many of this user's VMs may boot at once on the host (see [`crate::boot_slots`];
+    /// 0 = no limit; default: `$SKIFF_BOOT_SLOTS`, else the number of CPUs).
+    pub boot_slots: Option<usize>,
 }
 
 /// How the VM is networked.
@@ -173,7 +176,7 @@ impl std::fmt::Debug for Sandbox {
 impl Sandbox {
     /// Boots the VM and waits for its agent (see the module docs).
     pub fn boot(cfg: SandboxConfig) -> Result<Self, Error> {
-        let timings = cfg
+        let mut timings = cfg
             .timings
             .clone()
             .unwrap_or_else(|| Timings::new(Instant::now()));
@@ -268,6 +271,21 @@ impl Sandbox {
         // a host call waiting on the agent (Wait, stdio copies) ends instead of hanging.
         let events = Arc::new(Mutex::new(Some(events)));
         let vm_events = events.clone();
+        // Held until the agent is ready (the end of this function), so at most N VMs boot
+        // at once; the agent's deadline starts once the slot is ours.
+        let slots = cfg
+            .boot_slots
+            .unwrap_or_else(crate::boot_slots::default_slots);
+        let _slot = match (slots, crate::boot_slots::dir()) {
+            (0, _) | (_, None) => None,
+            (n, Some(d)) => {
+                let s = crate::boot_slots::acquire(&d, n, crate::boot_slots::MAX_WAIT);
+                if !s.waited().is_zero() {
+                    timings.mark(crate::timings::Phase::BootSlot);
+                }
+                Some(s)
+            }
+        };
         let (vm_tx, vm_rx) = mpsc::channel();
         let vm_ctl = VmControl::new();
         let vm_control = vm_ctl.clone();
@@ -646,6 +664,7 @@ mod tests {
             timings: None,
             net: SandboxNet::None,
             hostname: None,
+            boot_slots: Some(0),
         }
     }
 

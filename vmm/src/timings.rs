@@ -6,6 +6,9 @@ use std::time::{Duration, Instant};
 /// A boot phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// The VM got a boot slot (marked only when it had to wait for one; see
+    /// [`crate::boot_slots`]).
+    BootSlot,
     /// `KVM_CREATE_VM` (or `hv_vm_create`) returned.
     VmCreated,
     /// Guest RAM allocated and mapped into the VM.
@@ -31,6 +34,7 @@ pub enum Phase {
 impl Phase {
     fn label(&self) -> String {
         match self {
+            Phase::BootSlot => "boot slot acquired".into(),
             Phase::VmCreated => "VM created".into(),
             Phase::MemoryMapped => "memory mapped".into(),
             Phase::KernelLoaded => "kernel loaded".into(),

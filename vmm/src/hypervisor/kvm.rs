@@ -84,6 +84,12 @@ fn fetch_supported_cpuid(kvm: &KvmFd) -> Result<Vec<CpuidEntry>> {
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| Error::call("KVM_GET_SUPPORTED_CPUID", errno(e)))?;
+    // KVM emulates the TSC-deadline LAPIC timer mode (with the in-kernel LAPIC) but leaves it
+    // out of KVM_GET_SUPPORTED_CPUID; QEMU and Firecracker add it when the capability is
+    // there. Without it Linux calibrates the LAPIC timer against the PIT, and where that
+    // fails (nested KVM: "APIC timer disabled due to verification failure") it ticks on the
+    // PIT for good, one in-kernel PIT worker wakeup per tick on the host.
+    let deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
     Ok(cpuid
         .as_slice()
         .iter()
@@ -93,11 +99,18 @@ fn fetch_supported_cpuid(kvm: &KvmFd) -> Result<Vec<CpuidEntry>> {
             flags: e.flags,
             eax: e.eax,
             ebx: e.ebx,
-            ecx: e.ecx,
+            ecx: if e.function == 1 && deadline {
+                e.ecx | TSC_DEADLINE_TIMER
+            } else {
+                e.ecx
+            },
             edx: e.edx,
         })
         .collect())
 }
+
+/// CPUID leaf 1 ECX bit 24: TSC-deadline mode of the LAPIC timer.
+const TSC_DEADLINE_TIMER: u32 = 1 << 24;
 
 /// A KVM VM with an in-kernel irqchip (LAPIC, IOAPIC, PIC).
 #[derive(Debug)]
