@@ -165,13 +165,16 @@ pub fn acquire(dir: &Path, slots: usize, max_wait: Duration) -> BootSlot {
         }
         round += 1;
         // 5..25 ms, different per process and round, so waiters do not move in lockstep.
-        let jitter = (u64::from(std::process::id()).wrapping_mul(2654435761) ^ round * 40503) % 21;
+        let jitter = (u64::from(std::process::id()).wrapping_mul(2654435761)
+            ^ round.wrapping_mul(40503))
+            % 21;
         std::thread::sleep(Duration::from_millis(5 + jitter));
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn tmp(name: &str) -> PathBuf {

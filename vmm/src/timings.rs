@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 /// A boot phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// The VM got a boot slot (marked only when it had to wait for one; see
+    /// The VM got a boot slot (marked only when it waited 1 ms or more for one; see
     /// [`crate::boot_slots`]).
     BootSlot,
     /// `KVM_CREATE_VM` (or `hv_vm_create`) returned.
