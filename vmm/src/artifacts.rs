@@ -150,7 +150,7 @@ pub fn find_one(kind: Kind, places: &Places) -> Result<PathBuf, Error> {
             Ok(p) => return Ok(p),
             Err(why) => {
                 if let Some(p) = newest() {
-                    tracing::warn!(
+                    tracing::debug!(
                         "{} failed ({why}); using the newest cached {}: {}",
                         script.display(),
                         kind.what(),
