@@ -69,6 +69,55 @@ impl SerialConsole {
     pub fn flush(&mut self) {
         let _ = self.inner.writer_mut().flush();
     }
+
+    /// The UART's registers and receive FIFO, for a snapshot: nine register bytes, then the
+    /// FIFO's bytes.
+    pub fn save_state(&self) -> Vec<u8> {
+        let st = self.inner.state();
+        let mut out = vec![
+            st.baud_divisor_low,
+            st.baud_divisor_high,
+            st.interrupt_enable,
+            st.interrupt_identification,
+            st.line_control,
+            st.line_status,
+            st.modem_control,
+            st.modem_status,
+            st.scratch,
+        ];
+        out.extend_from_slice(&st.in_buffer);
+        out
+    }
+
+    /// A UART in the state [`SerialConsole::save_state`] saved; `None` when `state` is not one
+    /// (too short, or a FIFO longer than the UART's).
+    pub fn restore(
+        state: &[u8],
+        out: Box<dyn Write + Send>,
+        irq: IrqTrigger,
+        sink: Arc<dyn EventSink>,
+    ) -> Option<Self> {
+        let (regs, fifo) = (state.get(..9)?, state.get(9..)?);
+        let st = vm_superio::serial::SerialState {
+            baud_divisor_low: regs[0],
+            baud_divisor_high: regs[1],
+            interrupt_enable: regs[2],
+            interrupt_identification: regs[3],
+            line_control: regs[4],
+            line_status: regs[5],
+            modem_control: regs[6],
+            modem_status: regs[7],
+            scratch: regs[8],
+            in_buffer: fifo.to_vec(),
+        };
+        let events = ConsoleEvents {
+            sink,
+            seen: false.into(),
+        };
+        Serial::from_state(&st, irq, events, out)
+            .ok()
+            .map(|inner| SerialConsole { inner })
+    }
 }
 
 impl BusDevice for SerialConsole {

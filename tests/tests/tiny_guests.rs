@@ -135,6 +135,89 @@ fn garbage_to_ports_and_mmio_does_not_crash_the_vmm() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// What `snapcount.S` prints from start to end (LIMIT 20).
+fn snapcount_full_output() -> String {
+    let mut s: String = (1..=20).map(|i| format!("{i}\n")).collect();
+    s.push_str("sum=210 xmm=210\n");
+    s
+}
+
+#[test]
+fn snapshot_then_restore_goes_on_counting_where_it_stopped() {
+    // PVM emulates ring-0 guest code one instruction at a time and cannot emulate SSE: there
+    // the guest keeps its sums in general registers only and waits less between lines.
+    let defines: &[&str] = match kvm_kind() {
+        KvmKind::Pvm => &["SSE=0", "DELAY=20000"],
+        _ => &["SSE=1", "DELAY=4000000"],
+    };
+    eprintln!("snapcount guest with {defines:?} on {:?} KVM", kvm_kind());
+    let elf = build_guest("snapcount.S", defines);
+    let dir = skiff_tests::temp_dir("snapshot").join("snap");
+    let d = dir.to_str().unwrap();
+    // Two vCPUs: the AP, never started, must come back still waiting for INIT/SIPI.
+    let out = vmm(&[
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cpus",
+        "2",
+        "--snapshot-to",
+        d,
+        "--timings",
+    ]);
+    let (first, err) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("snapshot saved"), "{err}");
+    assert!(err.contains("Snapshotted"), "{err}");
+    let full = snapcount_full_output();
+    // The guest asked after printing 5; the VMM stops it moments later, mid-line or not.
+    assert!(first.starts_with("1\n2\n3\n4\n5\n"), "{first:?}");
+    assert!(
+        full.starts_with(&first) && first.len() < full.len(),
+        "{first:?}"
+    );
+    for round in 0..2 {
+        // Restored twice from the same files: memory is mapped copy-on-write, so the second
+        // restore starts from the same point as the first.
+        let out = vmm(&["--restore", d, "--timings"]);
+        let (rest, err) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "round {round}: {err}");
+        assert_eq!(
+            format!("{first}{rest}"),
+            full,
+            "round {round}: the restored guest goes on exactly where it stopped\n{err}"
+        );
+        assert!(err.contains("snapshot restored"), "{err}");
+        assert!(!err.contains("kernel loaded"), "{err}");
+    }
+    // A damaged state file or memory file: one line, status 2, no VM.
+    for (file, at) in [("state", 40usize), ("memory", 0x70000)] {
+        let path = dir.join(file);
+        let orig = std::fs::read(&path).unwrap();
+        let mut bad = orig.clone();
+        bad[at] ^= 0x01;
+        std::fs::write(&path, &bad).unwrap();
+        let out = vmm(&["--restore", d]);
+        let (o, e) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{file}: {o}{e}");
+        assert!(o.is_empty(), "{file}: no guest ran: {o}");
+        assert_eq!(e.lines().count(), 1, "{file}: {e}");
+        assert!(e.contains("checksum mismatch"), "{file}: {e}");
+        std::fs::write(&path, &orig).unwrap();
+    }
+    let path = dir.join("memory");
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 4096)
+        .unwrap();
+    let out = vmm(&["--restore", d]);
+    let (_, e) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(e.contains("memory file has"), "{e}");
+}
+
 #[test]
 fn smp_all_vcpus_start_and_stop() {
     for cpus in [2u32, 4] {

@@ -14,6 +14,7 @@ pub mod run_dir;
 pub mod sandbox;
 pub mod seccomp;
 pub mod settings_file;
+pub mod snapshot;
 pub mod sys;
 pub mod timings;
 pub mod vm;

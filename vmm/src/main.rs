@@ -10,7 +10,7 @@ use skiff_vmm::net_device;
 use skiff_vmm::run::{self, RunOptions};
 use skiff_vmm::seccomp;
 use skiff_vmm::timings::Timings;
-use skiff_vmm::vm::{self, PitMode, SerialOut, VmConfig, DEFAULT_CMDLINE};
+use skiff_vmm::vm::{self, PitMode, SerialOut, SnapshotAt, VmConfig, DEFAULT_CMDLINE};
 
 const AFTER_HELP: &str = "\
 Exit status:
@@ -72,7 +72,7 @@ struct Cli {
     command: Option<Command>,
     /// Guest kernel: an x86_64 vmlinux ELF (entered through its PVH note when it has one) or
     /// a bzImage; an arm64 Image on aarch64 hosts.
-    #[arg(long, value_name = "K", required = true)]
+    #[arg(long, value_name = "K", required_unless_present = "restore")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk (cpio, optionally compressed as the kernel supports).
     #[arg(long, value_name = "I")]
@@ -119,6 +119,26 @@ struct Cli {
     /// none. Default: $SKIFF_SECCOMP, else `on`.
     #[arg(long, value_enum, value_name = "MODE")]
     seccomp: Option<Seccomp>,
+    /// Save the VM as a snapshot in DIR (created) when the guest writes --snapshot-on-stamp
+    /// to the boot timer, then end the VM (status 0). Guest RAM goes to DIR/memory (sparse),
+    /// the rest to DIR/state (versioned, checksummed). VMs with --share/--net cannot be saved
+    /// yet.
+    #[arg(long, value_name = "DIR")]
+    snapshot_to: Option<PathBuf>,
+    /// The boot-timer value (x86: port 0x3f0) that asks for the snapshot.
+    #[arg(
+        long,
+        value_name = "V",
+        default_value_t = 200,
+        requires = "snapshot_to"
+    )]
+    snapshot_on_stamp: u8,
+    /// Restore the snapshot in DIR and run it from where it was saved (instead of booting a
+    /// kernel: vCPUs, memory size and the guest come from the snapshot). Guest RAM is mapped
+    /// copy-on-write from DIR/memory, which is never changed. A damaged snapshot or one made
+    /// by another Skiff version is refused (status 2).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "snapshot_to"])]
+    restore: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,9 +319,13 @@ fn main() -> ExitCode {
     if let Some(m) = cli.seccomp {
         seccomp::set_mode(m.into());
     }
-    let Some(kernel) = cli.kernel else {
-        eprintln!("vmm: error: --kernel is required (see vmm --help)");
-        return ExitCode::from(2);
+    let kernel = match (cli.kernel, &cli.restore) {
+        (Some(k), _) => k,
+        (None, Some(_)) => PathBuf::new(),
+        (None, None) => {
+            eprintln!("vmm: error: --kernel is required (see vmm --help)");
+            return ExitCode::from(2);
+        }
     };
     let cfg = VmConfig {
         kernel,
@@ -315,6 +339,11 @@ fn main() -> ExitCode {
             Pit::On => PitMode::On,
             Pit::Off => PitMode::Off,
         },
+        snapshot: cli.snapshot_to.map(|dir| SnapshotAt {
+            dir,
+            stamp: cli.snapshot_on_stamp,
+        }),
+        restore: cli.restore,
     };
     let mut devices = Vec::new();
     let budget = fs_device::FdBudget::default();

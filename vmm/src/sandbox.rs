@@ -223,6 +223,8 @@ impl Sandbox {
             memory_mib: cfg.memory_mib,
             serial: SerialOut::File(console.clone()),
             pit: vm::PitMode::Auto,
+            snapshot: None,
+            restore: None,
         };
         let (factory, events) = crate::vsock_device::create(&uds).map_err(Error::Vm)?;
         let mut devices = vec![factory];

@@ -15,6 +15,9 @@ pub enum Phase {
     MemoryMapped,
     /// Kernel, initrd, command line and boot tables written.
     KernelLoaded,
+    /// A snapshot was read, checked and mapped, and the VM's state restored (instead of
+    /// loading a kernel).
+    SnapshotRestored,
     /// The boot vCPU is about to enter the guest for the first time.
     FirstVcpuEntry,
     /// The guest wrote its first byte to the serial console.
@@ -27,6 +30,8 @@ pub enum Phase {
     ContainerStarted,
     /// The container's process exited and its output was drained.
     ContainerExited,
+    /// The VM was saved as a snapshot.
+    SnapshotSaved,
     /// The VM ended.
     Exit,
 }
@@ -38,6 +43,8 @@ impl Phase {
             Phase::VmCreated => "VM created".into(),
             Phase::MemoryMapped => "memory mapped".into(),
             Phase::KernelLoaded => "kernel loaded".into(),
+            Phase::SnapshotRestored => "snapshot restored".into(),
+            Phase::SnapshotSaved => "snapshot saved".into(),
             Phase::FirstVcpuEntry => "first vCPU entry".into(),
             Phase::FirstSerialByte => "first serial byte".into(),
             Phase::BootStamp(123) => "boot-timer stamp (userspace)".into(),

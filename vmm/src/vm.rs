@@ -16,6 +16,7 @@ use vm_memory::{
 use crate::arch::{self, BootConfig};
 use crate::console_log::{CappedLog, CONSOLE_LOG_CAP};
 use crate::hypervisor::{self, Access, Hypervisor, MemoryRegion, SystemEvent, Vcpu, VcpuExit, Vm};
+use crate::snapshot;
 use crate::timings::{Phase, Timings};
 pub use crate::vm_control::{ControlError, VmControl};
 
@@ -72,6 +73,21 @@ pub struct VmConfig {
     pub serial: SerialOut,
     /// Legacy PIT.
     pub pit: PitMode,
+    /// Take a snapshot when the guest asks for one, then end the VM.
+    pub snapshot: Option<SnapshotAt>,
+    /// Restore this snapshot directory instead of booting `kernel` (`kernel`, `initrd`,
+    /// `cmdline`, `cpus`, `memory_mib` and `pit` then come from the snapshot).
+    pub restore: Option<PathBuf>,
+}
+
+/// When and where [`VmConfig::snapshot`] saves the VM.
+#[derive(Debug, Clone)]
+pub struct SnapshotAt {
+    /// The snapshot directory (created; must not exist yet, or hold a valid snapshot).
+    pub dir: PathBuf,
+    /// The boot-timer value the guest writes to ask for it (a tiny guest: whenever it likes;
+    /// the Skiff agent: once it is ready and idle).
+    pub stamp: u8,
 }
 
 /// How the guest ended.
@@ -89,13 +105,18 @@ pub enum GuestExit {
     HypervisorError(u64),
     /// The host ended the VM ([`VmControl::stop`]), whatever the guest was doing.
     Stopped,
+    /// The VM was saved as [`VmConfig::snapshot`] asked, then ended.
+    Snapshotted,
 }
 
 impl GuestExit {
     /// The `vmm` process exit status for this ending (see `vmm --help`).
     pub fn exit_code(&self) -> i32 {
         match self {
-            GuestExit::PowerOff | GuestExit::Reset | GuestExit::Stopped => 0,
+            GuestExit::PowerOff
+            | GuestExit::Reset
+            | GuestExit::Stopped
+            | GuestExit::Snapshotted => 0,
             GuestExit::Panic => 3,
             GuestExit::TripleFault | GuestExit::HypervisorError(_) => 4,
         }
@@ -263,6 +284,35 @@ pub fn run_controlled(
                 .ok_or_else(|| Error::Input(format!("too many virtio devices ({})", devices.len())))
         })
         .collect::<Result<_, _>>()?;
+    if cfg.snapshot.is_some() && !devices.is_empty() {
+        return Err(Error::Input(
+            "snapshots of VMs with virtio devices are not supported yet".into(),
+        ));
+    }
+    let restore = match &cfg.restore {
+        None => None,
+        Some(dir) => {
+            if !devices.is_empty() {
+                return Err(Error::Input(
+                    "restoring a VM with virtio devices is not supported yet".into(),
+                ));
+            }
+            let loaded = snapshot::load(dir).map_err(|e| Error::Input(e.to_string()))?;
+            if loaded.state.device(DEV_SERIAL).is_none() {
+                return Err(Error::Input(format!(
+                    "snapshot {}: no serial console state",
+                    dir.display()
+                )));
+            }
+            Some(loaded)
+        }
+    };
+    let mut cfg = cfg.clone();
+    if let Some(l) = &restore {
+        cfg.cpus = l.state.cpus;
+        cfg.memory_mib = l.state.memory_mib;
+    }
+    let cfg = &cfg;
     if cfg.memory_mib < MIN_MEMORY_MIB {
         return Err(Error::Input(format!(
             "--memory {} is too small: the guest needs at least {MIN_MEMORY_MIB} MiB",
@@ -291,9 +341,10 @@ pub fn run_controlled(
             arch::current::MAX_CPUS
         )));
     }
-    for (what, p) in
-        std::iter::once(("kernel", &cfg.kernel)).chain(cfg.initrd.iter().map(|p| ("initrd", p)))
-    {
+    let boot_files = std::iter::once(("kernel", &cfg.kernel))
+        .chain(cfg.initrd.iter().map(|p| ("initrd", p)))
+        .filter(|_| restore.is_none());
+    for (what, p) in boot_files {
         // Fail on a missing file before touching the hypervisor; read it later, in parallel
         // with memory registration.
         std::fs::metadata(p)
@@ -319,17 +370,28 @@ pub fn run_controlled(
     let vm = Arc::new(hv.create_vm(cfg.cpus)?);
     timings.mark(Phase::VmCreated);
 
-    let regions = arch::current::memory_regions(mem_bytes);
-    let ranges: Vec<(GuestAddress, usize)> = regions
-        .iter()
-        .map(|&(a, s)| (GuestAddress(a), s as usize))
-        .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| {
-        Error::Vmm(format!(
-            "cannot allocate {} MiB of guest memory: {e}",
-            cfg.memory_mib
-        ))
-    })?;
+    let mem = match &restore {
+        Some(l) => {
+            let m = l.map_memory().map_err(|e| Error::Vmm(e.to_string()))?;
+            // The VM-wide state (clock, interrupt controllers, PIT) goes in before any vCPU
+            // exists.
+            vm.restore_state(&l.state.vm)?;
+            m
+        }
+        None => {
+            let regions = arch::current::memory_regions(mem_bytes);
+            let ranges: Vec<(GuestAddress, usize)> = regions
+                .iter()
+                .map(|&(a, s)| (GuestAddress(a), s as usize))
+                .collect();
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| {
+                Error::Vmm(format!(
+                    "cannot allocate {} MiB of guest memory: {e}",
+                    cfg.memory_mib
+                ))
+            })?
+        }
+    };
     let mut slots = Vec::new();
     for (slot, r) in mem.iter().enumerate() {
         let host = r
@@ -352,28 +414,47 @@ pub fn run_controlled(
         }
         Ok(Instant::now())
     });
-    let kernel = read_file("kernel", &cfg.kernel)?;
-    let initrd = cfg
-        .initrd
-        .as_ref()
-        .map(|p| read_file("initrd", p))
-        .transpose()?;
-    let boot_cfg = BootConfig {
-        kernel,
-        kernel_path: cfg.kernel.clone(),
-        initrd,
-        cmdline: cfg.cmdline.clone(),
-        cpus: cfg.cpus,
-        mem_bytes,
-        virtio: slots_used.clone(),
+    let boot = match &restore {
+        Some(_) => None,
+        None => {
+            let kernel = read_file("kernel", &cfg.kernel)?;
+            let initrd = cfg
+                .initrd
+                .as_ref()
+                .map(|p| read_file("initrd", p))
+                .transpose()?;
+            let boot_cfg = BootConfig {
+                kernel,
+                kernel_path: cfg.kernel.clone(),
+                initrd,
+                cmdline: cfg.cmdline.clone(),
+                cpus: cfg.cpus,
+                mem_bytes,
+                virtio: slots_used.clone(),
+            };
+            let boot = arch::current::load(&mem, &boot_cfg)?;
+            timings.mark(Phase::KernelLoaded);
+            Some(boot)
+        }
     };
-    let boot = arch::current::load(&mem, &boot_cfg)?;
-    drop(boot_cfg);
-    timings.mark(Phase::KernelLoaded);
+    let vcpu_states: Vec<Vec<u8>> = restore
+        .as_ref()
+        .map(|l| l.state.vcpus.clone())
+        .unwrap_or_default();
+    if restore.is_some() {
+        timings.mark(Phase::SnapshotRestored);
+    }
 
     let (tx, rx) = sync_channel::<Event>(event_queue_len(cfg.cpus));
     let sink = Arc::new(Sink(Mutex::new(tx.clone())));
-    let (pio, mmio, serial) = platform_devices(&vm, &boot, cfg, serial_out, sink.clone())?;
+    let create_pit = match &boot {
+        Some(b) => cfg.pit == PitMode::On || (cfg.pit == PitMode::Auto && is_linux(b)),
+        // A restored VM's PIT (if it had one) came back with the VM's state.
+        None => false,
+    };
+    let serial_state = restore.as_ref().and_then(|l| l.state.device(DEV_SERIAL));
+    let (pio, mmio, serial) =
+        platform_devices(&vm, create_pit, serial_state, serial_out, sink.clone())?;
     let mut mmio = mmio;
     for (slot, factory) in slots_used.iter().zip(devices) {
         let irq_vm = vm.clone();
@@ -399,6 +480,14 @@ pub fn run_controlled(
             let _ = tx.send(Event::HostStop);
         }
     }));
+    // The snapshot's files are written by a thread of their own, started before the allowlist.
+    let writer = match &cfg.snapshot {
+        Some(s) => Some(
+            snapshot::Writer::spawn(s.dir.clone(), mem.clone())
+                .map_err(|e| Error::Vmm(format!("cannot start the snapshot writer: {e}")))?,
+        ),
+        None => None,
+    };
     // From here on this thread, the vCPU threads and what they spawn (virtio-fs workers, at
     // the guest's device activation) run under the `vmm` seccomp allowlist; the guest has not
     // run yet. The memory thread above ends before it does.
@@ -420,14 +509,26 @@ pub fn run_controlled(
             ready.clone(),
         );
         let cpus = cfg.cpus;
+        let saved = vcpu_states.get(id as usize).cloned();
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let sink = Sink(Mutex::new(tx));
+                let init = match (&boot, &saved) {
+                    (_, Some(state)) => VcpuInit::Restore(state),
+                    (Some(b), None) => VcpuInit::Boot(b),
+                    (None, None) => {
+                        sink.send(Event::VcpuFailed(
+                            id,
+                            "the snapshot has no state for it".into(),
+                        ));
+                        return;
+                    }
+                };
                 let ctx = VcpuContext {
                     id,
                     cpus,
-                    boot: &boot,
+                    init,
                     pio: &pio,
                     mmio: &mmio,
                     control: &control,
@@ -467,6 +568,17 @@ pub fn run_controlled(
                     "boot phase (ms since VMM start)"
                 );
                 timings.mark_at(p, at);
+                if let (Some(snap), Some(w), Phase::BootStamp(v)) = (&cfg.snapshot, &writer, p) {
+                    if v == snap.stamp {
+                        let saved = take_snapshot(&vm, cfg, control, &serial, w, &snap.dir);
+                        if let Err(e) = saved {
+                            stop_vcpus(control, threads);
+                            return Err(e);
+                        }
+                        timings.mark(Phase::SnapshotSaved);
+                        break GuestExit::Snapshotted;
+                    }
+                }
             }
             Ok(Event::Exit(GuestExit::Reset)) => {
                 break if warm_reset_flag(&mem) {
@@ -527,10 +639,17 @@ fn stop_vcpus(control: &VmControl, threads: Vec<std::thread::JoinHandle<()>>) {
     }
 }
 
+/// How a vCPU starts: configured for the boot, or restored from a snapshot.
+#[derive(Clone, Copy)]
+enum VcpuInit<'a> {
+    Boot(&'a arch::current::BootInfo),
+    Restore(&'a [u8]),
+}
+
 struct VcpuContext<'a> {
     id: u32,
     cpus: u32,
-    boot: &'a arch::current::BootInfo,
+    init: VcpuInit<'a>,
     pio: &'a Bus,
     mmio: &'a Bus,
     control: &'a VmControl,
@@ -545,13 +664,16 @@ fn vcpu_thread(
     let VcpuContext {
         id,
         cpus,
-        boot,
+        init,
         pio,
         mmio,
         control,
     } = *ctx;
     let created = vm.create_vcpu(id).and_then(|mut v| {
-        configure_vcpu(&mut v, id, boot, cpus)?;
+        match init {
+            VcpuInit::Boot(boot) => configure_vcpu(&mut v, id, boot, cpus)?,
+            VcpuInit::Restore(state) => v.restore_state(state)?,
+        }
         Ok(v)
     });
     // Wait for the others even on failure, so no thread blocks forever on the barrier.
@@ -572,7 +694,7 @@ fn vcpu_thread(
             bus.read(a.addr, a.data);
         }
     };
-    while gate.may_run() {
+    while gate.may_run_or_save(id, &mut || vcpu_save(&vcpu)) {
         match vcpu.run()? {
             VcpuExit::Io => vcpu.handle_io(&mut |a| bus_access(pio, a))?,
             VcpuExit::Mmio => vcpu.handle_mmio(&mut |a| bus_access(mmio, a))?,
@@ -630,28 +752,110 @@ fn configure_vcpu(
 
 type Devices = (Bus, Bus, Arc<Mutex<SerialConsole>>);
 
+/// Name of the serial console's state in a snapshot.
+const DEV_SERIAL: &str = "serial";
+
+#[cfg(target_arch = "x86_64")]
+fn is_linux(boot: &arch::current::BootInfo) -> bool {
+    boot.is_linux
+}
+
+#[cfg(target_arch = "aarch64")]
+fn is_linux(_boot: &arch::current::BootInfo) -> bool {
+    true
+}
+
+/// The serial console: new, or as a snapshot saved it.
+fn serial_console(
+    saved: Option<&[u8]>,
+    out: Box<dyn Write + Send>,
+    irq: IrqTrigger,
+    sink: Arc<Sink>,
+) -> Result<Arc<Mutex<SerialConsole>>, Error> {
+    let dev = match saved {
+        None => SerialConsole::new(out, irq, sink),
+        Some(state) => SerialConsole::restore(state, out, irq, sink)
+            .ok_or_else(|| Error::Input("the snapshot's serial console state is invalid".into()))?,
+    };
+    Ok(Arc::new(Mutex::new(dev)))
+}
+
+/// Saves the paused VM into `dir`: every vCPU's state (each saved on its own thread), the
+/// VM's, the serial console's and guest RAM.
+fn take_snapshot(
+    vm: &HvVm,
+    cfg: &VmConfig,
+    control: &VmControl,
+    serial: &Arc<Mutex<SerialConsole>>,
+    writer: &snapshot::Writer,
+    dir: &std::path::Path,
+) -> Result<(), Error> {
+    let t0 = Instant::now();
+    control
+        .pause()
+        .map_err(|e| Error::Vmm(format!("cannot pause the VM for a snapshot: {e}")))?;
+    let vcpus = control
+        .collect_vcpu_states(cfg.cpus as usize, Duration::from_secs(10))
+        .map_err(|e| Error::Vmm(format!("cannot save the vCPUs: {e}")))?;
+    if vcpus.len() != cfg.cpus as usize
+        || vcpus.iter().enumerate().any(|(i, (id, _))| *id != i as u32)
+    {
+        return Err(Error::Vmm(format!(
+            "{} of {} vCPUs saved their state",
+            vcpus.len(),
+            cfg.cpus
+        )));
+    }
+    let vm_state = vm.save_state()?;
+    let serial_state = serial
+        .lock()
+        .map_err(|_| Error::Vmm("the serial console's lock is poisoned".into()))?
+        .save_state();
+    let state = snapshot::VmState {
+        backend: hypervisor::BACKEND_NAME.into(),
+        skiff_version: snapshot::skiff_version(),
+        cpus: cfg.cpus,
+        memory_mib: cfg.memory_mib,
+        regions: Vec::new(),
+        vm: vm_state,
+        vcpus: vcpus.into_iter().map(|(_, b)| b).collect(),
+        devices: vec![(DEV_SERIAL.into(), serial_state)],
+        memory_len: 0,
+        memory_digest: [0; 32],
+    };
+    writer
+        .write(state, Duration::from_secs(300))
+        .map_err(|e| Error::Vmm(e.to_string()))?;
+    tracing::info!(
+        dir = %dir.display(),
+        ms = format!("{:.1}", t0.elapsed().as_secs_f64() * 1e3),
+        "snapshot saved"
+    );
+    Ok(())
+}
+
+fn vcpu_save<V: Vcpu>(vcpu: &V) -> Result<Vec<u8>, String> {
+    vcpu.save_state().map_err(|e| e.to_string())
+}
+
 #[cfg(target_arch = "x86_64")]
 fn platform_devices(
     vm: &Arc<HvVm>,
-    boot: &arch::current::BootInfo,
-    cfg: &VmConfig,
+    create_pit: bool,
+    serial_state: Option<&[u8]>,
     serial_out: Box<dyn Write + Send>,
     sink: Arc<Sink>,
 ) -> Result<Devices, Error> {
     use crate::hypervisor::VmX86_64;
     use skiff_devices::legacy::{BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042, I8042_PORT};
-    if cfg.pit == PitMode::On || (cfg.pit == PitMode::Auto && boot.is_linux) {
+    if create_pit {
         vm.create_pit()?;
     }
     let irq_vm = vm.clone();
     let irq = IrqTrigger::new(move || {
         let _ = irq_vm.trigger_edge_irq(COM1_IRQ);
     });
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        serial_out,
-        irq,
-        sink.clone(),
-    )));
+    let serial = serial_console(serial_state, serial_out, irq, sink.clone())?;
     let mut pio = Bus::new();
     let e = |e: skiff_devices::BusError| Error::Vmm(e.to_string());
     pio.insert(COM1_PORT, 8, serial.clone()).map_err(e)?;
@@ -673,8 +877,8 @@ fn platform_devices(
 #[cfg(target_arch = "aarch64")]
 fn platform_devices(
     vm: &Arc<HvVm>,
-    _boot: &arch::current::BootInfo,
-    _cfg: &VmConfig,
+    _create_pit: bool,
+    serial_state: Option<&[u8]>,
     serial_out: Box<dyn Write + Send>,
     sink: Arc<Sink>,
 ) -> Result<Devices, Error> {
@@ -683,11 +887,7 @@ fn platform_devices(
     let irq = IrqTrigger::new(move || {
         let _ = irq_vm.trigger_edge_irq(SERIAL_SPI);
     });
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        serial_out,
-        irq,
-        sink.clone(),
-    )));
+    let serial = serial_console(serial_state, serial_out, irq, sink.clone())?;
     let mut mmio = Bus::new();
     let e = |e: skiff_devices::BusError| Error::Vmm(e.to_string());
     mmio.insert(SERIAL_ADDR, 0x1000, serial.clone())

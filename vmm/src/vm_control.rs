@@ -70,6 +70,11 @@ struct Inner {
 struct State {
     pause_requested: bool,
     stopped: bool,
+    /// Bumped by [`VmControl::collect_vcpu_states`]: each parked vCPU whose gate has seen an
+    /// older value saves its state and files it in `saved`.
+    save_gen: u64,
+    /// The states filed for the current `save_gen`: (vCPU id, blob or error).
+    saved: Vec<(u32, Result<Vec<u8>, String>)>,
     /// Registered vCPUs by slot (`None` once the vCPU thread left).
     vcpus: Vec<Option<VcpuSlot>>,
     /// Called once by [`VmControl::stop`] so the VM's main loop notices a host stop.
@@ -79,6 +84,8 @@ struct State {
 struct VcpuSlot {
     kicker: Arc<dyn VcpuKicker>,
     parked: bool,
+    /// The last `save_gen` this vCPU answered.
+    saved_gen: u64,
 }
 
 impl State {
@@ -240,6 +247,59 @@ impl VmControl {
         }
     }
 
+    /// Has `expected` vCPUs save their state, each on its own thread (a Hypervisor.framework
+    /// vCPU is bound to it), and returns the blobs by vCPU id. The VM must be paused; a vCPU
+    /// that registers late parks and saves on its first gate check. Fails when the VM is not
+    /// paused or stops, when a vCPU's save fails, or after `timeout`.
+    pub(crate) fn collect_vcpu_states(
+        &self,
+        expected: usize,
+        timeout: Duration,
+    ) -> Result<Vec<(u32, Vec<u8>)>, String> {
+        let deadline = Instant::now() + timeout;
+        let inner = &*self.inner;
+        let mut s = inner.lock();
+        if s.stopped || !s.pause_requested {
+            return Err("the VM is not paused".into());
+        }
+        s.save_gen += 1;
+        s.saved.clear();
+        let gen = s.save_gen;
+        inner.cv.notify_all();
+        loop {
+            if s.stopped {
+                return Err("the VM stopped while its vCPUs were being saved".into());
+            }
+            let registered = s.vcpus.iter().flatten().count();
+            let pending = s
+                .vcpus
+                .iter()
+                .flatten()
+                .filter(|v| v.saved_gen < gen)
+                .count();
+            if pending == 0 && registered >= expected {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "{} of {expected} vCPU(s) did not save within {timeout:?}",
+                    expected.saturating_sub(registered) + pending
+                ));
+            }
+            s = match inner.cv.wait_timeout(s, deadline - now) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        let mut out = Vec::new();
+        for (id, r) in std::mem::take(&mut s.saved) {
+            out.push((id, r.map_err(|e| format!("vCPU {id}: {e}"))?));
+        }
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out)
+    }
+
     /// Installs what [`VmControl::stop`] calls (once) to tell the VM's main loop. If the VM
     /// was already stopped, the hook runs at once.
     pub(crate) fn set_on_stop(&self, hook: Box<dyn FnOnce() + Send>) {
@@ -259,6 +319,7 @@ impl VmControl {
         let slot = VcpuSlot {
             kicker,
             parked: false,
+            saved_gen: 0,
         };
         let index = match s.vcpus.iter().position(Option::is_none) {
             Some(i) => {
@@ -283,7 +344,18 @@ pub(crate) struct VcpuGate<'a> {
 impl VcpuGate<'_> {
     /// Call before every entry into the guest. Returns `true` to run the guest; parks (outside
     /// the guest) while the VM is paused; returns `false` once the VM is stopping.
+    #[cfg(test)]
     pub(crate) fn may_run(&self) -> bool {
+        self.may_run_or_save(0, &mut || Err("this vCPU cannot save its state".into()))
+    }
+
+    /// [`VcpuGate::may_run`] for vCPU `id`, which while parked answers
+    /// [`VmControl::collect_vcpu_states`] by calling `save` (outside the lock).
+    pub(crate) fn may_run_or_save(
+        &self,
+        id: u32,
+        save: &mut dyn FnMut() -> Result<Vec<u8>, String>,
+    ) -> bool {
         let inner = &*self.ctl.inner;
         if !inner.attention.load(Ordering::SeqCst) {
             return true;
@@ -293,6 +365,21 @@ impl VcpuGate<'_> {
             self.set_parked(&mut s, true);
             inner.cv.notify_all();
             while s.pause_requested && !s.stopped {
+                let gen = s.save_gen;
+                let asked = matches!(s.vcpus.get(self.index), Some(Some(v)) if v.saved_gen < gen);
+                if asked {
+                    drop(s);
+                    let r = save();
+                    s = inner.lock();
+                    if let Some(Some(v)) = s.vcpus.get_mut(self.index) {
+                        v.saved_gen = gen;
+                    }
+                    if s.save_gen == gen {
+                        s.saved.push((id, r));
+                    }
+                    inner.cv.notify_all();
+                    continue;
+                }
                 s = match inner.cv.wait(s) {
                     Ok(g) => g,
                     Err(e) => e.into_inner(),
@@ -443,6 +530,48 @@ mod tests {
         drop(gate);
         ctl.pause().unwrap();
         ctl.stop();
+    }
+
+    #[test]
+    fn parked_vcpus_save_their_state_on_their_own_threads() {
+        let ctl = VmControl::new();
+        assert!(
+            ctl.collect_vcpu_states(3, Duration::from_secs(1)).is_err(),
+            "not paused"
+        );
+        let threads: Vec<_> = (0..3u32)
+            .map(|id| {
+                let ctl = ctl.clone();
+                thread::spawn(move || {
+                    let kicker = Arc::new(FakeKicker::default());
+                    let gate = ctl.enter(kicker.clone());
+                    let me = thread::current().id();
+                    let mut save = || {
+                        assert_eq!(thread::current().id(), me);
+                        Ok(vec![id as u8; id as usize + 1])
+                    };
+                    while gate.may_run_or_save(id, &mut save) {
+                        while !kicker.kicked.swap(false, Ordering::SeqCst) {
+                            thread::yield_now();
+                        }
+                    }
+                })
+            })
+            .collect();
+        ctl.pause().unwrap();
+        for _ in 0..2 {
+            // The threads may not have registered yet: they park and save when they do.
+            let got = ctl.collect_vcpu_states(3, Duration::from_secs(5)).unwrap();
+            assert_eq!(
+                got,
+                vec![(0, vec![0]), (1, vec![1, 1]), (2, vec![2, 2, 2])],
+                "each vCPU saves once per request"
+            );
+        }
+        ctl.stop();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]

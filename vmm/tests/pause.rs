@@ -73,6 +73,8 @@ fn boot_counter_guest(cpus: u32) -> (VmControl, Mem, VmThread) {
         memory_mib: 16,
         serial: SerialOut::Null,
         pit: PitMode::Off,
+        snapshot: None,
+        restore: None,
     };
     let control = VmControl::new();
     let mem: Mem = Arc::new(Mutex::new(None));
@@ -168,6 +170,8 @@ fn a_failed_boot_leaves_the_control_stopped() {
         memory_mib: 16,
         serial: SerialOut::Null,
         pit: PitMode::Off,
+        snapshot: None,
+        restore: None,
     };
     let e =
         vm::run_controlled(&cfg, Timings::new(Instant::now()), Vec::new(), &control).unwrap_err();

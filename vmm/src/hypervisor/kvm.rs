@@ -4,13 +4,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_run, kvm_segment,
-    kvm_userspace_memory_region, CpuId, Msrs, KVM_EXIT_IO_OUT, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
+    kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_run, kvm_segment,
+    kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    KVM_EXIT_IO_OUT, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm as KvmFd, VcpuExit as KvmExit, VcpuFd, VmFd};
+use zerocopy::{FromBytes, IntoBytes};
 
+use super::state::{StateReader, StateWriter};
 use super::x86_64::{CpuidEntry, DescriptorTable, Regs, Segment, Sregs, VcpuX86_64, VmX86_64};
 use super::{
     Access, Error, Hypervisor, MemoryRegion, Result, SystemEvent, Vcpu, VcpuExit, VcpuKicker, Vm,
@@ -76,6 +79,7 @@ impl Hypervisor for Kvm {
             vm,
             kvm: Arc::clone(&self.kvm),
             supported_cpuid: std::sync::OnceLock::new(),
+            pit: AtomicBool::new(false),
         })
     }
 }
@@ -118,6 +122,8 @@ pub struct KvmVm {
     vm: VmFd,
     kvm: Arc<KvmFd>,
     supported_cpuid: std::sync::OnceLock<Arc<Vec<CpuidEntry>>>,
+    /// Whether the in-kernel PIT exists (its state is then part of the VM's).
+    pit: AtomicBool,
 }
 
 impl KvmVm {
@@ -167,6 +173,7 @@ impl Vm for KvmVm {
             kicker,
             supported_cpuid: self.cpuid()?,
             run_size: self.vm.run_size(),
+            kvm: Arc::clone(&self.kvm),
         })
     }
 
@@ -175,6 +182,103 @@ impl Vm for KvmVm {
             .set_irq_line(irq, high)
             .map_err(|e| Error::call("KVM_IRQ_LINE", errno(e)))
     }
+
+    fn save_state(&self) -> Result<Vec<u8>> {
+        let mut w = StateWriter::new();
+        let clock = self
+            .vm
+            .get_clock()
+            .map_err(|e| Error::call("KVM_GET_CLOCK", errno(e)))?;
+        w.put(VM_CLOCK, clock.as_bytes())?;
+        for (tag, chip_id) in IRQCHIPS {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut chip)
+                .map_err(|e| Error::call("KVM_GET_IRQCHIP", errno(e)))?;
+            w.put(tag, chip.as_bytes())?;
+        }
+        if self.pit.load(Ordering::SeqCst) {
+            let pit = self
+                .vm
+                .get_pit2()
+                .map_err(|e| Error::call("KVM_GET_PIT2", errno(e)))?;
+            w.put(VM_PIT, pit.as_bytes())?;
+        }
+        Ok(w.finish())
+    }
+
+    fn restore_state(&self, state: &[u8]) -> Result<()> {
+        let r = StateReader::parse(state)?;
+        if let Some(b) = r.get(VM_PIT) {
+            let pit: kvm_pit_state2 = pod(b, "PIT state")?;
+            self.create_pit()?;
+            self.vm
+                .set_pit2(&pit)
+                .map_err(|e| Error::call("KVM_SET_PIT2", errno(e)))?;
+        }
+        let mut clock: kvm_clock_data = pod(r.need(VM_CLOCK, "VM clock")?, "VM clock")?;
+        // Only the clock value is restored (the flags of KVM_GET_CLOCK describe the source).
+        clock.flags = 0;
+        self.vm
+            .set_clock(&clock)
+            .map_err(|e| Error::call("KVM_SET_CLOCK", errno(e)))?;
+        for (tag, chip_id) in IRQCHIPS {
+            let chip: kvm_irqchip = pod(r.need(tag, "interrupt controller")?, "irqchip")?;
+            if chip.chip_id != chip_id {
+                return Err(Error::BadState(format!(
+                    "interrupt controller {} saved as {chip_id}",
+                    chip.chip_id
+                )));
+            }
+            self.vm
+                .set_irqchip(&chip)
+                .map_err(|e| Error::call("KVM_SET_IRQCHIP", errno(e)))?;
+        }
+        Ok(())
+    }
+}
+
+// Tags of the VM's and the vCPUs' state parts (see `super::state`).
+const VM_CLOCK: u32 = 1;
+const VM_PIT: u32 = 2;
+/// PIC master, PIC slave, IOAPIC: (tag, KVM chip id).
+const IRQCHIPS: [(u32, u32); 3] = [(3, 0), (4, 1), (5, 2)];
+const CPU_CPUID: u32 = 20;
+const CPU_MP_STATE: u32 = 21;
+const CPU_REGS: u32 = 22;
+const CPU_SREGS: u32 = 23;
+const CPU_XSAVE: u32 = 24;
+const CPU_XCRS: u32 = 25;
+const CPU_DEBUGREGS: u32 = 26;
+const CPU_LAPIC: u32 = 27;
+const CPU_MSRS: u32 = 28;
+const CPU_EVENTS: u32 = 29;
+const CPU_TSC_KHZ: u32 = 30;
+
+/// Reads a KVM structure saved with `as_bytes` (exact size, or an error naming `what`).
+fn pod<T: FromBytes>(b: &[u8], what: &str) -> Result<T> {
+    T::read_from_bytes(b).map_err(|_| {
+        Error::BadState(format!(
+            "{what}: {} bytes, expected {}",
+            b.len(),
+            std::mem::size_of::<T>()
+        ))
+    })
+}
+
+/// Reads a run of KVM structures saved back to back.
+fn pods<T: FromBytes>(b: &[u8], what: &str) -> Result<Vec<T>> {
+    let size = std::mem::size_of::<T>();
+    if size == 0 || !b.len().is_multiple_of(size) {
+        return Err(Error::BadState(format!(
+            "{what}: {} bytes is not a whole number of entries",
+            b.len()
+        )));
+    }
+    b.chunks_exact(size).map(|c| pod(c, what)).collect()
 }
 
 impl VmX86_64 for KvmVm {
@@ -185,7 +289,9 @@ impl VmX86_64 for KvmVm {
         };
         self.vm
             .create_pit2(config)
-            .map_err(|e| Error::call("KVM_CREATE_PIT2", errno(e)))
+            .map_err(|e| Error::call("KVM_CREATE_PIT2", errno(e)))?;
+        self.pit.store(true, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -264,6 +370,8 @@ pub struct KvmVcpu {
     supported_cpuid: Arc<Vec<CpuidEntry>>,
     /// Size of the vCPU's kvm_run mapping (port I/O data lives inside it).
     run_size: usize,
+    /// The KVM device (its MSR list and capabilities, for snapshots).
+    kvm: Arc<KvmFd>,
 }
 
 impl Vcpu for KvmVcpu {
@@ -355,6 +463,166 @@ impl Vcpu for KvmVcpu {
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
         Arc::clone(&self.kicker) as Arc<dyn VcpuKicker>
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>> {
+        self.check_xsave_fits()?;
+        let fd = &self.fd;
+        let c = |call: &'static str| move |e: kvm_ioctls::Error| Error::call(call, errno(e));
+        let mut w = StateWriter::new();
+        let cpuid = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(c("KVM_GET_CPUID2"))?;
+        let mut bytes = Vec::new();
+        for e in cpuid.as_slice() {
+            bytes.extend_from_slice(e.as_bytes());
+        }
+        w.put(CPU_CPUID, &bytes)?;
+        w.put(
+            CPU_MP_STATE,
+            fd.get_mp_state().map_err(c("KVM_GET_MP_STATE"))?.as_bytes(),
+        )?;
+        w.put(
+            CPU_REGS,
+            fd.get_regs().map_err(c("KVM_GET_REGS"))?.as_bytes(),
+        )?;
+        w.put(
+            CPU_SREGS,
+            fd.get_sregs().map_err(c("KVM_GET_SREGS"))?.as_bytes(),
+        )?;
+        w.put(
+            CPU_XSAVE,
+            fd.get_xsave().map_err(c("KVM_GET_XSAVE"))?.as_bytes(),
+        )?;
+        w.put(
+            CPU_XCRS,
+            fd.get_xcrs().map_err(c("KVM_GET_XCRS"))?.as_bytes(),
+        )?;
+        w.put(
+            CPU_DEBUGREGS,
+            fd.get_debug_regs()
+                .map_err(c("KVM_GET_DEBUGREGS"))?
+                .as_bytes(),
+        )?;
+        w.put(
+            CPU_LAPIC,
+            fd.get_lapic().map_err(c("KVM_GET_LAPIC"))?.as_bytes(),
+        )?;
+        let mut bytes = Vec::new();
+        for e in self.read_msrs()? {
+            bytes.extend_from_slice(e.as_bytes());
+        }
+        w.put(CPU_MSRS, &bytes)?;
+        w.put(
+            CPU_EVENTS,
+            fd.get_vcpu_events()
+                .map_err(c("KVM_GET_VCPU_EVENTS"))?
+                .as_bytes(),
+        )?;
+        if let Ok(khz) = fd.get_tsc_khz() {
+            w.put(CPU_TSC_KHZ, &khz.to_le_bytes())?;
+        }
+        Ok(w.finish())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<()> {
+        self.check_xsave_fits()?;
+        let r = StateReader::parse(state)?;
+        let cpuid: Vec<kvm_cpuid_entry2> = pods(r.need(CPU_CPUID, "CPUID")?, "CPUID")?;
+        let mp: kvm_mp_state = pod(r.need(CPU_MP_STATE, "MP state")?, "MP state")?;
+        let regs: kvm_regs = pod(r.need(CPU_REGS, "registers")?, "registers")?;
+        let sregs: kvm_sregs = pod(r.need(CPU_SREGS, "special registers")?, "sregs")?;
+        let xsave: kvm_xsave = pod(r.need(CPU_XSAVE, "XSAVE area")?, "XSAVE area")?;
+        let xcrs: kvm_xcrs = pod(r.need(CPU_XCRS, "XCRs")?, "XCRs")?;
+        let dregs: kvm_debugregs = pod(r.need(CPU_DEBUGREGS, "debug registers")?, "debugregs")?;
+        let lapic: kvm_lapic_state = pod(r.need(CPU_LAPIC, "local APIC")?, "local APIC")?;
+        let msrs: Vec<kvm_msr_entry> = pods(r.need(CPU_MSRS, "MSRs")?, "MSRs")?;
+        let events: kvm_vcpu_events = pod(r.need(CPU_EVENTS, "vCPU events")?, "events")?;
+        let fd = &self.fd;
+        let c = |call: &'static str| move |e: kvm_ioctls::Error| Error::call(call, errno(e));
+        if let Some(b) = r.get(CPU_TSC_KHZ) {
+            let saved = u32::from_le_bytes(
+                b.try_into()
+                    .map_err(|_| Error::BadState("TSC frequency: not 4 bytes".into()))?,
+            );
+            // A different host TSC frequency needs TSC scaling; without it the guest's
+            // clocks would run at the wrong speed, so the restore fails instead.
+            if fd.get_tsc_khz().ok() != Some(saved) {
+                fd.set_tsc_khz(saved).map_err(c("KVM_SET_TSC_KHZ"))?;
+            }
+        }
+        let cpuid = CpuId::from_entries(&cpuid)
+            .map_err(|e| Error::BadState(format!("too many CPUID leaves: {e:?}")))?;
+        fd.set_cpuid2(&cpuid).map_err(c("KVM_SET_CPUID2"))?;
+        fd.set_mp_state(mp).map_err(c("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&regs).map_err(c("KVM_SET_REGS"))?;
+        fd.set_sregs(&sregs).map_err(c("KVM_SET_SREGS"))?;
+        // SAFETY: `check_xsave_fits` confirmed that this vCPU's XSAVE area (KVM_CAP_XSAVE2)
+        // is no larger than `kvm_xsave`, so KVM reads only inside the structure.
+        unsafe { fd.set_xsave(&xsave) }.map_err(c("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&xcrs).map_err(c("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&dregs).map_err(c("KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&lapic).map_err(c("KVM_SET_LAPIC"))?;
+        for chunk in msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+            let list = Msrs::from_entries(chunk)
+                .map_err(|e| Error::BadState(format!("MSR list: {e:?}")))?;
+            let n = fd.set_msrs(&list).map_err(c("KVM_SET_MSRS"))?;
+            if n < chunk.len() {
+                return Err(Error::BadState(format!(
+                    "KVM refused MSR {:#x} of the saved state",
+                    chunk[n].index
+                )));
+            }
+        }
+        fd.set_vcpu_events(&events)
+            .map_err(c("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+}
+
+impl KvmVcpu {
+    /// Snapshots use the 4 KiB `kvm_xsave`; a host whose XSAVE area is larger (AMX) would need
+    /// KVM_GET_XSAVE2, which this backend does not use yet.
+    fn check_xsave_fits(&self) -> Result<()> {
+        let size = self.kvm.check_extension_int(kvm_ioctls::Cap::Xsave2);
+        if usize::try_from(size).unwrap_or(0) > std::mem::size_of::<kvm_xsave>() {
+            return Err(Error::Unsupported(format!(
+                "snapshots of vCPUs with a {size}-byte XSAVE area (AMX hosts)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every MSR KVM lists for saving (KVM_GET_MSR_INDEX_LIST) that this vCPU can read; an
+    /// MSR the vCPU does not have (its CPUID lacks the feature) is left out.
+    fn read_msrs(&self) -> Result<Vec<kvm_msr_entry>> {
+        let list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(|e| Error::call("KVM_GET_MSR_INDEX_LIST", errno(e)))?;
+        let indices = list.as_slice();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < indices.len() {
+            let end = (i + KVM_MAX_MSR_ENTRIES).min(indices.len());
+            let entries: Vec<kvm_msr_entry> = indices[i..end]
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries)
+                .map_err(|e| Error::Unsupported(format!("MSR list: {e:?}")))?;
+            let n = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(|e| Error::call("KVM_GET_MSRS", errno(e)))?;
+            out.extend_from_slice(&msrs.as_slice()[..n.min(entries.len())]);
+            // KVM stops at the first MSR it cannot read: skip that one.
+            i += n + usize::from(n < entries.len());
+        }
+        Ok(out)
     }
 }
 

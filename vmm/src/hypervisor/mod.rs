@@ -14,6 +14,7 @@
 //! Hypervisor.framework on macOS.
 
 pub mod aarch64;
+pub mod state;
 pub mod x86_64;
 
 #[cfg(target_os = "macos")]
@@ -30,6 +31,17 @@ pub type Backend = kvm::Kvm;
 /// The backend for this target OS.
 #[cfg(target_os = "macos")]
 pub type Backend = hvf::Hvf;
+
+/// Names the backend and architecture whose state blobs this build reads and writes (a
+/// snapshot records it; one made by another backend is refused).
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub const BACKEND_NAME: &str = "kvm-x86_64";
+/// Names the backend and architecture whose state blobs this build reads and writes.
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+pub const BACKEND_NAME: &str = "kvm-aarch64";
+/// Names the backend and architecture whose state blobs this build reads and writes.
+#[cfg(target_os = "macos")]
+pub const BACKEND_NAME: &str = "hvf-aarch64";
 
 /// Errors of the hypervisor layer.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +71,9 @@ pub enum Error {
     /// The hypervisor reported something this layer does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A saved state blob is malformed or does not fit this VM.
+    #[error("bad saved state: {0}")]
+    BadState(String),
 }
 
 impl Error {
@@ -166,6 +181,12 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
         self.set_irq_line(irq, true)?;
         self.set_irq_line(irq, false)
     }
+    /// Saves the VM-wide state the hypervisor keeps (clock, in-kernel interrupt controllers
+    /// and timers) as an opaque blob of this backend ([`BACKEND_NAME`]). Call it while no vCPU
+    /// is in the guest.
+    fn save_state(&self) -> Result<Vec<u8>>;
+    /// Restores a blob from [`Vm::save_state`] into a new VM, before its vCPUs exist.
+    fn restore_state(&self, state: &[u8]) -> Result<()>;
 }
 
 /// A virtual CPU.
@@ -178,4 +199,11 @@ pub trait Vcpu: Send {
     fn handle_mmio(&mut self, f: &mut dyn FnMut(Access<'_>)) -> Result<()>;
     /// A handle another thread uses to interrupt `run`.
     fn kicker(&self) -> std::sync::Arc<dyn VcpuKicker>;
+    /// Saves everything the hypervisor keeps for this vCPU (registers, FPU/XSAVE, MSRs,
+    /// local interrupt controller, pending events, run state) as an opaque blob. Call it on
+    /// the vCPU's own thread, outside the guest.
+    fn save_state(&self) -> Result<Vec<u8>>;
+    /// Restores a blob from [`Vcpu::save_state`] into a new vCPU that has not run yet (instead
+    /// of the boot configuration), after [`Vm::restore_state`].
+    fn restore_state(&mut self, state: &[u8]) -> Result<()>;
 }
