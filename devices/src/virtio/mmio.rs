@@ -6,7 +6,7 @@
 //! DRIVER_OK sets DEVICE_NEEDS_RESET, and unknown offsets or access sizes are ignored.
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{status, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::{BusDevice, IrqTrigger};
@@ -66,7 +66,13 @@ pub enum Error {
     /// The device offers no queue or does not offer VIRTIO_F_VERSION_1.
     #[error("device is not a modern virtio device (no queues or no VIRTIO_F_VERSION_1)")]
     NotModern,
+    /// A saved transport state does not fit this device or is damaged.
+    #[error("cannot restore the virtio-mmio transport: {0}")]
+    BadState(String),
 }
+
+/// Version of [`MmioTransport::save_state`]'s layout.
+const SAVE_VERSION: u8 = 1;
 
 /// Per-queue driver-written configuration.
 #[derive(Debug, Clone, Copy, Default)]
@@ -171,6 +177,128 @@ impl MmioTransport {
     /// The device status register's value.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// The driver-visible state of the transport, for a snapshot taken while no vCPU runs and
+    /// the device is idle (every chain it took from a queue was returned).
+    ///
+    /// Layout (little endian): version 1 (u8), status, driver features (u64), device and
+    /// driver feature selectors, queue selector, config generation, activated (u8),
+    /// InterruptStatus, queue count, then per queue size (u16), ready (u8) and the three ring
+    /// addresses (u64). Queue positions are not stored: they are the used rings' indices in
+    /// guest memory (see [`MmioTransport::restore`]).
+    pub fn save_state(&self) -> Vec<u8> {
+        let mut o = vec![SAVE_VERSION];
+        o.extend_from_slice(&self.status.to_le_bytes());
+        o.extend_from_slice(&self.driver_features.to_le_bytes());
+        o.extend_from_slice(&self.device_features_sel.to_le_bytes());
+        o.extend_from_slice(&self.driver_features_sel.to_le_bytes());
+        o.extend_from_slice(&self.queue_sel.to_le_bytes());
+        o.extend_from_slice(&self.config_generation.to_le_bytes());
+        o.push(u8::from(self.activated));
+        o.extend_from_slice(&self.interrupt.status().to_le_bytes());
+        o.extend_from_slice(&(self.queues.len() as u32).to_le_bytes());
+        for q in &self.queues {
+            o.extend_from_slice(&q.size.to_le_bytes());
+            o.push(u8::from(q.ready));
+            o.extend_from_slice(&q.desc.to_le_bytes());
+            o.extend_from_slice(&q.driver.to_le_bytes());
+            o.extend_from_slice(&q.device.to_le_bytes());
+        }
+        o
+    }
+
+    /// A transport for `device` in the state [`MmioTransport::save_state`] saved, in a VM
+    /// restored with its memory `mem`. An activated one activates `device` again with its
+    /// queues where the driver left them: the device had returned every chain it took, so
+    /// both the next available and the next used position are the used ring's index. A
+    /// pending InterruptStatus is raised again.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irq: IrqTrigger,
+        state: &[u8],
+    ) -> Result<Self, Error> {
+        let bad = |why: &str| Error::BadState(why.to_string());
+        let mut t = MmioTransport::new(device, mem, irq)?;
+        let mut r = state;
+        let mut take = |n: usize| -> Result<&[u8], Error> {
+            if r.len() < n {
+                return Err(bad("the saved transport state is truncated"));
+            }
+            let (h, rest) = r.split_at(n);
+            r = rest;
+            Ok(h)
+        };
+        let u32_at = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let u64_at = |b: &[u8]| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[..8]);
+            u64::from_le_bytes(a)
+        };
+        if take(1)?[0] != SAVE_VERSION {
+            return Err(bad("the saved transport state has another version"));
+        }
+        t.status = u32_at(take(4)?);
+        t.driver_features = u64_at(take(8)?);
+        t.device_features_sel = u32_at(take(4)?);
+        t.driver_features_sel = u32_at(take(4)?);
+        t.queue_sel = u32_at(take(4)?);
+        t.config_generation = u32_at(take(4)?);
+        let activated = take(1)?[0] != 0;
+        let interrupt_status = u32_at(take(4)?);
+        if u32_at(take(4)?) as usize != t.queues.len() {
+            return Err(bad("the saved transport has another number of queues"));
+        }
+        for i in 0..t.queues.len() {
+            let b = take(2 + 1 + 24)?;
+            let q = &mut t.queues[i];
+            q.size = u16::from_le_bytes([b[0], b[1]]);
+            q.ready = b[2] != 0;
+            q.desc = u64_at(&b[3..]);
+            q.driver = u64_at(&b[11..]);
+            q.device = u64_at(&b[19..]);
+        }
+        drop(take);
+        if !r.is_empty() {
+            return Err(bad("the saved transport state has trailing bytes"));
+        }
+        if activated {
+            if t.status & status::DRIVER_OK == 0 {
+                return Err(bad("an activated transport without DRIVER_OK"));
+            }
+            let mut queues = Vec::with_capacity(t.queues.len());
+            for qc in &t.queues {
+                let mut q = qc
+                    .ready
+                    .then(|| qc.build(&t.mem))
+                    .flatten()
+                    .ok_or_else(|| bad("an activated transport with an invalid queue"))?;
+                // The used ring: flags (u16), then idx (u16).
+                let idx: u16 = t
+                    .mem
+                    .read_obj(GuestAddress(qc.device.wrapping_add(2)))
+                    .map_err(|_| bad("a used ring outside guest memory"))?;
+                q.set_next_avail(idx);
+                q.set_next_used(idx);
+                queues.push(q);
+            }
+            t.device.ack_features(t.driver_features);
+            t.device
+                .activate(t.mem.clone(), queues, t.interrupt.clone())
+                .map_err(|e| Error::BadState(format!("the device did not restart: {e}")))?;
+            t.activated = true;
+        }
+        if interrupt_status != 0 {
+            // The guest had not acknowledged it yet: raise it again (a second edge is harmless).
+            if interrupt_status & super::INT_USED_RING != 0 {
+                t.interrupt.signal_used_queue();
+            }
+            if interrupt_status & super::INT_CONFIG != 0 {
+                t.interrupt.signal_config_change();
+            }
+        }
+        Ok(t)
     }
 
     /// Whether the device was activated (DRIVER_OK with a valid setup).
@@ -410,6 +538,8 @@ mod tests {
     struct Log {
         events: Vec<String>,
         interrupt: Option<VirtioInterrupt>,
+        /// (next avail, next used) of each queue at the last activation.
+        positions: Vec<(u16, u16)>,
     }
 
     struct Fake(Arc<Mutex<Log>>);
@@ -442,6 +572,10 @@ mod tests {
             let mut l = self.0.lock().unwrap();
             let sizes: Vec<u16> = queues.iter().map(|q| q.size()).collect();
             l.events.push(format!("activate {sizes:?}"));
+            l.positions = queues
+                .iter()
+                .map(|q| (q.next_avail(), q.next_used()))
+                .collect();
             l.interrupt = Some(interrupt);
             Ok(())
         }
@@ -472,12 +606,16 @@ mod tests {
     }
 
     fn setup() -> (MmioTransport, Arc<Mutex<Log>>, Arc<Mutex<u32>>) {
+        setup_on(mem())
+    }
+
+    fn setup_on(m: GuestMemoryMmap) -> (MmioTransport, Arc<Mutex<Log>>, Arc<Mutex<u32>>) {
         let log = Arc::new(Mutex::new(Log::default()));
         let irqs = Arc::new(Mutex::new(0));
         let i2 = irqs.clone();
         let t = MmioTransport::new(
             Box::new(Fake(log.clone())),
-            mem(),
+            m,
             IrqTrigger::new(move || *i2.lock().unwrap() += 1),
         )
         .unwrap();
@@ -523,6 +661,69 @@ mod tests {
         // The device can be probed again after a reset.
         MockDriver::probe(&mut t, mem(), 2, 4).unwrap();
         assert!(t.is_activated());
+    }
+
+    #[test]
+    fn save_and_restore_reactivate_the_device_where_the_driver_left_it() {
+        let m = mem();
+        let (mut t, _, _) = setup_on(m.clone());
+        let drv = MockDriver::probe(&mut t, m.clone(), 2, 256).unwrap();
+        // The device had used 5 chains of queue 0 and 3 of queue 1 (the rings' idx fields).
+        m.write_obj(5u16, GuestAddress(drv.queues[0].used + 2))
+            .unwrap();
+        m.write_obj(3u16, GuestAddress(drv.queues[1].used + 2))
+            .unwrap();
+        t.interrupt().signal_used_queue();
+        let saved = t.save_state();
+        let (log2, irqs2) = (
+            Arc::new(Mutex::new(Log::default())),
+            Arc::new(Mutex::new(0)),
+        );
+        let i2 = irqs2.clone();
+        let mut r = MmioTransport::restore(
+            Box::new(Fake(log2.clone())),
+            m.clone(),
+            IrqTrigger::new(move || *i2.lock().unwrap() += 1),
+            &saved,
+        )
+        .unwrap();
+        assert!(r.is_activated());
+        assert_eq!(rd(&mut r, 0x70), 0xf);
+        assert_eq!(
+            rd(&mut r, 0x60),
+            1,
+            "the unacknowledged interrupt is pending again"
+        );
+        assert_eq!(*irqs2.lock().unwrap(), 1, "and raised again");
+        let l = log2.lock().unwrap();
+        assert_eq!(l.events, vec!["ack 0x100000000", "activate [16, 8]"]);
+        assert_eq!(l.positions, vec![(5, 5), (3, 3)]);
+        drop(l);
+        assert_eq!(
+            r.save_state(),
+            saved,
+            "a restored transport saves the same state"
+        );
+        // Damaged states: every truncation, trailing bytes, another queue count.
+        for cut in 0..saved.len() {
+            let (dev, _) = (Box::new(Fake(Arc::new(Mutex::new(Log::default())))), ());
+            assert!(
+                MmioTransport::restore(dev, m.clone(), IrqTrigger::new(|| {}), &saved[..cut])
+                    .is_err()
+            );
+        }
+        let mut long = saved.clone();
+        long.push(0);
+        let dev = Box::new(Fake(Arc::new(Mutex::new(Log::default()))));
+        assert!(MmioTransport::restore(dev, m.clone(), IrqTrigger::new(|| {}), &long).is_err());
+        // A used ring outside guest memory (a hostile or damaged snapshot).
+        let (mut t2, _, _) = setup_on(m.clone());
+        MockDriver::probe(&mut t2, m.clone(), 2, 256).unwrap();
+        let mut st = t2.save_state();
+        let q0_device = 1 + 4 + 8 + 4 * 4 + 1 + 4 + 4 + 2 + 1 + 16;
+        st[q0_device..q0_device + 8].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+        let dev = Box::new(Fake(Arc::new(Mutex::new(Log::default()))));
+        assert!(MmioTransport::restore(dev, m, IrqTrigger::new(|| {}), &st).is_err());
     }
 
     #[test]

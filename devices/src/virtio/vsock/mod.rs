@@ -81,6 +81,7 @@ const MAX_ORPHAN_RST: usize = 2 * MAX_CONNECTIONS;
 const TX_BUDGET: usize = 256;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
+const EVQ: usize = 2;
 const LISTENER_TOKEN: usize = 0;
 
 /// Errors of the vsock device.
@@ -166,6 +167,15 @@ impl Vsock {
     /// The guest CID.
     pub fn cid(&self) -> u64 {
         self.cid
+    }
+
+    /// Tells the guest that every connection it had is gone
+    /// (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue; virtio 1.2 §5.10.6.6): what a
+    /// VM restored from a snapshot gets, since the host side of its connections did not
+    /// survive. Sent once the device is active and the guest has an event buffer posted.
+    pub fn send_transport_reset(&self) {
+        lock(&self.shared).transport_reset_pending = true;
+        self.wake.wake();
     }
 
     /// Number of open connections (host clients in handshake included).
@@ -487,6 +497,8 @@ struct Backend {
     listener: UnixListener,
     active: Option<Active>,
     reset_pending: bool,
+    /// A VIRTIO_VSOCK_EVENT_TRANSPORT_RESET waits for an event-queue buffer.
+    transport_reset_pending: bool,
     self_wake: Option<WakeHandle>,
     conns: HashMap<ConnKey, Conn>,
     by_token: HashMap<usize, ConnKey>,
@@ -527,6 +539,7 @@ impl Backend {
             listener,
             active: None,
             reset_pending: false,
+            transport_reset_pending: false,
             self_wake: None,
             conns: HashMap::new(),
             by_token: HashMap::new(),
@@ -997,9 +1010,14 @@ impl Backend {
         let Some(mut act) = self.active.take() else {
             return;
         };
+        let mut notify = false;
+        if self.transport_reset_pending {
+            let (sent, n) = send_transport_reset(&mut act);
+            self.transport_reset_pending = !sent;
+            notify |= n;
+        }
         let (tx_used, more) = self.process_tx(ctl, &mut act);
         let rx_used = self.process_rx(ctl, &mut act);
-        let mut notify = false;
         for (q, used) in [(TXQ, tx_used), (RXQ, rx_used)] {
             if used {
                 if let Some(queue) = act.queues.get_mut(q) {
@@ -1049,6 +1067,41 @@ impl Backend {
             self.kill(ctl, k, true);
         }
     }
+}
+
+/// Writes one TRANSPORT_RESET event (`le32 id = 0`) into the next usable event-queue buffer
+/// (unusable ones are returned empty). Returns whether it was sent and whether to interrupt.
+fn send_transport_reset(act: &mut Active) -> (bool, bool) {
+    const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+    let Active { mem, queues, .. } = act;
+    let Some(evq) = queues.get_mut(EVQ) else {
+        return (false, false);
+    };
+    let mut used = false;
+    let mut sent = false;
+    // Bounded by the queue size: each round consumes one chain.
+    for _ in 0..QUEUE_SIZE {
+        let Some(chain) = evq.pop_descriptor_chain(&*mem) else {
+            break;
+        };
+        let head = chain.head_index();
+        let len = match Writer::new(&*mem, chain) {
+            Ok(mut w) if w.available_bytes() >= 4 => w
+                .write_all(&VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes())
+                .map_or(0, |_| 4),
+            _ => 0,
+        };
+        if evq.add_used(&*mem, head, len).is_err() {
+            break;
+        }
+        used = true;
+        if len == 4 {
+            sent = true;
+            break;
+        }
+    }
+    let notify = used && evq.needs_notification(&*mem).unwrap_or(true);
+    (sent, notify)
 }
 
 /// The backend's face on the event loop.

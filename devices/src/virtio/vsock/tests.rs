@@ -428,3 +428,37 @@ fn parse_connect_lines() {
     assert_eq!(parse_connect(b"CONNECT 99999999999"), None);
     assert_eq!(parse_connect(b"connect 1"), None);
 }
+
+#[test]
+fn transport_reset_goes_into_the_next_usable_event_buffer() {
+    let mut h = Harness::new();
+    lock(&h.shared).transport_reset_pending = true;
+    h.pump();
+    assert!(
+        h.drv.take_used(2).unwrap().is_empty(),
+        "no event buffer yet"
+    );
+    assert!(lock(&h.shared).transport_reset_pending, "still waiting");
+    let irq0 = h.irqs.load(Ordering::Relaxed);
+    h.drv.add_writable(2, &[2]).unwrap(); // too small: returned empty
+    h.drv.add_writable(2, &[8]).unwrap();
+    h.drv.add_writable(2, &[8]).unwrap(); // left for later events
+    h.notify(2);
+    h.pump();
+    let used = h.drv.take_used(2).unwrap();
+    assert_eq!(used.len(), 2, "{used:?}");
+    assert_eq!(used[0].1, 0);
+    assert_eq!(used[1].1, 4);
+    assert_eq!(
+        &used[1].2[..4],
+        &[0, 0, 0, 0],
+        "id 0 = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
+    );
+    assert!(!lock(&h.shared).transport_reset_pending);
+    assert!(
+        h.irqs.load(Ordering::Relaxed) > irq0,
+        "the guest is interrupted"
+    );
+    h.pump();
+    assert!(h.drv.take_used(2).unwrap().is_empty(), "sent once");
+}
