@@ -7,4 +7,4 @@ pub mod net;
 pub mod runtime;
 pub mod sys;
 
-pub use runtime::{serve_connection, Agent, Config, Dialer};
+pub use runtime::{serve_connection, serve_connection_tracked, Agent, Config, Dialer, Served};

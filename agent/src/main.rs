@@ -10,6 +10,11 @@
 //! - `skiff.agent=serve`: dial the host on vsock port 1024 (CID 2), send Hello and serve the
 //!   control protocol (`skiff-protocol`); reboot (RB_AUTOBOOT) when the host sends Shutdown or
 //!   the control connection closes.
+//! - `skiff.template=1` (with `serve`): the VM is being made into a template. Once up, the
+//!   agent writes 200 to the boot timer (the VMM then saves the VM and ends it) and dials the
+//!   host until it answers, every millisecond for at most 10 minutes of guest time. Nobody
+//!   listens while the template is made; a VM restored from it goes on dialing, and its host
+//!   (which does listen) gets the connection at once. The host then sends `Reseed`.
 
 use skiff_agent::sys;
 
@@ -58,9 +63,17 @@ fn main() {
     }
 }
 
+/// The boot-timer value that asks the VMM to save a template (`vmm --snapshot-on-stamp`).
+const TEMPLATE_STAMP: u8 = 200;
+
 /// Dials the host's control port and serves until Shutdown or disconnect.
 fn serve(agent_start: u64) {
     use skiff_protocol::{CONTROL_PORT, HOST_CID};
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.split_whitespace().any(|w| w == "skiff.template=1") {
+        serve_template(agent_start);
+        return;
+    }
     let conn = match sys::vsock_connect(HOST_CID, CONTROL_PORT) {
         Ok(c) => c,
         Err(e) => {
@@ -76,5 +89,49 @@ fn serve(agent_start: u64) {
     match skiff_agent::serve_connection(conn, dialer, skiff_agent::Config::detect(true), stamps) {
         Ok(end) => println!("SKIFF-AGENT: control connection ended ({end:?})"),
         Err(e) => eprintln!("SKIFF-AGENT: control connection failed: {e}"),
+    }
+}
+
+/// Template mode (see the module docs): asks for the snapshot, then dials until a host
+/// answers, and dials again while a connection dies before the host sent anything (the
+/// vsock transport reset of a restored VM can end the first one). At most 10 minutes of guest
+/// time and a million connection attempts.
+fn serve_template(agent_start: u64) {
+    use skiff_protocol::{CONTROL_PORT, HOST_CID};
+    if let Err(e) = sys::boot_timer_stamp(TEMPLATE_STAMP) {
+        eprintln!("SKIFF-AGENT: boot timer: {e}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    for _ in 0..1_000_000 {
+        let conn = match sys::vsock_connect(HOST_CID, CONTROL_PORT) {
+            Ok(c) => c,
+            Err(e) if std::time::Instant::now() >= deadline => {
+                eprintln!("SKIFF-AGENT: no host on vsock port {CONTROL_PORT} in 10 min: {e}");
+                return;
+            }
+            Err(_) => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+        };
+        let stamps = vec![
+            ("agent_start".to_string(), agent_start),
+            ("control_connected".to_string(), sys::boottime_us()),
+        ];
+        let dialer = Box::new(|port: u32| sys::vsock_connect(HOST_CID, port));
+        let served = skiff_agent::serve_connection_tracked(
+            conn,
+            dialer,
+            skiff_agent::Config::detect(true),
+            stamps,
+        );
+        if !served.any_request && std::time::Instant::now() < deadline {
+            continue;
+        }
+        match served.end {
+            Ok(end) => println!("SKIFF-AGENT: control connection ended ({end:?})"),
+            Err(e) => eprintln!("SKIFF-AGENT: control connection failed: {e}"),
+        }
+        return;
     }
 }

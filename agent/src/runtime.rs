@@ -1054,10 +1054,24 @@ impl Handler for Agent {
                 read_only,
             } => mount_share(&tag, &target, read_only),
             Request::ConfigureNetwork(cfg) => self.configure_network(&cfg),
+            Request::Reseed {
+                entropy,
+                unix_time_ns,
+            } => reseed(&entropy, unix_time_ns),
             Request::Shutdown => Ok(Response::Ok),
         };
         reply.send(r);
     }
+}
+
+/// `Reseed`: fresh entropy into the CRNG, the wall clock set to the host's.
+fn reseed(entropy: &[u8], unix_time_ns: u64) -> Result<Response, ErrorReply> {
+    let code = |e: &std::io::Error| e.raw_os_error().unwrap_or(libc::EIO);
+    crate::sys::add_entropy_and_reseed(entropy)
+        .map_err(|e| err(code(&e), format!("reseeding the random generator: {e}")))?;
+    crate::sys::set_realtime(unix_time_ns)
+        .map_err(|e| err(code(&e), format!("setting the clock: {e}")))?;
+    Ok(Response::Ok)
 }
 
 /// Mounts virtio-fs share `tag` at `target` (created if missing).
@@ -1105,6 +1119,48 @@ fn raise_readahead(target: &Path) {
     let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
     if let Err(e) = std::fs::write(&knob, VIRTIOFS_READAHEAD_KB.to_string()) {
         eprintln!("SKIFF-AGENT: {knob}: {e} (keeping the default read-ahead)");
+    }
+}
+
+/// How a control connection ended, and whether the host sent any request on it.
+#[derive(Debug)]
+pub struct Served {
+    /// What [`skiff_protocol::serve`] returned.
+    pub end: Result<skiff_protocol::ServeEnd, skiff_protocol::FrameError>,
+    /// Whether at least one request arrived.
+    pub any_request: bool,
+}
+
+/// Like [`serve_connection`], also telling whether the host sent any request: a VM restored
+/// from a template re-dials when its first connection dies before the host used it.
+pub fn serve_connection_tracked(
+    conn: UnixStream,
+    dialer: Box<dyn Dialer>,
+    config: Config,
+    boot_stamps: Vec<(String, u64)>,
+) -> Served {
+    struct Tracking<'a> {
+        inner: &'a Agent,
+        seen: std::sync::atomic::AtomicBool,
+    }
+    impl Handler for Tracking<'_> {
+        fn handle(&self, request: Request, reply: skiff_protocol::Replier) {
+            self.seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.inner.handle(request, reply);
+        }
+    }
+    let agent = Agent::new(dialer, config);
+    let t = Tracking {
+        inner: &agent,
+        seen: false.into(),
+    };
+    let end = match conn.try_clone() {
+        Ok(w) => skiff_protocol::serve(conn, w, hello(boot_stamps), &t),
+        Err(e) => Err(e.into()),
+    };
+    Served {
+        end,
+        any_request: t.seen.load(std::sync::atomic::Ordering::SeqCst),
     }
 }
 

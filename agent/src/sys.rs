@@ -68,6 +68,49 @@ pub fn boot_timer_stamp(_value: u8) -> io::Result<()> {
     ))
 }
 
+/// Mixes `bytes` into the kernel's entropy pool, crediting them as entropy (RNDADDENTROPY),
+/// then has the CRNG reseed from it at once (RNDRESEEDCRNG): a VM restored from a snapshot
+/// stops producing the same random numbers as its siblings. Needs CAP_SYS_ADMIN (PID 1 has it).
+pub fn add_entropy_and_reseed(bytes: &[u8]) -> io::Result<()> {
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let n = i32::try_from(bytes.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too much entropy"))?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&(n.saturating_mul(8)).to_ne_bytes());
+    info.extend_from_slice(&n.to_ne_bytes());
+    info.extend_from_slice(bytes);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // SAFETY: `info` is a complete rand_pool_info (two ints, then `buf_size` bytes) that lives
+    // across the call; the kernel only reads it.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _, 0) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the wall clock (CLOCK_REALTIME) to `unix_time_ns`.
+pub fn set_realtime(unix_time_ns: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (unix_time_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (unix_time_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec for the duration of the call.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Flushes filesystem buffers.
 pub fn sync() {
     // SAFETY: sync has no preconditions.

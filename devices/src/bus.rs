@@ -10,6 +10,10 @@ pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     /// The guest writes `data` at `offset` from the device's base.
     fn write(&mut self, offset: u64, data: &[u8]);
+    /// The device's state for a snapshot, if it can be saved (virtio-mmio transports).
+    fn save_state(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// Errors building a bus.

@@ -114,9 +114,28 @@ impl SerialConsole {
             sink,
             seen: false.into(),
         };
-        Serial::from_state(&st, irq, events, out)
+        let pulse = irq.clone();
+        let mut dev = Serial::from_state(&st, irq, events, out)
             .ok()
-            .map(|inner| SerialConsole { inner })
+            .map(|inner| SerialConsole { inner })?;
+        // The interrupt edge of a pending condition may have been in flight when the VM was
+        // saved: raise it again, or a driver waiting for "transmitter empty" waits forever
+        // (a spurious interrupt is harmless: the driver reads IIR and finds nothing).
+        const IER: u8 = 1;
+        const IER_THR_EMPTY: u8 = 0x02;
+        const IIR_THR_EMPTY: u8 = 0x02;
+        const IIR_NONE: u8 = 0x01;
+        const LCR_DLAB: u8 = 0x80;
+        let thr_armed = st.interrupt_enable & IER_THR_EMPTY != 0
+            && st.interrupt_identification & IIR_THR_EMPTY == 0
+            && st.line_control & LCR_DLAB == 0;
+        if thr_armed {
+            // Rewriting IER raises "transmitter empty" as a real 16550 does.
+            let _ = dev.inner.write(IER, st.interrupt_enable);
+        } else if st.interrupt_identification & IIR_NONE == 0 {
+            pulse.trigger();
+        }
+        Some(dev)
     }
 }
 

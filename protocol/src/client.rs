@@ -425,6 +425,15 @@ impl<W: Write + Send> Client<W> {
         expect_ok(self.call(Request::ConfigureNetwork(config.clone()))?)
     }
 
+    /// Reseeds the guest's random generator with `entropy` and sets its clock
+    /// ([`Request::Reseed`]): the first call to a VM restored from a snapshot.
+    pub fn reseed(&self, entropy: &[u8], unix_time_ns: u64) -> Result<(), ClientError> {
+        expect_ok(self.call(Request::Reseed {
+            entropy: entropy.to_vec(),
+            unix_time_ns,
+        })?)
+    }
+
     /// Asks the agent to power the VM off (it answers first).
     pub fn shutdown(&self) -> Result<(), ClientError> {
         expect_ok(self.call(Request::Shutdown)?)

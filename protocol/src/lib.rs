@@ -173,9 +173,19 @@ pub enum Request {
     /// files later containers get bind-mounted over theirs. A later request replaces the
     /// files; addresses and routes are added (replacing equal ones). Replies [`Response::Ok`].
     ConfigureNetwork(NetworkConfig),
+    /// Makes a VM restored from a snapshot its own machine: mixes `entropy` (fresh host
+    /// random bytes) into the guest's pool and reseeds its CRNG (`RNDADDENTROPY`,
+    /// `RNDRESEEDCRNG`), and sets the wall clock to `unix_time_ns`. Replies [`Response::Ok`].
+    Reseed {
+        entropy: Vec<u8>,
+        unix_time_ns: u64,
+    },
     /// The agent answers `Ok`, then powers the VM off.
     Shutdown,
 }
+
+/// Most bytes of entropy in one [`Request::Reseed`].
+pub const MAX_RESEED_BYTES: usize = 512;
 
 /// Most interfaces in one [`NetworkConfig`].
 pub const MAX_NET_INTERFACES: usize = 8;
@@ -512,6 +522,15 @@ pub fn validate(msg: &Message) -> Result<(), FrameError> {
             Ok(())
         }
         Request::ConfigureNetwork(n) => check_network(n),
+        Request::Reseed { entropy, .. } => {
+            if entropy.is_empty() || entropy.len() > MAX_RESEED_BYTES {
+                return Err(FrameError::Malformed(format!(
+                    "reseed with {} bytes of entropy (1..={MAX_RESEED_BYTES})",
+                    entropy.len()
+                )));
+            }
+            Ok(())
+        }
         Request::Shutdown => Ok(()),
     }
 }

@@ -13,7 +13,9 @@
 //! The file format is a TOML subset: `key = value` lines, `#` comments, integers and
 //! double-quoted strings. Keys: `kernel`, `initrd`, `cpus`, `memory_mib`, `agent_timeout_s`,
 //! `console_log`, `boot_slots` (how many VMs boot at once on the host, 0 = no limit; default
-//! `$SKIFF_BOOT_SLOTS`, else the number of CPUs: see `skiff_vmm::boot_slots`).
+//! `$SKIFF_BOOT_SLOTS`, else the number of CPUs: see `skiff_vmm::boot_slots`), `warm_start`
+//! (1, the default: restore VMs from a template, see `skiff_vmm::template`; 0: boot every VM
+//! cold; also `$SKIFF_WARM_START`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -62,6 +64,7 @@ pub struct VmSettings {
     pub agent_timeout: Duration,
     pub console: Option<PathBuf>,
     pub boot_slots: Option<usize>,
+    pub warm_start: bool,
 }
 
 impl Default for VmSettings {
@@ -74,6 +77,7 @@ impl Default for VmSettings {
             agent_timeout: Duration::from_secs(60),
             console: None,
             boot_slots: None,
+            warm_start: true,
         }
     }
 }
@@ -120,7 +124,11 @@ impl VmSettings {
         if let Some(v) = env("SKIFF_CONSOLE") {
             self.console = Some(v.into());
         }
-        for (var, key) in [("SKIFF_CPUS", "cpus"), ("SKIFF_MEMORY_MIB", "memory_mib")] {
+        for (var, key) in [
+            ("SKIFF_CPUS", "cpus"),
+            ("SKIFF_MEMORY_MIB", "memory_mib"),
+            ("SKIFF_WARM_START", "warm_start"),
+        ] {
             if let Some(v) = env(var) {
                 self.set(key, &v).map_err(|msg| Error::Syntax {
                     source_name: format!("environment {var}"),
@@ -190,9 +198,16 @@ impl VmSettings {
                 }
                 self.boot_slots = Some(n as usize);
             }
+            "warm_start" => {
+                self.warm_start = match value {
+                    "1" | "true" => true,
+                    "0" | "false" => false,
+                    _ => return Err(format!("warm_start must be 0 or 1, got {value:?}")),
+                }
+            }
             other => {
                 return Err(format!(
-                    "unknown key {other:?} (known: kernel, initrd, cpus, memory_mib, agent_timeout_s, console_log, boot_slots)"
+                    "unknown key {other:?} (known: kernel, initrd, cpus, memory_mib, agent_timeout_s, console_log, boot_slots, warm_start)"
                 ))
             }
         }

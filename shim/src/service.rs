@@ -549,6 +549,7 @@ impl TaskService {
             net: skiff_vmm::sandbox::SandboxNet::None,
             hostname: None,
             boot_slots: vm.boot_slots,
+            warm_start: vm.warm_start,
         })
         .map_err(|e| fail(rpc_err(Code::INTERNAL, format!("booting the VM: {e}"))))?;
         let sandbox = Arc::new(sandbox);

@@ -2,14 +2,12 @@
 //! devices crate): share specifications as the user writes them, and the device factory.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use skiff_devices::virtio::fs::ReadSink;
 use skiff_devices::virtio::fs::{Config, Ownership, Server};
 pub use skiff_devices::virtio::fs::{FdBudget, SharePolicy};
-use skiff_devices::virtio::mmio::MmioTransport;
 use skiff_devices::virtio::virtio_fs::{FuseHandler, VirtioFs};
-use skiff_devices::BusDevice;
 
 use crate::vm::MmioDeviceFactory;
 
@@ -100,9 +98,8 @@ pub fn create(share: &Share, budget: &FdBudget) -> Result<MmioDeviceFactory, Err
         tag: share.tag.clone(),
         msg: e.to_string(),
     })?;
-    Ok(Box::new(move |mem, irq| {
-        let t = MmioTransport::new(Box::new(dev), mem.clone(), irq).map_err(|e| e.to_string())?;
-        Ok(Arc::new(Mutex::new(t)) as Arc<Mutex<dyn BusDevice>>)
+    Ok(Box::new(move |mem, irq, saved| {
+        crate::vm::transport(Box::new(dev), mem, irq, saved)
     }))
 }
 

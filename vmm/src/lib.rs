@@ -16,6 +16,7 @@ pub mod seccomp;
 pub mod settings_file;
 pub mod snapshot;
 pub mod sys;
+pub mod template;
 pub mod timings;
 pub mod vm;
 pub mod vm_control;

@@ -146,6 +146,8 @@ enum Command {
     /// Run CMD as a container in a fresh VM, with this terminal's stdio, forwarded signals and
     /// CMD's exit status (125 when vmm run itself fails, 126/127 when CMD cannot be run).
     Run(RunArgs),
+    /// Manage the VM templates warm start restores (`vmm template ls`, `vmm template rm`).
+    Template(TemplateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -239,9 +241,30 @@ struct RunArgs {
     /// none. Default: $SKIFF_SECCOMP, else `on`.
     #[arg(long, value_enum, value_name = "MODE")]
     seccomp: Option<Seccomp>,
+    /// Boot the guest kernel instead of restoring a template. By default (warm start) the
+    /// VM is restored from a template: a snapshot of a VM whose agent was up, kept in
+    /// ~/.cache/skiff/templates per kernel, initramfs, vCPUs, memory, kernel arguments and
+    /// volume count, made by the first run that needs it. VMs with a network card
+    /// (--net other than none) boot cold for now. Also: SKIFF_WARM_START=0.
+    #[arg(long)]
+    cold: bool,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct TemplateArgs {
+    #[command(subcommand)]
+    action: TemplateAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum TemplateAction {
+    /// List the VM templates in the cache (directory, size on disk, what they hold).
+    Ls,
+    /// Remove every VM template (the next warm run makes a new one).
+    Rm,
 }
 
 fn main() -> ExitCode {
@@ -278,6 +301,41 @@ fn main() -> ExitCode {
         )
         .try_init();
 
+    if let Some(Command::Template(t)) = &cli.command {
+        return match t.action {
+            TemplateAction::Ls => {
+                let all = skiff_vmm::template::list();
+                if all.is_empty() {
+                    println!(
+                        "no templates in {}",
+                        skiff_vmm::template::templates_dir().display()
+                    );
+                }
+                for t in all {
+                    let what = match t.summary {
+                        Ok(s) => s,
+                        Err(e) => format!("unusable: {e}"),
+                    };
+                    println!(
+                        "{}  {:.1} MiB on disk  {what}",
+                        t.dir.display(),
+                        t.disk_bytes as f64 / 1048576.0
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            TemplateAction::Rm => match skiff_vmm::template::remove_all() {
+                Ok(n) => {
+                    println!("removed {n} template(s)");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vmm template rm: error: {e}");
+                    ExitCode::from(1)
+                }
+            },
+        };
+    }
     if let Some(Command::Run(r)) = cli.command {
         if let Some(m) = r.seccomp {
             seccomp::set_mode(m.into());
@@ -306,6 +364,8 @@ fn main() -> ExitCode {
             gateway: r.gateway,
             agent_timeout: std::time::Duration::from_secs(r.agent_timeout.max(1)),
             boot_slots: r.boot_slots,
+            cold: r.cold
+                || std::env::var("SKIFF_WARM_START").is_ok_and(|v| v == "0" || v == "false"),
             args: r.cmd,
         };
         return match run::run(&opts, Timings::new(start)) {
@@ -343,7 +403,7 @@ fn main() -> ExitCode {
             dir,
             stamp: cli.snapshot_on_stamp,
         }),
-        restore: cli.restore,
+        restore: cli.restore.map(vm::RestoreFrom::Dir),
     };
     let mut devices = Vec::new();
     let budget = fs_device::FdBudget::default();

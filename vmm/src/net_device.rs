@@ -4,13 +4,10 @@
 //! entry, which `vm::run_with_devices` adds for every device (the FDT on aarch64).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use skiff_devices::event_loop::{EventLoop, RunningLoop};
-use skiff_devices::virtio::mmio::MmioTransport;
 use skiff_devices::virtio::net::backend::NetBackend;
 use skiff_devices::virtio::net::{DgramBackend, Net, NetConfig, StreamBackend, TapBackend};
-use skiff_devices::BusDevice;
 
 use crate::vm::MmioDeviceFactory;
 
@@ -147,10 +144,8 @@ pub fn create_with_backend(
             eprintln!("net-probe: {}", probe.describe());
         });
     }
-    let factory: MmioDeviceFactory = Box::new(move |mem, irq| {
-        let t = MmioTransport::new(Box::new(net), mem.clone(), irq).map_err(|e| e.to_string())?;
-        Ok(Arc::new(Mutex::new(t)) as Arc<Mutex<dyn BusDevice>>)
-    });
+    let factory: MmioDeviceFactory =
+        Box::new(move |mem, irq, saved| crate::vm::transport(Box::new(net), mem, irq, saved));
     // Spawned from the caller's (unfiltered) thread: the loop installs the event-loop
     // seccomp allowlist (sockets, tap read/write, TUNSETOFFLOAD) before it serves the guest.
     let running = el

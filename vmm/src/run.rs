@@ -78,6 +78,8 @@ pub struct RunOptions {
     /// How long the agent may take to dial in.
     /// How many VMs may boot at once (see [`crate::boot_slots`]; `None`: the default).
     pub boot_slots: Option<usize>,
+    /// Boot the kernel even when a template could be restored (see `crate::template`).
+    pub cold: bool,
     pub agent_timeout: Duration,
     /// The command and its arguments.
     pub args: Vec<String>,
@@ -457,6 +459,7 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
         net,
         hostname: opts.hostname.clone(),
         boot_slots: opts.boot_slots,
+        warm_start: !opts.cold,
     })
     .map_err(|e| match e {
         sandbox::Error::Input(m) => Error::Input(m),

@@ -73,6 +73,10 @@ pub struct SandboxConfig {
     /// How many of this user's VMs may boot at once on the host (see [`crate::boot_slots`];
     /// 0 = no limit; default: `$SKIFF_BOOT_SLOTS`, else the number of CPUs).
     pub boot_slots: Option<usize>,
+    /// Warm start: restore the VM from a template ([`crate::template`]) instead of booting the
+    /// kernel, making the template first when there is none. VMs with a network card boot
+    /// cold for now; a damaged template gives one warning line and a cold boot.
+    pub warm_start: bool,
 }
 
 /// How the VM is networked.
@@ -212,19 +216,60 @@ impl Sandbox {
             .console
             .clone()
             .unwrap_or_else(|| dir.join("console.log"));
+        // Held until the agent is ready (the end of this function), so at most N VMs boot
+        // at once (making a template is a boot too); the agent's deadline starts once the
+        // slot is ours.
+        let slots = cfg
+            .boot_slots
+            .unwrap_or_else(crate::boot_slots::default_slots);
+        let _slot = match (slots, crate::boot_slots::dir()) {
+            (0, _) | (_, None) => None,
+            (n, Some(d)) => {
+                let s = crate::boot_slots::acquire(&d, n, crate::boot_slots::MAX_WAIT);
+                if s.waited() >= Duration::from_millis(1) {
+                    timings.mark(crate::timings::Phase::BootSlot);
+                }
+                Some(s)
+            }
+        };
+        let cmdline = std::iter::once(format!("{DEFAULT_CMDLINE} skiff.agent=serve"))
+            .chain(cfg.kernel_args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let restore = if cfg.warm_start && cfg.net == SandboxNet::None {
+            let spec = crate::template::TemplateSpec {
+                kernel: cfg.kernel.clone(),
+                initrd: cfg.initrd.clone(),
+                cpus: cfg.cpus,
+                memory_mib: cfg.memory_mib,
+                cmdline: cmdline.clone(),
+                tags: cfg.shares.iter().map(|s| s.share.tag.clone()).collect(),
+            };
+            match crate::template::find_or_make(&spec, cfg.agent_timeout) {
+                Ok(crate::template::Found::Ready(l)) => Some(l),
+                Ok(crate::template::Found::Made(l)) => {
+                    timings.mark(crate::timings::Phase::TemplateMade);
+                    Some(l)
+                }
+                Err(e) => {
+                    eprintln!("skiff: warning: no usable VM template ({e}); booting cold");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let restored = restore.is_some();
         let vm_cfg = VmConfig {
             kernel: cfg.kernel.clone(),
             initrd: Some(cfg.initrd.clone()),
-            cmdline: std::iter::once(format!("{DEFAULT_CMDLINE} skiff.agent=serve"))
-                .chain(cfg.kernel_args.iter().cloned())
-                .collect::<Vec<_>>()
-                .join(" "),
+            cmdline,
             cpus: cfg.cpus,
             memory_mib: cfg.memory_mib,
             serial: SerialOut::File(console.clone()),
             pit: vm::PitMode::Auto,
             snapshot: None,
-            restore: None,
+            restore: restore.map(vm::RestoreFrom::Loaded),
         };
         let (factory, events) = crate::vsock_device::create(&uds).map_err(Error::Vm)?;
         let mut devices = vec![factory];
@@ -273,21 +318,6 @@ impl Sandbox {
         // a host call waiting on the agent (Wait, stdio copies) ends instead of hanging.
         let events = Arc::new(Mutex::new(Some(events)));
         let vm_events = events.clone();
-        // Held until the agent is ready (the end of this function), so at most N VMs boot
-        // at once; the agent's deadline starts once the slot is ours.
-        let slots = cfg
-            .boot_slots
-            .unwrap_or_else(crate::boot_slots::default_slots);
-        let _slot = match (slots, crate::boot_slots::dir()) {
-            (0, _) | (_, None) => None,
-            (n, Some(d)) => {
-                let s = crate::boot_slots::acquire(&d, n, crate::boot_slots::MAX_WAIT);
-                if s.waited() >= Duration::from_millis(1) {
-                    timings.mark(crate::timings::Phase::BootSlot);
-                }
-                Some(s)
-            }
-        };
         let (vm_tx, vm_rx) = mpsc::channel();
         let vm_ctl = VmControl::new();
         let vm_control = vm_ctl.clone();
@@ -307,35 +337,65 @@ impl Sandbox {
             .set_nonblocking(true)
             .map_err(io_err("agent listener"))?;
         let deadline = Instant::now() + cfg.agent_timeout;
-        let stream = loop {
-            match control.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(io_err("accepting the agent")(e)),
+        // A restored guest's first connection can die in the vsock transport reset; its agent
+        // then dials again (see `crate::template`): accept again until the deadline.
+        let mut failed: Option<(&'static str, ClientError)> = None;
+        let (handshake, agent_ready) = loop {
+            let stream = loop {
+                match control.accept() {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(io_err("accepting the agent")(e)),
+                }
+                if let Ok(r) = vm_rx.try_recv() {
+                    let tail = console_tail(&console);
+                    return Err(Error::Vm(match r {
+                        Ok(res) => format!(
+                            "the VM ended ({:?}) before the agent connected; console:\n{tail}",
+                            res.exit
+                        ),
+                        Err(e) => format!("the VM failed: {e}"),
+                    }));
+                }
+                if Instant::now() > deadline {
+                    return Err(Error::Vm(format!(
+                        "the agent did not connect within {:?}; console:\n{}",
+                        cfg.agent_timeout,
+                        console_tail(&console)
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            };
+            let agent_ready = Instant::now();
+            stream
+                .set_nonblocking(false)
+                .map_err(io_err("agent connection"))?;
+            let retry = restored && Instant::now() < deadline;
+            match Client::from_stream(stream) {
+                Ok((client, hello)) if restored => {
+                    // Every clone is its own machine: fresh entropy and the clock before
+                    // anything else runs in it.
+                    match client.reseed(&crate::template::entropy(), crate::template::now_ns()) {
+                        Ok(()) => break (Some((client, hello)), agent_ready),
+                        Err(e) if retry => {
+                            tracing::debug!("restored agent connection lost ({e}); accepting again")
+                        }
+                        Err(e) => {
+                            failed = Some(("reseeding the restored guest", e));
+                            break (None, agent_ready);
+                        }
+                    }
+                }
+                Ok(ok) => break (Some(ok), agent_ready),
+                Err(e) if retry => {
+                    tracing::debug!("restored agent handshake lost ({e}); accepting again")
+                }
+                Err(e) => {
+                    failed = Some(("agent handshake", e));
+                    break (None, agent_ready);
+                }
             }
-            if let Ok(r) = vm_rx.try_recv() {
-                let tail = console_tail(&console);
-                return Err(Error::Vm(match r {
-                    Ok(res) => format!(
-                        "the VM ended ({:?}) before the agent connected; console:\n{tail}",
-                        res.exit
-                    ),
-                    Err(e) => format!("the VM failed: {e}"),
-                }));
-            }
-            if Instant::now() > deadline {
-                return Err(Error::Vm(format!(
-                    "the agent did not connect within {:?}; console:\n{}",
-                    cfg.agent_timeout,
-                    console_tail(&console)
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(2));
         };
-        let agent_ready = Instant::now();
-        stream
-            .set_nonblocking(false)
-            .map_err(io_err("agent connection"))?;
         let vm_result = Mutex::new(Some(vm_rx));
         let ended = Mutex::new(None);
         // An agent call that fails because the VM itself ended (a guest crash) says so.
@@ -346,8 +406,11 @@ impl Sandbox {
                 source,
             }
         };
-        let (client, hello) =
-            Client::from_stream(stream).map_err(|e| agent_err("agent handshake".into(), e))?;
+        let (client, hello) = match (handshake, failed) {
+            (Some(ok), _) => ok,
+            (None, Some((what, e))) => return Err(agent_err(what.into(), e)),
+            (None, None) => return Err(Error::Vm("the agent handshake failed".into())),
+        };
         for s in &cfg.shares {
             client
                 .mount_share(&s.share.tag, &s.guest_path, s.share.read_only)
@@ -654,6 +717,7 @@ mod tests {
 
     fn cfg(shares: Vec<SandboxShare>, run_dir: PathBuf) -> SandboxConfig {
         SandboxConfig {
+            warm_start: false,
             kernel: PathBuf::from("/no/such/kernel"),
             initrd: PathBuf::from("/no/such/initrd"),
             cpus: 1,

@@ -18,6 +18,8 @@ pub enum Phase {
     /// A snapshot was read, checked and mapped, and the VM's state restored (instead of
     /// loading a kernel).
     SnapshotRestored,
+    /// No template existed: one was made (a cold boot of a template VM) before this VM.
+    TemplateMade,
     /// The boot vCPU is about to enter the guest for the first time.
     FirstVcpuEntry,
     /// The guest wrote its first byte to the serial console.
@@ -44,6 +46,7 @@ impl Phase {
             Phase::MemoryMapped => "memory mapped".into(),
             Phase::KernelLoaded => "kernel loaded".into(),
             Phase::SnapshotRestored => "snapshot restored".into(),
+            Phase::TemplateMade => "template made (cold boot)".into(),
             Phase::SnapshotSaved => "snapshot saved".into(),
             Phase::FirstVcpuEntry => "first vCPU entry".into(),
             Phase::FirstSerialByte => "first serial byte".into(),

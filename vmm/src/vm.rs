@@ -75,9 +75,18 @@ pub struct VmConfig {
     pub pit: PitMode,
     /// Take a snapshot when the guest asks for one, then end the VM.
     pub snapshot: Option<SnapshotAt>,
-    /// Restore this snapshot directory instead of booting `kernel` (`kernel`, `initrd`,
-    /// `cmdline`, `cpus`, `memory_mib` and `pit` then come from the snapshot).
-    pub restore: Option<PathBuf>,
+    /// Restore this snapshot instead of booting `kernel` (`kernel`, `initrd`, `cmdline`,
+    /// `cpus`, `memory_mib` and `pit` then come from the snapshot).
+    pub restore: Option<RestoreFrom>,
+}
+
+/// The snapshot a VM is restored from.
+#[derive(Debug, Clone)]
+pub enum RestoreFrom {
+    /// A snapshot directory, read and checked when the VM is built.
+    Dir(PathBuf),
+    /// A snapshot already read and checked (a template).
+    Loaded(Arc<snapshot::Loaded>),
 }
 
 /// When and where [`VmConfig::snapshot`] saves the VM.
@@ -239,11 +248,33 @@ impl Write for RawStdout {
     }
 }
 
-/// Builds one MMIO device once guest memory and the VM exist: gets guest memory and the
-/// device's interrupt, returns the bus device that serves the slot's register window.
+/// Builds one MMIO device once guest memory and the VM exist: gets guest memory, the device's
+/// interrupt and, in a VM restored from a snapshot, the state the device saved
+/// ([`BusDevice::save_state`]); returns the bus device that serves the slot's register window.
 pub type MmioDeviceFactory = Box<
-    dyn FnOnce(&GuestMemoryMmap, IrqTrigger) -> Result<Arc<Mutex<dyn BusDevice>>, String> + Send,
+    dyn FnOnce(
+            &GuestMemoryMmap,
+            IrqTrigger,
+            Option<&[u8]>,
+        ) -> Result<Arc<Mutex<dyn BusDevice>>, String>
+        + Send,
 >;
+
+/// A virtio-mmio transport for `device`: new, or restored from `saved`.
+pub fn transport(
+    device: Box<dyn skiff_devices::virtio::VirtioDevice>,
+    mem: &GuestMemoryMmap,
+    irq: IrqTrigger,
+    saved: Option<&[u8]>,
+) -> Result<Arc<Mutex<dyn BusDevice>>, String> {
+    use skiff_devices::virtio::mmio::MmioTransport;
+    let t = match saved {
+        None => MmioTransport::new(device, mem.clone(), irq),
+        Some(s) => MmioTransport::restore(device, mem.clone(), irq, s),
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(Arc::new(Mutex::new(t)) as Arc<Mutex<dyn BusDevice>>)
+}
 
 /// Boots the VM described by `cfg` and runs it until the guest ends.
 pub fn run(cfg: &VmConfig, timings: Timings) -> Result<RunResult, Error> {
@@ -284,20 +315,26 @@ pub fn run_controlled(
                 .ok_or_else(|| Error::Input(format!("too many virtio devices ({})", devices.len())))
         })
         .collect::<Result<_, _>>()?;
-    if cfg.snapshot.is_some() && !devices.is_empty() {
-        return Err(Error::Input(
-            "snapshots of VMs with virtio devices are not supported yet".into(),
-        ));
-    }
     let restore = match &cfg.restore {
         None => None,
-        Some(dir) => {
-            if !devices.is_empty() {
-                return Err(Error::Input(
-                    "restoring a VM with virtio devices is not supported yet".into(),
-                ));
+        Some(from) => {
+            let (loaded, dir) = match from {
+                RestoreFrom::Dir(dir) => (
+                    Arc::new(snapshot::load(dir).map_err(|e| Error::Input(e.to_string()))?),
+                    dir.clone(),
+                ),
+                RestoreFrom::Loaded(l) => (l.clone(), PathBuf::from("(template)")),
+            };
+            let saved_devices = (0..)
+                .take_while(|i| loaded.state.device(&virtio_name(*i)).is_some())
+                .count();
+            if saved_devices != devices.len() {
+                return Err(Error::Input(format!(
+                    "snapshot {} has {saved_devices} virtio devices, this VM {}",
+                    dir.display(),
+                    devices.len()
+                )));
             }
-            let loaded = snapshot::load(dir).map_err(|e| Error::Input(e.to_string()))?;
             if loaded.state.device(DEV_SERIAL).is_none() {
                 return Err(Error::Input(format!(
                     "snapshot {}: no serial console state",
@@ -456,6 +493,7 @@ pub fn run_controlled(
     let (pio, mmio, serial) =
         platform_devices(&vm, create_pit, serial_state, serial_out, sink.clone())?;
     let mut mmio = mmio;
+    let mut virtio: Vec<Arc<Mutex<dyn BusDevice>>> = Vec::new();
     for (slot, factory) in slots_used.iter().zip(devices) {
         let irq_vm = vm.clone();
         let line = slot.irq;
@@ -467,7 +505,11 @@ pub fn run_controlled(
             let _g = pulse.lock().unwrap_or_else(|e| e.into_inner());
             let _ = irq_vm.trigger_edge_irq(line);
         });
-        let dev = factory(&mem, irq).map_err(Error::Vmm)?;
+        let saved = restore
+            .as_ref()
+            .and_then(|l| l.state.device(&virtio_name(virtio.len())));
+        let dev = factory(&mem, irq, saved).map_err(Error::Vmm)?;
+        virtio.push(dev.clone());
         mmio.insert(slot.addr, slot.size, dev)
             .map_err(|e| Error::Vmm(e.to_string()))?;
     }
@@ -558,6 +600,17 @@ pub fn run_controlled(
             return Err(Error::Vmm("the memory-mapping thread panicked".into()));
         }
     }
+    if restore.is_some() {
+        // Interrupts the restored devices raised again (a pending InterruptStatus, the vsock
+        // transport reset, the UART's "transmitter empty") were raised before any vCPU
+        // existed, so no local APIC took them: pulse every device line once more now that
+        // the vCPUs are restored. A spurious one is harmless (drivers check their status
+        // register first).
+        for slot in &slots_used {
+            let _ = vm.trigger_edge_irq(slot.irq);
+        }
+        let _ = vm.trigger_edge_irq(SERIAL_IRQ);
+    }
 
     let exit = loop {
         match rx.recv() {
@@ -570,7 +623,8 @@ pub fn run_controlled(
                 timings.mark_at(p, at);
                 if let (Some(snap), Some(w), Phase::BootStamp(v)) = (&cfg.snapshot, &writer, p) {
                     if v == snap.stamp {
-                        let saved = take_snapshot(&vm, cfg, control, &serial, w, &snap.dir);
+                        let saved =
+                            take_snapshot(&vm, cfg, control, &serial, &virtio, w, &snap.dir);
                         if let Err(e) = saved {
                             stop_vcpus(control, threads);
                             return Err(e);
@@ -694,7 +748,7 @@ fn vcpu_thread(
             bus.read(a.addr, a.data);
         }
     };
-    while gate.may_run_or_save(id, &mut || vcpu_save(&vcpu)) {
+    while gate.may_run_or_save(id, &mut || vcpu_save(&mut vcpu)) {
         match vcpu.run()? {
             VcpuExit::Io => vcpu.handle_io(&mut |a| bus_access(pio, a))?,
             VcpuExit::Mmio => vcpu.handle_mmio(&mut |a| bus_access(mmio, a))?,
@@ -755,6 +809,18 @@ type Devices = (Bus, Bus, Arc<Mutex<SerialConsole>>);
 /// Name of the serial console's state in a snapshot.
 const DEV_SERIAL: &str = "serial";
 
+/// The serial console's interrupt line.
+#[cfg(target_arch = "x86_64")]
+const SERIAL_IRQ: u32 = skiff_devices::legacy::COM1_IRQ;
+/// The serial console's interrupt line.
+#[cfg(target_arch = "aarch64")]
+const SERIAL_IRQ: u32 = arch::current::SERIAL_SPI;
+
+/// Name of the state of the virtio device in slot `i` in a snapshot.
+fn virtio_name(i: usize) -> String {
+    format!("virtio{i}")
+}
+
 #[cfg(target_arch = "x86_64")]
 fn is_linux(boot: &arch::current::BootInfo) -> bool {
     boot.is_linux
@@ -787,6 +853,7 @@ fn take_snapshot(
     cfg: &VmConfig,
     control: &VmControl,
     serial: &Arc<Mutex<SerialConsole>>,
+    virtio: &[Arc<Mutex<dyn BusDevice>>],
     writer: &snapshot::Writer,
     dir: &std::path::Path,
 ) -> Result<(), Error> {
@@ -811,6 +878,15 @@ fn take_snapshot(
         .lock()
         .map_err(|_| Error::Vmm("the serial console's lock is poisoned".into()))?
         .save_state();
+    let mut devices = vec![(DEV_SERIAL.to_string(), serial_state)];
+    for (i, d) in virtio.iter().enumerate() {
+        let st = d
+            .lock()
+            .map_err(|_| Error::Vmm("a virtio device's lock is poisoned".into()))?
+            .save_state()
+            .ok_or_else(|| Error::Vmm(format!("virtio device {i} cannot be saved")))?;
+        devices.push((virtio_name(i), st));
+    }
     let state = snapshot::VmState {
         backend: hypervisor::BACKEND_NAME.into(),
         skiff_version: snapshot::skiff_version(),
@@ -819,7 +895,7 @@ fn take_snapshot(
         regions: Vec::new(),
         vm: vm_state,
         vcpus: vcpus.into_iter().map(|(_, b)| b).collect(),
-        devices: vec![(DEV_SERIAL.into(), serial_state)],
+        devices,
         memory_len: 0,
         memory_digest: [0; 32],
     };
@@ -834,7 +910,7 @@ fn take_snapshot(
     Ok(())
 }
 
-fn vcpu_save<V: Vcpu>(vcpu: &V) -> Result<Vec<u8>, String> {
+fn vcpu_save<V: Vcpu>(vcpu: &mut V) -> Result<Vec<u8>, String> {
     vcpu.save_state().map_err(|e| e.to_string())
 }
 

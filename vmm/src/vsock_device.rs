@@ -2,12 +2,9 @@
 //! thread for queue and socket work, and a virtio-mmio transport on the MMIO bus.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use skiff_devices::event_loop::{EventLoop, RunningLoop};
-use skiff_devices::virtio::mmio::MmioTransport;
 use skiff_devices::virtio::vsock::{Vsock, DEFAULT_GUEST_CID};
-use skiff_devices::BusDevice;
 
 use crate::vm::MmioDeviceFactory;
 
@@ -18,9 +15,18 @@ pub fn create(uds: &Path) -> Result<(MmioDeviceFactory, RunningLoop), String> {
     let mut el = EventLoop::new().map_err(|e| format!("vsock event loop: {e}"))?;
     let vsock = Vsock::new(DEFAULT_GUEST_CID, uds, &mut el)
         .map_err(|e| format!("vsock device at {}: {e}", uds.display()))?;
-    let factory: MmioDeviceFactory = Box::new(move |mem, irq| {
-        let t = MmioTransport::new(Box::new(vsock), mem.clone(), irq).map_err(|e| e.to_string())?;
-        Ok(Arc::new(Mutex::new(t)) as Arc<Mutex<dyn BusDevice>>)
+    let factory: MmioDeviceFactory = Box::new(move |mem, irq, saved| {
+        // Restored from a snapshot: the guest's connections have no host side any more. The
+        // reset is in the guest's event queue before its vCPUs run, so it ends only the
+        // connections of the template, never one the restored guest makes.
+        let reset = saved.map(|_| vsock.send_transport_reset());
+        let t = crate::vm::transport(Box::new(vsock), mem, irq, saved)?;
+        if let Some(r) = reset {
+            if !r.wait(std::time::Duration::from_secs(2)) {
+                return Err("the restored guest has no vsock event buffer for the reset".into());
+            }
+        }
+        Ok(t)
     });
     // The loop thread is spawned from the caller's (unfiltered) thread: it installs its own
     // seccomp allowlist before serving the guest.

@@ -31,7 +31,7 @@ impl BusDevice for Inert {
 type Mem = Arc<Mutex<Option<GuestMemoryMmap>>>;
 
 fn memory_grabber(slot: Mem) -> MmioDeviceFactory {
-    Box::new(move |mem: &GuestMemoryMmap, _irq| {
+    Box::new(move |mem: &GuestMemoryMmap, _irq, _saved| {
         *slot.lock().unwrap() = Some(mem.clone());
         Ok(Arc::new(Mutex::new(Inert)) as Arc<Mutex<dyn BusDevice>>)
     })

@@ -504,6 +504,10 @@ impl MmioTransport {
 }
 
 impl BusDevice for MmioTransport {
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(MmioTransport::save_state(self))
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
             data.fill(0);

@@ -790,7 +790,7 @@ impl Vcpu for HvfVcpu {
             id: self.id,
         })
     }
-    fn save_state(&self) -> Result<Vec<u8>> {
+    fn save_state(&mut self) -> Result<Vec<u8>> {
         Err(Error::Unsupported(SNAPSHOT_UNSUPPORTED.into()))
     }
 

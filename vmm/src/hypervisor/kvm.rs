@@ -465,8 +465,20 @@ impl Vcpu for KvmVcpu {
         Arc::clone(&self.kicker) as Arc<dyn VcpuKicker>
     }
 
-    fn save_state(&self) -> Result<Vec<u8>> {
+    fn save_state(&mut self) -> Result<Vec<u8>> {
         self.check_xsave_fits()?;
+        // A port I/O or MMIO exit is only complete (RIP past the instruction, a read's value
+        // in its register) once KVM_RUN is entered again: enter it with immediate_exit set,
+        // which completes the access and returns at once without running the guest (the
+        // KVM API's advice before saving state).
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match completed {
+            Ok(()) => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Err(Error::call("KVM_RUN (completing a pending exit)", errno(e))),
+        }
         let fd = &self.fd;
         let c = |call: &'static str| move |e: kvm_ioctls::Error| Error::call(call, errno(e));
         let mut w = StateWriter::new();

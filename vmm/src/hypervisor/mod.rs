@@ -200,9 +200,10 @@ pub trait Vcpu: Send {
     /// A handle another thread uses to interrupt `run`.
     fn kicker(&self) -> std::sync::Arc<dyn VcpuKicker>;
     /// Saves everything the hypervisor keeps for this vCPU (registers, FPU/XSAVE, MSRs,
-    /// local interrupt controller, pending events, run state) as an opaque blob. Call it on
+    /// local interrupt controller, pending events, run state) as an opaque blob, after
+    /// completing an exit still pending (an I/O instruction the VMM has served). Call it on
     /// the vCPU's own thread, outside the guest.
-    fn save_state(&self) -> Result<Vec<u8>>;
+    fn save_state(&mut self) -> Result<Vec<u8>>;
     /// Restores a blob from [`Vcpu::save_state`] into a new vCPU that has not run yet (instead
     /// of the boot configuration), after [`Vm::restore_state`].
     fn restore_state(&mut self, state: &[u8]) -> Result<()>;

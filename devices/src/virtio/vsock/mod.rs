@@ -173,9 +173,16 @@ impl Vsock {
     /// (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue; virtio 1.2 §5.10.6.6): what a
     /// VM restored from a snapshot gets, since the host side of its connections did not
     /// survive. Sent once the device is active and the guest has an event buffer posted.
-    pub fn send_transport_reset(&self) {
-        lock(&self.shared).transport_reset_pending = true;
+    ///
+    /// Packets the guest had queued for the device before the reset (a connection request its
+    /// snapshot caught in flight) are answered with RST and never acted on.
+    pub fn send_transport_reset(&self) -> ResetSent {
+        let mut b = lock(&self.shared);
+        b.transport_reset_pending = true;
+        b.stale_tx = true;
+        drop(b);
         self.wake.wake();
+        ResetSent(self.shared.clone())
     }
 
     /// Number of open connections (host clients in handshake included).
@@ -490,6 +497,32 @@ impl Conn {
     }
 }
 
+/// Tells when a [`Vsock::send_transport_reset`] reached the guest's event queue.
+pub struct ResetSent(Arc<Mutex<Backend>>);
+
+impl std::fmt::Debug for ResetSent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetSent")
+    }
+}
+
+impl ResetSent {
+    /// Waits up to `timeout` for the event to be in the guest's event queue; returns whether
+    /// it is.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !lock(&self.0).transport_reset_pending {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
 /// The part of the device that runs on the event loop thread.
 struct Backend {
     cid: u64,
@@ -499,6 +532,9 @@ struct Backend {
     reset_pending: bool,
     /// A VIRTIO_VSOCK_EVENT_TRANSPORT_RESET waits for an event-queue buffer.
     transport_reset_pending: bool,
+    /// The tx queue holds packets the guest queued before its snapshot: answer each with RST
+    /// (never act on them) before anything else.
+    stale_tx: bool,
     self_wake: Option<WakeHandle>,
     conns: HashMap<ConnKey, Conn>,
     by_token: HashMap<usize, ConnKey>,
@@ -540,6 +576,7 @@ impl Backend {
             active: None,
             reset_pending: false,
             transport_reset_pending: false,
+            stale_tx: false,
             self_wake: None,
             conns: HashMap::new(),
             by_token: HashMap::new(),
@@ -874,6 +911,37 @@ impl Backend {
         self.schedule(key);
     }
 
+    /// Returns every chain in the tx queue unprocessed, answering each packet with RST (see
+    /// [`Vsock::send_transport_reset`]). Bounded by the queue size. Returns whether to
+    /// interrupt the guest.
+    fn drop_stale_tx(&mut self, act: &mut Active) -> bool {
+        let Active { mem, queues, .. } = act;
+        let Some(txq) = queues.get_mut(TXQ) else {
+            return false;
+        };
+        let mut used = false;
+        for _ in 0..QUEUE_SIZE {
+            let Some(chain) = txq.pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut hb = [0u8; HDR_SIZE];
+            if let Ok(mut r) = Reader::new(&*mem, chain) {
+                if r.available_bytes() >= HDR_SIZE && r.read_exact(&mut hb).is_ok() {
+                    let h = Header::decode(&hb);
+                    if h.src_cid == self.cid && h.dst_cid == HOST_CID {
+                        self.rst_reply(&h);
+                    }
+                }
+            }
+            if txq.add_used(&*mem, head, 0).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used && txq.needs_notification(&*mem).unwrap_or(true)
+    }
+
     /// Takes packets from the tx queue. Returns (chains used, more left).
     fn process_tx(&mut self, ctl: &EventCtl<'_>, act: &mut Active) -> (bool, bool) {
         let Active { mem, queues, .. } = act;
@@ -1011,6 +1079,9 @@ impl Backend {
             return;
         };
         let mut notify = false;
+        if std::mem::take(&mut self.stale_tx) {
+            notify |= self.drop_stale_tx(&mut act);
+        }
         if self.transport_reset_pending {
             let (sent, n) = send_transport_reset(&mut act);
             self.transport_reset_pending = !sent;

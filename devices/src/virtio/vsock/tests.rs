@@ -462,3 +462,31 @@ fn transport_reset_goes_into_the_next_usable_event_buffer() {
     h.pump();
     assert!(h.drv.take_used(2).unwrap().is_empty(), "sent once");
 }
+
+#[test]
+fn stale_tx_before_a_transport_reset_is_answered_with_rst_not_acted_on() {
+    let mut h = Harness::new();
+    // A listener exists: without the reset this REQUEST would connect.
+    let l = StdListener::bind(port_path(&h.uds, 1024)).unwrap();
+    l.set_nonblocking(true).unwrap();
+    let mut req = gh(op::REQUEST, 7000, 1024);
+    req.len = 0;
+    h.drv.add_readable(TX, &req.encode(), &[]).unwrap();
+    lock(&h.shared).transport_reset_pending = true;
+    lock(&h.shared).stale_tx = true;
+    h.drv.add_writable(2, &[8]).unwrap();
+    h.notify(2);
+    let (rst, _) = h.wait_for(|x| x.dst_port == 7000);
+    assert_eq!(rst.op, op::RST);
+    assert!(
+        l.accept().is_err(),
+        "the stale request never reached the host"
+    );
+    assert_eq!(
+        h.drv.take_used(2).unwrap().len(),
+        1,
+        "the reset event went out"
+    );
+    // A request made after the reset connects as usual.
+    let _s = guest_connect(&mut h, 7001, 1025, 256 * 1024);
+}
