@@ -259,7 +259,6 @@ impl MmioTransport {
             q.driver = u64_at(&b[11..]);
             q.device = u64_at(&b[19..]);
         }
-        drop(take);
         if !r.is_empty() {
             return Err(bad("the saved transport state has trailing bytes"));
         }
