@@ -161,6 +161,15 @@ pub fn find_or_make(spec: &TemplateSpec, timeout: Duration) -> Result<Found, Err
             }
         };
     }
+    // A cache that cannot take a template (read-only, full) must not cost a template boot.
+    let parent = templates_dir();
+    std::fs::create_dir_all(&parent)
+        .and_then(|_| tempfile_probe(&parent))
+        .map_err(|e| Error::Io {
+            what: "cannot write templates in",
+            path: parent.clone(),
+            source: e,
+        })?;
     make(spec, &dir, timeout)?;
     Ok(Found::Made(Arc::new(snapshot::load(&dir)?)))
 }
@@ -262,6 +271,13 @@ pub fn make(spec: &TemplateSpec, dir: &Path, timeout: Duration) -> Result<(), Er
         ))),
         Err(e) => Err(Error::Make(format!("the template VM failed: {e}"))),
     }
+}
+
+/// Creates and removes a file in `dir`: whether a template could be written there.
+fn tempfile_probe(dir: &Path) -> std::io::Result<()> {
+    let p = dir.join(format!(".probe-{}-{}", std::process::id(), rand_u32()));
+    std::fs::File::create(&p)?;
+    std::fs::remove_file(&p)
 }
 
 fn rand_u32() -> u32 {
