@@ -7,7 +7,9 @@
 #          directly inside L1);
 #   run 2: streaming (output arrives while CMD still runs), a bulk byte-exact stdout, the
 #          whole-run timeout (exit 124 + message), and a cwd below /tmp without --rw (shared
-#          read-only at the same path).
+#          read-only at the same path);
+#   run 3 (PVM hosts): a wedged L1 (CMD stops every other process, the heartbeat with them)
+#          is found by the missing heartbeat: exit 125 well before --timeout.
 # Before them, --dry-run checks of the shares (no boot).
 # On a host with hardware KVM, kvm-vm execs directly and most checks still apply.
 # usage: tools/kvm-vm.test.sh        (exit 0 = all passed)
@@ -139,6 +141,19 @@ else
   bad "streaming: marker line never arrived"
 fi
 [ "$rc2" = 124 ] || { echo "--- stderr of run 2:"; cat "$t/stderr2"; }
+
+# ---- run 3: a wedged L1 (simulated: everything but CMD and init stopped, so the heartbeat too)
+if [ -d /sys/module/kvm_pvm ]; then
+  s3=$SECONDS
+  KVM_VM_STALL_TIMEOUT=10 "$KVM_VM" --timeout 300 -- sh -c 'echo stopping; kill -STOP -1; sleep 250' \
+    > "$t/stdout3" 2> "$t/stderr3"
+  rc3=$? e3=$((SECONDS - s3))
+  echo "# run 3: $e3 s"
+  check "wedged L1: exit 125 (got $rc3)" [ "$rc3" = 125 ]
+  check "wedged L1: found within 60 s, not at --timeout (took $e3 s)" [ "$e3" -lt 60 ]
+  check "wedged L1: message on stderr" grep -q '^kvm-vm: L1 stopped responding' "$t/stderr3"
+  [ "$rc3" = 125 ] || { echo "--- stderr of run 3:"; cat "$t/stderr3"; }
+fi
 
 echo
 if [ "$fails" = 0 ]; then echo "kvm-vm self-test: all passed"; else echo "kvm-vm self-test: $fails failed"; fi

@@ -121,7 +121,8 @@ pub fn kvm_kind() -> KvmKind {
 
 /// Runs `program args` on real KVM: directly when the host has it, else through
 /// `tools/kvm-vm` (a nested VM under QEMU TCG). Nested guests occasionally hang mid-boot (see
-/// tools/kvm-vm --help): a run that times out (status 124, 300 s) is retried once, loudly.
+/// tools/kvm-vm --help): a run that times out (status 124, 300 s) or whose L1 fails (125) is
+/// retried once, loudly.
 pub fn run_on_real_kvm(program: &Path, args: &[&str]) -> Output {
     let build = || {
         let mut cmd = match kvm_kind() {
@@ -142,9 +143,11 @@ pub fn run_on_real_kvm(program: &Path, args: &[&str]) -> Output {
     let mut out = build()
         .output()
         .unwrap_or_else(|e| panic!("cannot run {program:?}: {e}"));
-    if out.status.code() == Some(124) {
+    // 124: timed out (a hung guest); 125: the L1 VM failed or wedged (tools/kvm-vm says which).
+    if matches!(out.status.code(), Some(124 | 125)) {
         eprintln!(
-            "RETRY: {program:?} {args:?} timed out on nested KVM (a hung guest); running it once more"
+            "RETRY: {program:?} {args:?} failed on nested KVM with status {:?} (124: a hung guest; 125: the L1 VM failed or wedged); running it once more",
+            out.status.code()
         );
         out = build()
             .output()
