@@ -101,8 +101,8 @@ pub fn add_entropy_and_reseed(bytes: &[u8]) -> io::Result<()> {
 /// Sets the wall clock (CLOCK_REALTIME) to `unix_time_ns`.
 pub fn set_realtime(unix_time_ns: u64) -> io::Result<()> {
     let ts = libc::timespec {
-        tv_sec: (unix_time_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (unix_time_ns % 1_000_000_000) as libc::c_long,
+        tv_sec: (unix_time_ns / 1_000_000_000) as _,
+        tv_nsec: (unix_time_ns % 1_000_000_000) as _,
     };
     // SAFETY: `ts` is a valid timespec for the duration of the call.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {

@@ -14,8 +14,8 @@
 //! double-quoted strings. Keys: `kernel`, `initrd`, `cpus`, `memory_mib`, `agent_timeout_s`,
 //! `console_log`, `boot_slots` (how many VMs boot at once on the host, 0 = no limit; default
 //! `$SKIFF_BOOT_SLOTS`, else the number of CPUs: see `skiff_vmm::boot_slots`), `warm_start`
-//! (1: restore VMs from a template, see `skiff_vmm::template`; 0, the default for now: boot
-//! every VM cold; also `$SKIFF_WARM_START`).
+//! (1, the default: restore VMs from a template, see `skiff_vmm::template`; 0: boot every VM
+//! cold; also `$SKIFF_WARM_START`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -77,7 +77,7 @@ impl Default for VmSettings {
             agent_timeout: Duration::from_secs(60),
             console: None,
             boot_slots: None,
-            warm_start: false,
+            warm_start: true,
         }
     }
 }

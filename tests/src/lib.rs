@@ -119,6 +119,10 @@ pub fn kvm_kind() -> KvmKind {
     }
 }
 
+/// Where VMs started through `tools/kvm-vm` keep their warm-start templates: L1's own tmpfs
+/// (the host's `~/.cache/skiff` is read-only there).
+pub const L1_TEMPLATES: &str = "/tmp/skiff-templates";
+
 /// Runs `program args` on real KVM: directly when the host has it, else through
 /// `tools/kvm-vm` (a nested VM under QEMU TCG). Nested guests occasionally hang mid-boot (see
 /// tools/kvm-vm --help): a run that times out (status 124, 300 s) or whose L1 fails (125) is
@@ -133,6 +137,7 @@ pub fn run_on_real_kvm(program: &Path, args: &[&str]) -> Output {
             }
             KvmKind::Pvm | KvmKind::Missing => {
                 let mut c = Command::new(repo_root().join("tools/kvm-vm"));
+                c.env("SKIFF_TEMPLATES", L1_TEMPLATES);
                 c.args(["--timeout", "300", "--"]).arg(program);
                 c
             }
@@ -183,6 +188,9 @@ pub fn run_script_on_real_kvm_mem(
             }
             KvmKind::Pvm | KvmKind::Missing => {
                 let mut c = Command::new(repo_root().join("tools/kvm-vm"));
+                // The host's cache is read-only in L1: warm-start templates go to L1's /tmp
+                // (the first VM of each nested run makes its template).
+                c.env("SKIFF_TEMPLATES", L1_TEMPLATES);
                 c.arg("--rw").arg(rw);
                 if let Some(m) = mem_mib {
                     c.args(["--mem", &m.to_string()]);

@@ -1,7 +1,8 @@
 //! `vmm run` end to end: a real Linux guest (through `tools/kvm-vm` on a PVM host), the agent
 //! as PID 1 dialing back over virtio-vsock, a container from the initramfs's busybox rootfs.
-//! Each case runs in its own nested VM (one L1 boot, host-side timeout, one retry), and each
-//! `vmm run` boots its own guest.
+//! The cases run in one nested VM (one L1 boot, host-side timeout, retried if L1 wedges); each
+//! `vmm run` has its own guest, restored from a template (warm start, the default) made by the
+//! first of them.
 #![allow(clippy::unwrap_used)]
 
 use skiff_tests::{
@@ -169,14 +170,20 @@ fn vmm_run_cases() {
             i = i.display(),
         ),
     ));
-    // Each case in its own nested VM with a host-side timeout (see run_script_on_real_kvm).
+    // All cases one after the other in one nested VM (one L1 boot, host-side timeout, retried
+    // if L1 wedges), with warm start on (the default): the first `vmm run` makes the template
+    // (in L1's own /tmp, see run_script_on_real_kvm), the others restore it.
+    let mut all = String::from("set -u\n");
     for (name, body) in &scripts {
         let dir = out.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("case.sh");
-        std::fs::write(&path, format!("set -u\n{body}")).unwrap();
-        run_script_on_real_kvm(name, &path, &dir, 150);
+        all.push_str(&format!(
+            "echo \"case {name}: start $(date +%s.%N)\" >&2\n( {body} )\n"
+        ));
     }
+    let path = out.join("cases.sh");
+    std::fs::write(&path, all).unwrap();
+    run_script_on_real_kvm("vmm-run-cases", &path, &out, 900);
 
     let read = |name: &str, f: &str| -> String {
         std::fs::read_to_string(out.join(name).join(f)).unwrap_or_default()
@@ -263,4 +270,202 @@ fn vmm_run_cases() {
         "failed cases:\n{}",
         failures.join("\n")
     );
+}
+
+/// Warm start (issue 14): the first run makes a template, later ones restore it and are each
+/// their own machine (fresh entropy, the clock), other inputs make other templates, a damaged
+/// template gives one warning and a cold boot, and two makers at once leave one template.
+#[test]
+fn warm_start_templates() {
+    assert_ne!(kvm_kind(), KvmKind::Missing, "needs /dev/kvm");
+    let (k, i) = skiff_kernel_and_initrd();
+    let vmm = vmm_binary();
+    let out = repo_root()
+        .join("target")
+        .join(format!("warm-start-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let script = format!(
+        r#"set -u
+T=/tmp/skiff-templates; export SKIFF_TEMPLATES=$T
+V={vmm}; K={k}; I={i}; O={o}
+run() {{ n=$1; shift; "$V" run --timings --kernel "${{KK:-$K}}" --initrd "$I" "$@" > $O/$n.out 2> $O/$n.err < /dev/null; echo $? > $O/$n.rc; }}
+count() {{ ls "$T" | wc -l > $O/$1.count; }}
+probe='head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"; echo; date +%s'
+run make -- true; count make
+for r in r1 r2; do date +%s > $O/$r.before; run $r -- sh -c "$probe"; date +%s > $O/$r.after; done
+count restored
+run mem --memory 320 -- true; count mem
+cp "$K" /tmp/kernel-copy; KK=/tmp/kernel-copy run kernel -- true; count kernel
+"$V" template create --kernel "$K" --initrd "$I" > $O/create.out 2> $O/create.err; echo $? > $O/create.rc
+d=$(cat $O/create.out)
+truncate -s 8192 "$d/memory"; run truncated -- echo ok
+run remade -- echo ok2; count remade
+python3 -c 'import sys; p=sys.argv[1]; b=bytearray(open(p,"rb").read()); b[len(b)//2]^=0x10; open(p,"wb").write(bytes(b))' "$d/state"
+run flipped -- echo ok3
+"$V" template rm > $O/rm.out; count rm
+run c1 -- echo one & run c2 -- echo two & wait
+count concurrent
+"$V" template ls > $O/ls.out 2>&1
+"#,
+        vmm = vmm.display(),
+        k = k.display(),
+        i = i.display(),
+        o = out.display(),
+    );
+    let path = out.join("warm.sh");
+    std::fs::write(&path, script).unwrap();
+    run_script_on_real_kvm("warm-start", &path, &out, 900);
+
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap_or_default();
+    let rc = |n: &str| read(&format!("{n}.rc")).trim().parse::<i32>().unwrap_or(-1);
+    let count = |n: &str| {
+        read(&format!("{n}.count"))
+            .trim()
+            .parse::<i32>()
+            .unwrap_or(-1)
+    };
+    let show = |n: &str| {
+        format!(
+            "{n}: rc={} out={:?} err={:?}",
+            rc(n),
+            read(&format!("{n}.out")),
+            read(&format!("{n}.err"))
+                .chars()
+                .take(1500)
+                .collect::<String>()
+        )
+    };
+    let mut failures = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        if !ok {
+            failures.push(what);
+        }
+    };
+    check(
+        rc("make") == 0 && read("make.err").contains("template made") && count("make") == 1,
+        format!(
+            "the first run makes a template: {} count={}",
+            show("make"),
+            count("make")
+        ),
+    );
+    let mut randoms = Vec::new();
+    for r in ["r1", "r2"] {
+        let o = read(&format!("{r}.out"));
+        let mut l = o.lines();
+        let rnd = l.next().unwrap_or("").to_string();
+        let guest: i64 = l.next().unwrap_or("").trim().parse().unwrap_or(-1);
+        let before: i64 = read(&format!("{r}.before")).trim().parse().unwrap_or(0);
+        let after: i64 = read(&format!("{r}.after")).trim().parse().unwrap_or(0);
+        check(
+            rc(r) == 0
+                && read(&format!("{r}.err")).contains("snapshot restored")
+                && !read(&format!("{r}.err")).contains("template made"),
+            format!("restored, not booted: {}", show(r)),
+        );
+        check(
+            rnd.len() == 32 && rnd.bytes().all(|b| b.is_ascii_hexdigit()),
+            format!("16 random bytes: {}", show(r)),
+        );
+        // Within 2 s of the host's clock (the host's is read just before and after the run).
+        check(
+            guest >= before - 2 && guest <= after + 2,
+            format!(
+                "guest clock {guest} outside [{before}-2, {after}+2]: {}",
+                show(r)
+            ),
+        );
+        randoms.push(rnd);
+    }
+    check(
+        randoms[0] != randoms[1],
+        format!("two clones read the same /dev/urandom bytes: {randoms:?}"),
+    );
+    check(
+        count("restored") == 1,
+        format!("restores made no template: count={}", count("restored")),
+    );
+    check(
+        rc("mem") == 0 && read("mem.err").contains("template made") && count("mem") == 2,
+        format!(
+            "another memory size makes another template: {} count={}",
+            show("mem"),
+            count("mem")
+        ),
+    );
+    check(
+        rc("kernel") == 0 && read("kernel.err").contains("template made") && count("kernel") == 3,
+        format!(
+            "another kernel makes another template: {} count={}",
+            show("kernel"),
+            count("kernel")
+        ),
+    );
+    check(
+        rc("create") == 0
+            && read("create.out")
+                .trim()
+                .starts_with("/tmp/skiff-templates/"),
+        format!(
+            "vmm template create: rc={} out={:?} err={:?}",
+            rc("create"),
+            read("create.out"),
+            read("create.err")
+        ),
+    );
+    for (n, text) in [("truncated", "ok\n"), ("flipped", "ok3\n")] {
+        let err = read(&format!("{n}.err"));
+        let warnings = err
+            .lines()
+            .filter(|l| l.contains("warning: no usable VM template"))
+            .count();
+        check(
+            rc(n) == 0
+                && read(&format!("{n}.out")) == text
+                && warnings == 1
+                && !err.contains("snapshot restored"),
+            format!(
+                "a damaged template: one warning and a cold boot: {}",
+                show(n)
+            ),
+        );
+    }
+    check(
+        rc("remade") == 0 && read("remade.err").contains("template made") && count("remade") == 3,
+        format!(
+            "the damaged template is replaced: {} count={}",
+            show("remade"),
+            count("remade")
+        ),
+    );
+    check(
+        count("rm") == 0,
+        format!("template rm: {:?} count={}", read("rm.out"), count("rm")),
+    );
+    check(
+        rc("c1") == 0 && rc("c2") == 0 && read("c1.out") == "one\n" && read("c2.out") == "two\n",
+        format!(
+            "two makers at once both succeed: {} / {}",
+            show("c1"),
+            show("c2")
+        ),
+    );
+    let ls = read("ls.out");
+    check(
+        count("concurrent") == 1 && ls.lines().count() == 1 && !ls.contains("unusable"),
+        format!(
+            "two makers leave one valid template: count={} ls={ls:?}",
+            count("concurrent")
+        ),
+    );
+    if failures.is_empty() {
+        eprintln!(
+            "first run (template made):\n{}\nrestored run:\n{}",
+            read("make.err"),
+            read("r1.err")
+        );
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    assert!(failures.is_empty(), "failed:\n{}", failures.join("\n"));
 }

@@ -146,7 +146,7 @@ enum Command {
     /// Run CMD as a container in a fresh VM, with this terminal's stdio, forwarded signals and
     /// CMD's exit status (125 when vmm run itself fails, 126/127 when CMD cannot be run).
     Run(RunArgs),
-    /// Manage the VM templates warm start restores (`vmm template ls`, `vmm template rm`).
+    /// Manage the VM templates warm start restores (`vmm template ls|rm|create`).
     Template(TemplateArgs),
 }
 
@@ -241,11 +241,13 @@ struct RunArgs {
     /// none. Default: $SKIFF_SECCOMP, else `on`.
     #[arg(long, value_enum, value_name = "MODE")]
     seccomp: Option<Seccomp>,
-    /// Boot the guest kernel (the default for now). With SKIFF_WARM_START=1 the VM is
-    /// restored from a template instead: a snapshot of a VM whose agent was up, kept in
-    /// ~/.cache/skiff/templates per kernel, initramfs, vCPUs, memory, kernel arguments and
-    /// volume tags, made by the first run that needs it; --cold then forces a cold boot. VMs
-    /// with a network card (--net other than none) always boot cold for now.
+    /// Boot the guest kernel instead of restoring a template (also SKIFF_WARM_START=0). By
+    /// default the VM is restored from a template: a snapshot of a VM whose agent was up,
+    /// kept in ~/.cache/skiff/templates (or $SKIFF_TEMPLATES) per Skiff version, kernel,
+    /// initramfs, vCPUs, memory, kernel arguments and number of volumes, and made by the
+    /// first run that needs it (one cold boot). A damaged template or a cache that cannot
+    /// take one gives one warning line and a cold boot. VMs with a network card (--net other
+    /// than none) boot cold for now.
     #[arg(long)]
     cold: bool,
     /// The command to run, after `--`.
@@ -265,6 +267,63 @@ enum TemplateAction {
     Ls,
     /// Remove every VM template (the next warm run makes a new one).
     Rm,
+    /// Make now (one cold boot) the template a `vmm run` with these options would restore,
+    /// unless it exists; prints its directory.
+    Create(TemplateCreateArgs),
+}
+
+#[derive(Debug, Args)]
+struct TemplateCreateArgs {
+    /// Guest kernel (default: the one `vmm run` uses).
+    #[arg(long, value_name = "K")]
+    kernel: Option<PathBuf>,
+    /// Initramfs with the Skiff agent (default: the one `vmm run` uses).
+    #[arg(long, value_name = "I")]
+    initrd: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 256)]
+    memory: u64,
+    /// Extra guest kernel argument, as `vmm run --kernel-arg` (repeatable).
+    #[arg(long = "kernel-arg", value_name = "ARG")]
+    kernel_arg: Vec<String>,
+    /// For runs with `--rootfs DIR`.
+    #[arg(long)]
+    rootfs: bool,
+    /// For runs with N volumes (`-v`).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    volumes: usize,
+    /// How long the template VM may take to come up, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 180)]
+    agent_timeout: u64,
+}
+
+/// `vmm template create`: the template `vmm run` would find for these options.
+fn template_create(c: &TemplateCreateArgs) -> anyhow::Result<PathBuf> {
+    let (kernel, initrd) = skiff_vmm::artifacts::find(c.kernel.as_deref(), c.initrd.as_deref())?;
+    if c.volumes + usize::from(c.rootfs) > skiff_vmm::run::MAX_SHARES {
+        anyhow::bail!(
+            "--volumes {}: at most {} shares (rootfs and volumes) fit one VM",
+            c.volumes,
+            skiff_vmm::run::MAX_SHARES
+        );
+    }
+    let tags = c
+        .rootfs
+        .then(|| "rootfs".to_string())
+        .into_iter()
+        .chain((0..c.volumes).map(|n| format!("vol{n}")))
+        .collect();
+    let spec =
+        skiff_vmm::sandbox::template_spec(&kernel, &initrd, c.cpus, c.memory, &c.kernel_arg, tags);
+    let timeout = std::time::Duration::from_secs(c.agent_timeout.max(1));
+    match skiff_vmm::template::find_or_make(&spec, timeout)? {
+        skiff_vmm::template::Found::Ready(_) => eprintln!("vmm template create: it exists"),
+        skiff_vmm::template::Found::Made(_) => eprintln!("vmm template create: made"),
+    }
+    Ok(skiff_vmm::template::templates_dir().join(skiff_vmm::template::key(&spec)?))
 }
 
 fn main() -> ExitCode {
@@ -302,7 +361,17 @@ fn main() -> ExitCode {
         .try_init();
 
     if let Some(Command::Template(t)) = &cli.command {
-        return match t.action {
+        return match &t.action {
+            TemplateAction::Create(c) => match template_create(c) {
+                Ok(dir) => {
+                    println!("{}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vmm template create: error: {e}");
+                    ExitCode::from(1)
+                }
+            },
             TemplateAction::Ls => {
                 let all = skiff_vmm::template::list();
                 if all.is_empty() {
@@ -364,9 +433,9 @@ fn main() -> ExitCode {
             gateway: r.gateway,
             agent_timeout: std::time::Duration::from_secs(r.agent_timeout.max(1)),
             boot_slots: r.boot_slots,
-            // Warm start is opt-in until the end-to-end lists run with it (issue 14).
+            // Warm start is the default; --cold or SKIFF_WARM_START=0 boots the kernel.
             cold: r.cold
-                || !std::env::var("SKIFF_WARM_START").is_ok_and(|v| v == "1" || v == "true"),
+                || std::env::var("SKIFF_WARM_START").is_ok_and(|v| v == "0" || v == "false"),
             args: r.cmd,
         };
         return match run::run(&opts, Timings::new(start)) {

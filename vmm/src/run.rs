@@ -26,7 +26,7 @@ const CONTAINER: &str = "skiff";
 /// The container root filesystem inside the guest (a busybox tree in the initramfs).
 const GUEST_ROOTFS: &str = "/rootfs";
 /// virtio-mmio slots left for shares (one goes to vsock).
-const MAX_SHARES: usize = 9;
+pub const MAX_SHARES: usize = 9;
 
 /// What `vmm run` was asked to do.
 #[derive(Debug, Clone)]

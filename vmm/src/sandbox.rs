@@ -177,6 +177,34 @@ impl std::fmt::Debug for Sandbox {
     }
 }
 
+/// The kernel command line of a sandbox VM with `kernel_args` appended.
+pub fn guest_cmdline(kernel_args: &[String]) -> String {
+    std::iter::once(format!("{DEFAULT_CMDLINE} skiff.agent=serve"))
+        .chain(kernel_args.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The template a sandbox VM of this shape restores (`tags`: its virtio-fs tags in slot
+/// order: `rootfs`, `vol0`, `vol1`, ...).
+pub fn template_spec(
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+    cpus: u32,
+    memory_mib: u64,
+    kernel_args: &[String],
+    tags: Vec<String>,
+) -> crate::template::TemplateSpec {
+    crate::template::TemplateSpec {
+        kernel: kernel.to_path_buf(),
+        initrd: initrd.to_path_buf(),
+        cpus,
+        memory_mib,
+        cmdline: guest_cmdline(kernel_args),
+        tags,
+    }
+}
+
 impl Sandbox {
     /// Boots the VM and waits for its agent (see the module docs).
     pub fn boot(cfg: SandboxConfig) -> Result<Self, Error> {
@@ -232,24 +260,26 @@ impl Sandbox {
                 Some(s)
             }
         };
-        let cmdline = std::iter::once(format!("{DEFAULT_CMDLINE} skiff.agent=serve"))
-            .chain(cfg.kernel_args.iter().cloned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let cmdline = guest_cmdline(&cfg.kernel_args);
         let restore = if cfg.warm_start && cfg.net == SandboxNet::None {
-            let spec = crate::template::TemplateSpec {
-                kernel: cfg.kernel.clone(),
-                initrd: cfg.initrd.clone(),
-                cpus: cfg.cpus,
-                memory_mib: cfg.memory_mib,
-                cmdline: cmdline.clone(),
-                tags: cfg.shares.iter().map(|s| s.share.tag.clone()).collect(),
-            };
+            let spec = template_spec(
+                &cfg.kernel,
+                &cfg.initrd,
+                cfg.cpus,
+                cfg.memory_mib,
+                &cfg.kernel_args,
+                cfg.shares.iter().map(|s| s.share.tag.clone()).collect(),
+            );
             match crate::template::find_or_make(&spec, cfg.agent_timeout) {
                 Ok(crate::template::Found::Ready(l)) => Some(l),
                 Ok(crate::template::Found::Made(l)) => {
                     timings.mark(crate::timings::Phase::TemplateMade);
                     Some(l)
+                }
+                // The template VM itself did not come up: a cold boot of the same guest
+                // would not either (and would wait as long again).
+                Err(crate::template::Error::Make(m)) => {
+                    return Err(Error::Vm(format!("the VM did not come up: {m}")));
                 }
                 Err(e) => {
                     eprintln!("skiff: warning: no usable VM template ({e}); booting cold");

@@ -10,7 +10,12 @@
 //! SHA-256 of the data pages of `memory` (offset and contents of every non-zero page, found
 //! with `SEEK_DATA`, so the cost follows what the guest wrote, not its RAM size). A truncated,
 //! bit-flipped or foreign snapshot (another format version, backend, or Skiff version) is an
-//! error, never a VM started from it.
+//! error, never a VM started from it. Hashing the memory is the slowest part of a restore, so
+//! once a memory file has matched, `verified` records its identity (device, inode, size,
+//! modification and change time, the digest it matched); a later load of the same unchanged
+//! file skips the hash. Any write to the file changes its change time (which a user cannot
+//! set), so the record no longer matches and the file is hashed again; files changed in the
+//! last two seconds are never recorded (change times are coarse).
 //!
 //! A snapshot is written into a temporary sibling directory and renamed into place, so a
 //! reader never sees half of one, and of two writers racing for the same directory one wins
@@ -25,6 +30,12 @@ use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap, MemoryRegionAddress, MmapRegion,
 };
+
+/// A record that `memory` matched the state's digest (see [`load`]): hashing tens of MiB costs
+/// a restore more than everything else it does.
+pub const VERIFIED_FILE: &str = "verified";
+/// Seconds a memory file must have been unchanged before [`load`] records it as verified.
+const STAMP_MIN_AGE_S: i64 = 2;
 
 /// First bytes of a state file.
 pub const MAGIC: &[u8; 8] = b"SKIFFSNP";
@@ -503,6 +514,9 @@ pub struct Loaded {
     pub state: VmState,
     /// The memory file (mapped by [`Loaded::map_memory`]).
     pub memory: File,
+    /// The memory digest was not computed: `verified` records that this very file (device,
+    /// inode, size, modification and change times) already matched it.
+    pub verified_by_stamp: bool,
 }
 
 /// Reads and checks the snapshot in `dir` (state checksum, version, backend, memory length
@@ -550,15 +564,62 @@ pub fn load(dir: &Path) -> Result<Loaded> {
             state.memory_len
         )));
     }
-    let digest = digest_memory(&mut memory, len).map_err(|e| Error::Io {
-        what: "cannot read",
-        path: mem_path.clone(),
-        source: e,
-    })?;
-    if digest != state.memory_digest {
-        return Err(invalid("memory file checksum mismatch (damaged)".into()));
+    let stamp_path = dir.join(VERIFIED_FILE);
+    let stamp = memory
+        .metadata()
+        .ok()
+        .map(|md| verified_stamp(&md, &state.memory_digest));
+    let stamped = stamp
+        .as_ref()
+        .is_some_and(|(line, _)| std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == *line));
+    if !stamped {
+        let digest = digest_memory(&mut memory, len).map_err(|e| Error::Io {
+            what: "cannot read",
+            path: mem_path.clone(),
+            source: e,
+        })?;
+        if digest != state.memory_digest {
+            let _ = std::fs::remove_file(&stamp_path);
+            return Err(invalid("memory file checksum mismatch (damaged)".into()));
+        }
+        if let Some((line, true)) = stamp {
+            // Best effort (a read-only template directory just gets hashed every time).
+            let tmp = dir.join(format!(".{VERIFIED_FILE}-{}", std::process::id()));
+            if std::fs::write(&tmp, line).is_ok() && std::fs::rename(&tmp, &stamp_path).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
     }
-    Ok(Loaded { state, memory })
+    Ok(Loaded {
+        state,
+        memory,
+        verified_by_stamp: stamped,
+    })
+}
+
+/// The `verified` line for a memory file with metadata `md` and the digest the state expects,
+/// and whether it may be written: only for a file unchanged for [`STAMP_MIN_AGE_S`] (the
+/// kernel's change times are coarse: a write within the same tick as the stamp would keep
+/// them, one after that age cannot).
+fn verified_stamp(md: &std::fs::Metadata, digest: &[u8; 32]) -> (String, bool) {
+    use std::os::unix::fs::MetadataExt;
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let line = format!(
+        "v1 {}:{} {} {}.{:09} {}.{:09} {hex}\n",
+        md.dev(),
+        md.ino(),
+        md.len(),
+        md.mtime(),
+        md.mtime_nsec(),
+        md.ctime(),
+        md.ctime_nsec()
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let old = now - md.ctime().max(md.mtime()) >= STAMP_MIN_AGE_S;
+    (line, old)
 }
 
 impl Loaded {
@@ -715,5 +776,42 @@ mod tests {
         let mut s = sample();
         s.backend = "hvf-aarch64x".into();
         assert!(decode(&encode(&s)).unwrap_err().contains("backend"));
+    }
+
+    #[test]
+    fn a_verified_memory_file_is_hashed_again_only_when_it_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("snap");
+        save(&dir, sample(), &mem()).unwrap();
+        // Fresh files are never recorded (coarse change times).
+        assert!(!load(&dir).unwrap().verified_by_stamp);
+        assert!(!dir.join(VERIFIED_FILE).exists());
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        assert!(!load(&dir).unwrap().verified_by_stamp);
+        assert!(dir.join(VERIFIED_FILE).exists());
+        let l = load(&dir).unwrap();
+        assert!(l.verified_by_stamp);
+        let mut b = [0u8; 5];
+        l.map_memory()
+            .unwrap()
+            .read_slice(&mut b, GuestAddress(0x1234))
+            .unwrap();
+        assert_eq!(&b, b"hello");
+        // One bit flipped in place (same size): the change time moves, the record no longer
+        // matches, the hash catches it.
+        let mp = dir.join(MEMORY_FILE);
+        let mut f = std::fs::OpenOptions::new().write(true).open(&mp).unwrap();
+        f.seek(SeekFrom::Start(0x1235)).unwrap();
+        f.write_all(b"f").unwrap();
+        drop(f);
+        assert!(load(&dir).unwrap_err().to_string().contains("checksum"));
+        assert!(!dir.join(VERIFIED_FILE).exists());
+        // A forged record for the damaged file does not help: it must name its change time.
+        std::fs::write(
+            dir.join(VERIFIED_FILE),
+            std::fs::read_to_string(dir.join(STATE_FILE)).unwrap_or_default(),
+        )
+        .unwrap();
+        assert!(load(&dir).unwrap_err().to_string().contains("checksum"));
     }
 }

@@ -153,6 +153,23 @@ pub fn raise_nofile_limit() {
     });
 }
 
+/// Stops glibc from ever shrinking a thread's malloc heap. The first shrink reads
+/// `/proc/sys/vm/overcommit_memory` (an `openat`), from whichever thread frees memory then:
+/// under a seccomp allowlist without `openat` (the device threads) that ended the VMM (status
+/// 159) after a burst of guest traffic. Large blocks are mmapped and unmapped as before; only
+/// the top of a heap stays mapped (at most 128 MiB, the trim threshold). Once per process,
+/// before any filter is installed; a no-op off glibc.
+pub fn keep_malloc_heaps() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt only changes the allocator's parameters; any value is accepted.
+        unsafe {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+        }
+    });
+}
+
 /// Makes `fd` descriptor 3 of the child `cmd` starts (inherited across exec) and gives the
 /// child an empty signal mask (the caller may have blocked signals for its own forwarding).
 pub fn pass_fd_as_3(cmd: &mut std::process::Command, fd: std::os::fd::RawFd) {

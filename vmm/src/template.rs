@@ -55,6 +55,9 @@ pub enum Error {
     /// The template VM did not get to the point of being saved.
     #[error("making the template: {0}")]
     Make(String),
+    /// Another run was making the same template for longer than the wait allowed.
+    #[error("another run kept making this template for {0:?}")]
+    Busy(Duration),
     /// A template exists but cannot be used.
     #[error(transparent)]
     Damaged(#[from] snapshot::Error),
@@ -77,8 +80,11 @@ pub struct TemplateSpec {
     pub tags: Vec<String>,
 }
 
-/// The template directory: `${SKIFF_CACHE:-~/.cache/skiff}/templates`.
+/// The template directory: `$SKIFF_TEMPLATES`, else `${SKIFF_CACHE:-~/.cache/skiff}/templates`.
 pub fn templates_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SKIFF_TEMPLATES").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
     let cache = std::env::var_os("SKIFF_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -150,19 +156,18 @@ pub enum Found {
 /// The template for `spec`: the existing one when it is valid; else made now (a cold boot of
 /// a template VM, at most `timeout`). A damaged template is removed and reported as an error
 /// (the caller boots cold and warns; the next run makes a new one).
+///
+/// Makers of the same template take turns (an exclusive `flock` on `templates/.<key>.lock`,
+/// waited for at most `timeout`): the first makes it, the others then find it ready, so N
+/// runs started at once boot one template VM, not N.
 pub fn find_or_make(spec: &TemplateSpec, timeout: Duration) -> Result<Found, Error> {
-    let dir = templates_dir().join(key(spec)?);
-    if dir.join(snapshot::STATE_FILE).exists() {
-        return match snapshot::load(&dir) {
-            Ok(l) => Ok(Found::Ready(Arc::new(l))),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                Err(Error::Damaged(e))
-            }
-        };
+    let key = key(spec)?;
+    let parent = templates_dir();
+    let dir = parent.join(&key);
+    if let Some(found) = existing(&dir)? {
+        return Ok(Found::Ready(found));
     }
     // A cache that cannot take a template (read-only, full) must not cost a template boot.
-    let parent = templates_dir();
     std::fs::create_dir_all(&parent)
         .and_then(|_| tempfile_probe(&parent))
         .map_err(|e| Error::Io {
@@ -170,8 +175,62 @@ pub fn find_or_make(spec: &TemplateSpec, timeout: Duration) -> Result<Found, Err
             path: parent.clone(),
             source: e,
         })?;
+    let lock_path = parent.join(format!(".{key}.lock"));
+    let _lock = lock(&lock_path, timeout)?;
+    // Made by the run that held the lock before us?
+    if let Some(found) = existing(&dir)? {
+        return Ok(Found::Ready(found));
+    }
     make(spec, &dir, timeout)?;
     Ok(Found::Made(Arc::new(snapshot::load(&dir)?)))
+}
+
+/// The template in `dir` if there is one; a damaged one is removed and reported.
+fn existing(dir: &Path) -> Result<Option<Arc<Loaded>>, Error> {
+    if !dir.join(snapshot::STATE_FILE).exists() {
+        return Ok(None);
+    }
+    match snapshot::load(dir) {
+        Ok(l) => Ok(Some(Arc::new(l))),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(dir);
+            Err(Error::Damaged(e))
+        }
+    }
+}
+
+/// An exclusive `flock` on `path` (created if missing), waited for at most `timeout`; held
+/// until the returned file is dropped (also when the process dies).
+fn lock(path: &Path, timeout: Duration) -> Result<std::fs::File, Error> {
+    use rustix::fs::{flock, FlockOperation};
+    let io = |what, e| Error::Io {
+        what,
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| io("cannot open", e))?;
+    let start = Instant::now();
+    let mut noted = false;
+    loop {
+        match flock(&f, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(f),
+            Err(rustix::io::Errno::WOULDBLOCK) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(io("cannot lock", e.into())),
+        }
+        if start.elapsed() >= timeout {
+            return Err(Error::Busy(timeout));
+        }
+        if !noted {
+            tracing::info!(lock = %path.display(), "another run is making this template; waiting for it");
+            noted = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Boots a template VM for `spec` and saves it in `dir` (atomically: of two makers racing,
