@@ -2,7 +2,9 @@
 //! QEMU microvm, interleaved in the same run. Figures and ratios, never assertions.
 //!
 //! usage: boot [--runs N] [--vmm PATH] [--qemu PATH] [--linux KERNEL INITRD]
-//!   default: the tiny PVH guest (tests/guests/pvh.S), QEMU `-M microvm` lean flags
+//!   default: the tiny PVH guest (tests/guests/pvh.S), QEMU `-M microvm` lean flags; and
+//!            a counting guest (tests/guests/snapcount.S) launched cold vs restored from a
+//!            snapshot taken after its first line (`vmm --snapshot-to`, `vmm --restore`)
 //!   --linux: the Skiff kernel + initramfs; QEMU `-M microvm,rtc=on`; marker = agent line.
 //!            Needs real KVM: run it inside tools/kvm-vm on a PVM host.
 
@@ -128,14 +130,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn build_tiny_guest(root: &Path) -> Result<PathBuf> {
+fn build_tiny_guest(root: &Path, src: &str, defines: &[&str]) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("skiff-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let obj = dir.join("tiny.o");
-    let elf = dir.join("tiny.elf");
+    let obj = dir.join(format!("{src}.o"));
+    let elf = dir.join(format!("{src}.elf"));
     let ok = Command::new("gcc")
-        .args(["-c", "-x", "assembler-with-cpp", "-DACTION=0"])
-        .arg(root.join("tests/guests/pvh.S"))
+        .args(["-c", "-x", "assembler-with-cpp"])
+        .args(defines)
+        .arg(root.join("tests/guests").join(src))
         .arg("-o")
         .arg(&obj)
         .status()?
@@ -215,7 +218,30 @@ fn main() -> Result<()> {
     ]);
     let cases = match &linux {
         None => {
-            let tiny = build_tiny_guest(&root)?.to_string_lossy().to_string();
+            let tiny = build_tiny_guest(&root, "pvh.S", &["-DACTION=0"])?
+                .to_string_lossy()
+                .to_string();
+            // Restore against cold launch of one guest: it counts to 2, the snapshot is taken
+            // after 1 (SSE off: PVM cannot run it).
+            let counter = build_tiny_guest(
+                &root,
+                "snapcount.S",
+                &["-DSNAP_AT=1", "-DLIMIT=2", "-DDELAY=1000", "-DSSE=0"],
+            )?
+            .to_string_lossy()
+            .to_string();
+            let snap =
+                std::env::temp_dir().join(format!("skiff-bench-snap-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&snap);
+            let st = Command::new(&vmm)
+                .args(["--kernel", &counter, "--memory", "128", "--snapshot-to"])
+                .arg(&snap)
+                .stdout(Stdio::null())
+                .status()?;
+            if !st.success() {
+                bail!("taking the tiny guest's snapshot failed: {st}");
+            }
+            let snap = snap.to_string_lossy().to_string();
             let mut q = vec![
                 qemu.clone(),
                 "-M".into(),
@@ -233,6 +259,16 @@ fn main() -> Result<()> {
                     name: "qemu microvm (lean)",
                     argv: q,
                     marker: "PVH magic=ok",
+                },
+                Case {
+                    name: "vmm counter, cold",
+                    argv: s(&[&vmm, "--kernel", &counter, "--memory", "128", "--timings"]),
+                    marker: "sum=",
+                },
+                Case {
+                    name: "vmm counter, restored",
+                    argv: s(&[&vmm, "--restore", &snap, "--timings"]),
+                    marker: "sum=",
                 },
             ]
         }
@@ -331,7 +367,16 @@ fn main() -> Result<()> {
         "vmm setup before first vCPU entry (its --timings): {:.2} / {:.2} / {:.2} ms",
         setup.0, setup.1, setup.2
     );
-    if medians.len() == 2 {
+    if medians.len() == 4 {
+        let (c, r) = (medians[2], medians[3]);
+        println!(
+            "restored / cold launch of the counter guest: marker {:.2}x, exit {:.2}x, RSS {:.2}x",
+            r.1 / c.1,
+            r.2 / c.2,
+            r.3 / c.3
+        );
+    }
+    if medians.len() >= 2 {
         let (a, b) = (medians[0], medians[1]);
         println!(
             "ratio vmm/{}: first byte {:.2}x, marker {:.2}x, exit {:.2}x, RSS {:.2}x",

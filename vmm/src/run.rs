@@ -487,6 +487,7 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     client
         .create_container(CONTAINER, spec, rootfs, opts.tty, stdio)
         .map_err(|e| agent_failed("creating the container", &e))?;
+    timings.mark(Phase::ContainerCreated);
     let take = |kind| {
         hub.take(CONTAINER, "", kind, Duration::from_secs(30))
             .map_err(failed("stdio stream"))
@@ -510,6 +511,7 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
             o.flush()
         }));
     }
+    timings.mark(Phase::StreamsAttached);
     let _raw = if opts.tty && sys::is_tty(0) {
         sys::raw_mode(0).ok()
     } else {

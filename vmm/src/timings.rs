@@ -28,6 +28,10 @@ pub enum Phase {
     BootStamp(u8),
     /// The guest agent connected to the host (ready to run containers).
     AgentReady,
+    /// The agent created the container (namespaces, mounts, its process waiting to exec).
+    ContainerCreated,
+    /// The container's stdio streams reached the host.
+    StreamsAttached,
     /// The container's process was started.
     ContainerStarted,
     /// The container's process exited and its output was drained.
@@ -53,6 +57,8 @@ impl Phase {
             Phase::BootStamp(123) => "boot-timer stamp (userspace)".into(),
             Phase::BootStamp(v) => format!("boot-timer stamp ({v})"),
             Phase::AgentReady => "agent ready".into(),
+            Phase::ContainerCreated => "container created".into(),
+            Phase::StreamsAttached => "stdio streams attached".into(),
             Phase::ContainerStarted => "container started".into(),
             Phase::ContainerExited => "container exited".into(),
             Phase::Exit => "exit".into(),
