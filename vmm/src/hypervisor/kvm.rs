@@ -575,15 +575,33 @@ impl Vcpu for KvmVcpu {
         fd.set_xcrs(&xcrs).map_err(c("KVM_SET_XCRS"))?;
         fd.set_debug_regs(&dregs).map_err(c("KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&lapic).map_err(c("KVM_SET_LAPIC"))?;
-        for chunk in msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+        // KVM_SET_MSRS stops at the first MSR it refuses. KVM's optional paravirtual features
+        // may be refused (seen: the async page-fault MSR, 2 of 20 restores under load in
+        // nested KVM); without them the guest just gets no async page faults, steal time or
+        // PV EOI (each is a hint it checks in shared memory), so such an MSR is left out
+        // and the rest set. Any other refused MSR fails the restore.
+        let mut rest: &[kvm_msr_entry] = &msrs;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
             let list = Msrs::from_entries(chunk)
                 .map_err(|e| Error::BadState(format!("MSR list: {e:?}")))?;
             let n = fd.set_msrs(&list).map_err(c("KVM_SET_MSRS"))?;
             if n < chunk.len() {
-                return Err(Error::BadState(format!(
-                    "KVM refused MSR {:#x} of the saved state",
-                    chunk[n].index
-                )));
+                let refused = chunk[n];
+                if !OPTIONAL_PV_MSRS.contains(&refused.index) {
+                    return Err(Error::BadState(format!(
+                        "KVM refused MSR {:#x} of the saved state",
+                        refused.index
+                    )));
+                }
+                tracing::warn!(
+                    msr = format!("{:#x}", refused.index),
+                    value = format!("{:#x}", refused.data),
+                    "KVM refused an optional paravirtual MSR of the saved state; left out"
+                );
+                rest = &rest[n + 1..];
+            } else {
+                rest = &rest[chunk.len()..];
             }
         }
         fd.set_vcpu_events(&events)
@@ -591,6 +609,17 @@ impl Vcpu for KvmVcpu {
         Ok(())
     }
 }
+
+/// KVM paravirtual MSRs a restore may leave out (see `restore_state`): async page faults
+/// (enable, interrupt vector, ack), steal time, PV EOI, poll control.
+const OPTIONAL_PV_MSRS: [u32; 6] = [
+    0x4b56_4d02,
+    0x4b56_4d03,
+    0x4b56_4d04,
+    0x4b56_4d05,
+    0x4b56_4d06,
+    0x4b56_4d07,
+];
 
 impl KvmVcpu {
     /// Snapshots use the 4 KiB `kvm_xsave`; a host whose XSAVE area is larger (AMX) would need
