@@ -8,7 +8,8 @@
 //! 3. `--idle` containers at once (`vmm run -- sh -c 'echo up; sleep 600'`), cold, then warm:
 //!    once each printed `up`, the summed PSS of the VMM processes (`/proc/PID/smaps_rollup`:
 //!    a page shared by k processes counts 1/k in each, so restored VMs sharing the template's
-//!    page cache show it), then they are stopped (SIGTERM, forwarded to the container).
+//!    page cache show it), then they are stopped (three SIGTERMs: the first is forwarded to
+//!    the container, whose PID 1 ignores it; the third ends `vmm run`).
 //!
 //! Medians (min–max) go to stdout and `--out DIR`/results.txt.
 //!
@@ -189,11 +190,23 @@ fn idle_pss(o: &Opts, n: usize, cold: bool) -> Result<u64> {
         }
         Ok(total)
     })();
-    for k in kids.iter_mut() {
-        let _ = Command::new("kill").arg(k.id().to_string()).status();
+    // The container's `sleep` is its PID 1, which ignores a forwarded SIGTERM (as under runc):
+    // the third terminating signal makes `vmm run` end anyway; SIGKILL if even that fails.
+    for _ in 0..3 {
+        for k in kids.iter_mut() {
+            let _ = Command::new("kill").arg(k.id().to_string()).status();
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
+    let deadline = Instant::now() + Duration::from_secs(20);
     for k in kids.iter_mut() {
-        let _ = k.wait();
+        while matches!(k.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(k.try_wait(), Ok(None)) {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
     }
     r
 }
