@@ -153,6 +153,18 @@ if [ -d /sys/module/kvm_pvm ]; then
   check "wedged L1: found within 60 s, not at --timeout (took $e3 s)" [ "$e3" -lt 60 ]
   check "wedged L1: message on stderr" grep -q '^kvm-vm: L1 stopped responding' "$t/stderr3"
   [ "$rc3" = 125 ] || { echo "--- stderr of run 3:"; cat "$t/stderr3"; }
+
+  # ---- run 4: a half-wedged L1 (simulated: the watchdog line of a CPU stuck for 99 s on
+  # L1's console while the heartbeat goes on)
+  s4=$SECONDS
+  "$KVM_VM" --timeout 300 -- sh -c 'echo "watchdog: BUG: soft lockup - CPU#0 stuck for 99s! [vcpu0:1]" > /dev/ttyS0; sleep 250' \
+    > "$t/stdout4" 2> "$t/stderr4"
+  rc4=$? e4=$((SECONDS - s4))
+  echo "# run 4: $e4 s"
+  check "half-wedged L1: exit 125 (got $rc4)" [ "$rc4" = 125 ]
+  check "half-wedged L1: found within 60 s, not at --timeout (took $e4 s)" [ "$e4" -lt 60 ]
+  check "half-wedged L1: message on stderr" grep -q '^kvm-vm: an L1 CPU is stuck' "$t/stderr4"
+  [ "$rc4" = 125 ] || { echo "--- stderr of run 4:"; cat "$t/stderr4"; }
 fi
 
 echo

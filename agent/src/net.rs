@@ -201,6 +201,8 @@ pub struct IfacePlan {
     pub name: Option<String>,
     pub addresses: Vec<Cidr>,
     pub mtu: Option<u32>,
+    /// The address the interface gets before it comes up.
+    pub set_mac: Option<[u8; 6]>,
 }
 
 /// One route, checked, with the interface (index into [`Plan::interfaces`]) it goes out of.
@@ -256,6 +258,15 @@ pub fn plan(cfg: &NetworkConfig) -> Result<Plan, Error> {
             MAX_NET_ADDRESSES,
         )?;
         let mac = i.mac.as_deref().map(parse_mac).transpose()?;
+        let set_mac = i.set_mac.as_deref().map(parse_mac).transpose()?;
+        if let Some(m) = set_mac {
+            if m[0] & 1 != 0 || m == [0; 6] {
+                return Err(invalid(format!(
+                    "MAC {} is not a unicast address",
+                    fmt_mac(&m)
+                )));
+            }
+        }
         if let Some(name) = &i.name {
             if !valid_ifname(name) {
                 return Err(invalid(format!("interface name {name:?}")));
@@ -281,6 +292,7 @@ pub fn plan(cfg: &NetworkConfig) -> Result<Plan, Error> {
             name: i.name.clone(),
             addresses,
             mtu: i.mtu,
+            set_mac,
         });
     }
     for (a, b) in interfaces
@@ -288,7 +300,10 @@ pub fn plan(cfg: &NetworkConfig) -> Result<Plan, Error> {
         .enumerate()
         .flat_map(|(n, a)| interfaces.iter().skip(n + 1).map(move |b| (a, b)))
     {
-        if (a.mac.is_some() && a.mac == b.mac) || (a.name.is_some() && a.name == b.name) {
+        if (a.mac.is_some() && a.mac == b.mac)
+            || (a.name.is_some() && a.name == b.name)
+            || (a.set_mac.is_some() && a.set_mac == b.set_mac)
+        {
             return Err(invalid("two interfaces with the same MAC or name"));
         }
     }
@@ -752,6 +767,7 @@ impl Rtnl {
         up: bool,
         mtu: Option<u32>,
         name: Option<&str>,
+        address: Option<&[u8; 6]>,
     ) -> Result<(), Error> {
         self.request(what, |seq| {
             let flags = if up { IFF_UP } else { 0 };
@@ -763,6 +779,9 @@ impl Rtnl {
             );
             if let Some(mtu) = mtu {
                 m = m.attr(IFLA_MTU, &mtu.to_ne_bytes());
+            }
+            if let Some(a) = address {
+                m = m.attr(IFLA_ADDRESS, a);
             }
             if let Some(name) = name {
                 let mut z = name.as_bytes().to_vec();
@@ -885,7 +904,7 @@ pub fn apply(plan: &Plan) -> Result<Vec<u32>, Error> {
         current_names.push(link.name.clone());
     }
     if let Some(lo) = links.iter().find(|l| l.name == "lo") {
-        nl.set_link("bringing lo up", lo.index, true, None, None)?;
+        nl.set_link("bringing lo up", lo.index, true, None, None, None)?;
     }
     for ((i, &index), cur) in plan.interfaces.iter().zip(&indexes).zip(&current_names) {
         let mut name = cur.clone();
@@ -896,6 +915,7 @@ pub fn apply(plan: &Plan) -> Result<Vec<u32>, Error> {
                 false,
                 None,
                 Some(new),
+                None,
             )?;
             name = new.to_string();
         }
@@ -906,9 +926,27 @@ pub fn apply(plan: &Plan) -> Result<Vec<u32>, Error> {
                 false,
                 Some(mtu),
                 None,
+                None,
             )?;
         }
-        nl.set_link(&format!("bringing {name} up"), index, true, None, None)?;
+        if let Some(mac) = &i.set_mac {
+            nl.set_link(
+                &format!("setting the MAC address of {name} to {}", fmt_mac(mac)),
+                index,
+                false,
+                None,
+                None,
+                Some(mac),
+            )?;
+        }
+        nl.set_link(
+            &format!("bringing {name} up"),
+            index,
+            true,
+            None,
+            None,
+            None,
+        )?;
         for a in &i.addresses {
             nl.add_address(index, a).map_err(|e| match e {
                 Error::Netlink { what, source } => Error::Netlink {

@@ -240,6 +240,10 @@ pub struct NetInterface {
     pub addresses: Vec<String>,
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// The MAC address the interface is given before it comes up (a VM restored from a
+    /// template: its card still has the template's address, `mac`, and the run has its own).
+    #[serde(default)]
+    pub set_mac: Option<String>,
 }
 
 /// One route. The interface is the one with an address whose subnet holds the gateway (or
@@ -568,6 +572,7 @@ fn check_network(n: &NetworkConfig) -> Result<(), FrameError> {
         )?;
         i.mac
             .iter()
+            .chain(&i.set_mac)
             .chain(&i.name)
             .chain(&i.addresses)
             .try_for_each(|s| len(s))?;

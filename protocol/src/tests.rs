@@ -16,6 +16,7 @@ fn network() -> NetworkConfig {
             name: Some("eth0".into()),
             addresses: vec!["10.0.2.15/24".into(), "fd00::2/64".into()],
             mtu: Some(65520),
+            set_mac: Some("52:54:00:12:34:57".into()),
         }],
         routes: vec![
             NetRoute {

@@ -69,7 +69,11 @@ for i in $(seq 50); do wget -q -O /dev/null http://127.0.0.1:8000/file.txt 2>/de
 V="timeout -k 5 180 $VMM run"
 
 # Outbound TCP through passt's gateway mapping (10.0.2.2 = the host's loopback).
-res tcp $V --hostname box -- sh -c 'wget -q -O - http://10.0.2.2:8000/file.txt; hostname; cat /etc/hostname; ip -o -4 addr show eth0; ip route'
+# Warm (the default): the VM is restored from a template made with a network card; the card
+# gets the run's MAC address. Then the same with --cold (the kernel boots).
+for c in tcp tcp_cold; do
+  res $c $V --timings $([ $c = tcp_cold ] && echo --cold) --hostname box -- sh -c 'wget -q -O - http://10.0.2.2:8000/file.txt; hostname; cat /etc/hostname; ip -o -4 addr show eth0; ip route; echo "mac $(cat /sys/class/net/eth0/address)"'
+done
 # Published ports: two VMs at once, each with its own host port.
 for p in 1 2; do
   $V -p 127.0.0.1:1808$p:80 -- sh -c "mkdir -p /www; echo from-container-$p > /www/index.html; httpd -f -p 80 -h /www & sleep 60" > "$OUT/pub$p.vm" 2>&1 &
@@ -105,7 +109,7 @@ ip -n sknet link set sktap0 up
 ip netns exec sknet python3 -m http.server 8002 --bind 10.9.0.1 --directory "$OUT" > /dev/null 2>&1 &
 TAPSRV=$!
 for i in $(seq 100); do ip netns exec sknet wget -q -O /dev/null http://10.9.0.1:8002/file.txt 2>/dev/null && break; sleep 0.2; done
-res tap ip netns exec sknet $V --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/file.txt; ip -o link show eth0'
+res tap ip netns exec sknet $V --timings --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/file.txt; echo "mac $(cat /sys/class/net/eth0/address)"'
 res tapbig ip netns exec sknet $VBIG --net tap:sktap0 --ip 10.9.0.2/24 --gateway 10.9.0.1 -- sh -c 'wget -q -O - http://10.9.0.1:8002/tapbig | sha256sum'
 ip netns exec sknet python3 /tmp/sink.py 10.9.0.1 9001 "$OUT/tapbig_out.sha" &
 SINK=$!

@@ -242,6 +242,28 @@ pub fn run_script_on_real_kvm_mem(
     rc
 }
 
+/// A shell script running `cases` (name, body) one after the other that picks up where a
+/// wedged attempt stopped: each finished case is appended to `OUT/.done` (`done_dir`), a
+/// retry (the file exists) first forgets the last `redo` finished cases (the substrate may
+/// already have been failing under them) and skips the rest. Each case is announced on
+/// stderr (`case NAME: start <epoch>`). Bodies run in the script's shell (`{ }`); one that
+/// sets `CASE_HUNG=1` (it saw the substrate fail under it) is not marked finished.
+pub fn resumable_cases(done_dir: &Path, cases: &[(&str, String)], redo: usize) -> String {
+    let done = done_dir.join(".done");
+    let d = done.display();
+    let mut s = format!(
+        "if [ -e {d} ]; then n=$(wc -l < {d}); head -n $(( n > {redo} ? n - {redo} : 0 )) {d} > {d}.tmp; mv {d}.tmp {d}; \
+         echo \"resuming after $(wc -l < {d}) finished cases\" >&2; else : > {d}; fi\n"
+    );
+    for (name, body) in cases {
+        s.push_str(&format!(
+            "if grep -qx '{name}' {d}; then echo \"case {name}: done before\" >&2; else\n\
+             echo \"case {name}: start $(date +%s.%N)\" >&2\nCASE_HUNG=0\n{{ {body}\n}}\n[ $CASE_HUNG = 1 ] || echo '{name}' >> {d}\nfi\n"
+        ));
+    }
+    s
+}
+
 /// Path of an artefact built by one of the repository's scripts (`kernel/build.sh`,
 /// `kernel/build-initramfs.sh`) with `--print-path`; builds it when it is not cached yet.
 pub fn artefact(script: &str) -> PathBuf {

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use skiff_tests::{
-    kvm_kind, repo_root, run_script_on_real_kvm_mem, skiff_kernel_and_initrd, vmm_binary, KvmKind,
+    kvm_kind, repo_root, resumable_cases, run_script_on_real_kvm_mem, skiff_kernel_and_initrd,
+    vmm_binary, KvmKind,
 };
 
 fn busybox_root(dir: &Path) {
@@ -107,8 +108,8 @@ echo $? > $OUT/import.rc
 # res NAME CMD...: stdout+stderr to NAME.out, status to NAME.rc
 # A case whose ctr hit its timeout makes the script exit 124: the harness treats it like a
 # hung nested VM and retries the case once (loudly).
-HUNG=0
-res() {{ n=$1; shift; "$@" > $OUT/$n.out 2>&1; r=$?; echo $r > $OUT/$n.rc; echo "case $n: $r" >&2; [ $r = 124 ] && HUNG=1; }}
+HUNG=0 CASE_HUNG=0
+res() {{ n=$1; shift; "$@" > $OUT/$n.out 2>&1; r=$?; echo $r > $OUT/$n.rc; echo "case $n: $r" >&2; [ $r = 124 ] && HUNG=1 CASE_HUNG=1; }}
 # stopped ID: waits (up to 30 s) until `ctr task ls` shows ID as STOPPED or no longer lists it.
 stopped() {{ for n in $(seq 150); do $C task ls | grep -q "^$1 .*\(RUNNING\|PAUSED\|CREATED\)" || return 0; sleep 0.2; done; return 1; }}
 "#,
@@ -221,14 +222,24 @@ impl Lab {
     }
 
     /// Runs `cases` one after the other in one nested VM with one containerd, each followed
-    /// by its leak check (NAME.leaks); a hang or a wedged L1 reruns the whole batch.
+    /// by its leak check (NAME.leaks); after a hang or a wedged L1 the batch runs again from
+    /// the case that had not finished (see [`resumable_cases`]).
     fn run_batch(&self, batch: &str, cases: &[(&str, String)], timeout_s: u32) {
-        let mut body = String::new();
-        for (name, b) in cases {
-            body.push_str(&format!(
-                "echo \"case {name}: start\" >&2\n{b}\nsleep 1\n{{ pgrep -fa containerd-shim-skiff-v2; ls /run/containerd/s 2>/dev/null; grep $LAB /proc/mounts; }} > $OUT/{name}.leaks 2>&1\n"
-            ));
-        }
+        // A retry after a wedged L1 runs only the cases that had not finished (and the last
+        // one that had).
+        let with_leaks: Vec<(&str, String)> = cases
+            .iter()
+            .map(|(name, b)| {
+                (*name, format!(
+                    "tf0=$(grep -c exit=TripleFault $OUT/$CASE.containerd.log 2>/dev/null)\n{b}\nsleep 1\n\
+                     [ \"$(grep -c exit=TripleFault $OUT/$CASE.containerd.log 2>/dev/null)\" = \"$tf0\" ] || \
+                     {{ echo \"case {name}: a VM triple-faulted on nested KVM; it runs again\" >&2; HUNG=1 CASE_HUNG=1; }}\n{{ pgrep -fa containerd-shim-skiff-v2; ls /run/containerd/s 2>/dev/null; grep $LAB /proc/mounts; }} > $OUT/{name}.leaks 2>&1"
+                ))
+            })
+            .collect();
+        let done = self.out.join(batch);
+        std::fs::create_dir_all(&done).unwrap();
+        let body = resumable_cases(&done, &with_leaks, 1);
         self.run_full(batch, "", &body, timeout_s, None);
     }
 

@@ -6,7 +6,8 @@
 #![allow(clippy::unwrap_used)]
 
 use skiff_tests::{
-    kvm_kind, repo_root, run_script_on_real_kvm, skiff_kernel_and_initrd, vmm_binary, KvmKind,
+    kvm_kind, repo_root, resumable_cases, run_script_on_real_kvm, skiff_kernel_and_initrd,
+    vmm_binary, KvmKind,
 };
 
 struct Case {
@@ -173,14 +174,16 @@ fn vmm_run_cases() {
     // All cases one after the other in one nested VM (one L1 boot, host-side timeout, retried
     // if L1 wedges), with warm start on (the default): the first `vmm run` makes the template
     // (in L1's own /tmp, see run_script_on_real_kvm), the others restore it.
-    let mut all = String::from("set -u\n");
-    for (name, body) in &scripts {
-        let dir = out.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        all.push_str(&format!(
-            "echo \"case {name}: start $(date +%s.%N)\" >&2\n( {body} )\n"
-        ));
+    // A retry after a wedged L1 runs only the cases that had not finished (and the last one
+    // that had).
+    for (name, _) in &scripts {
+        std::fs::create_dir_all(out.join(name)).unwrap();
     }
+    let subshells: Vec<(&str, String)> = scripts
+        .iter()
+        .map(|(n, b)| (*n, format!("( {b} )")))
+        .collect();
+    let all = format!("set -u\n{}", resumable_cases(&out, &subshells, 1));
     let path = out.join("cases.sh");
     std::fs::write(&path, all).unwrap();
     run_script_on_real_kvm("vmm-run-cases", &path, &out, 900);

@@ -246,8 +246,8 @@ struct RunArgs {
     /// kept in ~/.cache/skiff/templates (or $SKIFF_TEMPLATES) per Skiff version, kernel,
     /// initramfs, vCPUs, memory, kernel arguments and number of volumes, and made by the
     /// first run that needs it (one cold boot). A damaged template or a cache that cannot
-    /// take one gives one warning line and a cold boot. VMs with a network card (--net other
-    /// than none) boot cold for now.
+    /// take one gives one warning line and a cold boot. A VM with a network card restores a
+    /// template with one (per kind: passt, tap, stream or dgram) and gets its own MAC address.
     #[arg(long)]
     cold: bool,
     /// The command to run, after `--`.
@@ -259,6 +259,16 @@ struct RunArgs {
 struct TemplateArgs {
     #[command(subcommand)]
     action: TemplateAction,
+}
+
+/// `vmm template create --net`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum NetKind {
+    None,
+    Passt,
+    Tap,
+    Stream,
+    Dgram,
 }
 
 #[derive(Debug, Subcommand)]
@@ -298,6 +308,10 @@ struct TemplateCreateArgs {
     /// How long the template VM may take to come up, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 180)]
     agent_timeout: u64,
+    /// For runs with this kind of `--net` (a network card as `vmm run --net` makes it: passt
+    /// with MTU 65520, tap with offloads, stream/dgram sockets with MTU 1500).
+    #[arg(long, value_enum, value_name = "KIND", default_value = "none")]
+    net: NetKind,
 }
 
 /// `vmm template create`: the template `vmm run` would find for these options.
@@ -316,8 +330,31 @@ fn template_create(c: &TemplateCreateArgs) -> anyhow::Result<PathBuf> {
         .into_iter()
         .chain((0..c.volumes).map(|n| format!("vol{n}")))
         .collect();
-    let spec =
-        skiff_vmm::sandbox::template_spec(&kernel, &initrd, c.cpus, c.memory, &c.kernel_arg, tags);
+    use skiff_vmm::template::NetShape;
+    let net = match c.net {
+        NetKind::None => None,
+        NetKind::Passt => Some(NetShape {
+            vnet_hdr: false,
+            mtu: skiff_vmm::passt::MTU,
+        }),
+        NetKind::Tap => Some(NetShape {
+            vnet_hdr: true,
+            mtu: 1500,
+        }),
+        NetKind::Stream | NetKind::Dgram => Some(NetShape {
+            vnet_hdr: false,
+            mtu: 1500,
+        }),
+    };
+    let spec = skiff_vmm::sandbox::template_spec(
+        &kernel,
+        &initrd,
+        c.cpus,
+        c.memory,
+        &c.kernel_arg,
+        tags,
+        net,
+    );
     let timeout = std::time::Duration::from_secs(c.agent_timeout.max(1));
     match skiff_vmm::template::find_or_make(&spec, timeout)? {
         skiff_vmm::template::Found::Ready(_) => eprintln!("vmm template create: it exists"),

@@ -74,8 +74,9 @@ pub struct SandboxConfig {
     /// 0 = no limit; default: `$SKIFF_BOOT_SLOTS`, else the number of CPUs).
     pub boot_slots: Option<usize>,
     /// Warm start: restore the VM from a template ([`crate::template`]) instead of booting the
-    /// kernel, making the template first when there is none. VMs with a network card boot
-    /// cold for now; a damaged template gives one warning line and a cold boot.
+    /// kernel, making the template first when there is none (a VM with a network card
+    /// restores one made with a card of the same kind; its card gets the run's MAC address);
+    /// a damaged template gives one warning line and a cold boot.
     pub warm_start: bool,
 }
 
@@ -194,6 +195,7 @@ pub fn template_spec(
     memory_mib: u64,
     kernel_args: &[String],
     tags: Vec<String>,
+    net: Option<crate::template::NetShape>,
 ) -> crate::template::TemplateSpec {
     crate::template::TemplateSpec {
         kernel: kernel.to_path_buf(),
@@ -202,6 +204,7 @@ pub fn template_spec(
         memory_mib,
         cmdline: guest_cmdline(kernel_args),
         tags,
+        net,
     }
 }
 
@@ -261,7 +264,22 @@ impl Sandbox {
             }
         };
         let cmdline = guest_cmdline(&cfg.kernel_args);
-        let restore = if cfg.warm_start && cfg.net == SandboxNet::None {
+        let net_shape = match &cfg.net {
+            SandboxNet::None
+            | SandboxNet::Backend {
+                spec: NetSpec::None,
+                ..
+            } => None,
+            SandboxNet::Passt { dns, .. } => Some(crate::template::NetShape {
+                vnet_hdr: false,
+                mtu: GuestNet::passt(dns).mtu,
+            }),
+            SandboxNet::Backend { spec, guest } => Some(crate::template::NetShape {
+                vnet_hdr: matches!(spec, NetSpec::Tap(_)),
+                mtu: guest.mtu,
+            }),
+        };
+        let restore = if cfg.warm_start {
             let spec = template_spec(
                 &cfg.kernel,
                 &cfg.initrd,
@@ -269,6 +287,7 @@ impl Sandbox {
                 cfg.memory_mib,
                 &cfg.kernel_args,
                 cfg.shares.iter().map(|s| s.share.tag.clone()).collect(),
+                net_shape,
             );
             match crate::template::find_or_make(&spec, cfg.agent_timeout) {
                 Ok(crate::template::Found::Ready(l)) => Some(l),
@@ -460,7 +479,12 @@ impl Sandbox {
                 p.check_alive().map_err(|e| Error::Vm(e.to_string()))?;
             }
             client
-                .configure_network(&guest_network_config(guest, mac, cfg.hostname.as_deref()))
+                .configure_network(&guest_network_config(
+                    guest,
+                    mac,
+                    restored,
+                    cfg.hostname.as_deref(),
+                ))
                 .map_err(|e| agent_err("configuring the guest network".into(), e))?;
         }
         tracing::info!(
@@ -664,23 +688,27 @@ type VmResult = Result<RunResult, vm::Error>;
 
 /// What the agent is told about the guest's network: `eth0` (found by `mac`) with the
 /// address, MTU and default route, the DNS servers, the host name, and `host.skiff.internal`
-/// for the gateway (the host's loopback under passt).
+/// for the gateway (the host's loopback under passt). A guest `restored` from a template
+/// finds its card by the template's MAC and gives it `mac` before it comes up.
 fn guest_network_config(
     guest: &GuestNet,
     mac: [u8; 6],
+    restored: bool,
     hostname: Option<&str>,
 ) -> skiff_protocol::NetworkConfig {
-    let mac = mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let fmt = |m: &[u8; 6]| skiff_devices::virtio::net::format_mac(m);
+    let (find, set_mac) = if restored {
+        (fmt(&crate::template::TEMPLATE_MAC), Some(fmt(&mac)))
+    } else {
+        (fmt(&mac), None)
+    };
     skiff_protocol::NetworkConfig {
         interfaces: vec![skiff_protocol::NetInterface {
-            mac: Some(mac),
+            mac: Some(find),
             name: Some("eth0".into()),
             addresses: vec![format!("{}/{}", guest.address, guest.prefix)],
             mtu: Some(u32::from(guest.mtu)),
+            set_mac,
         }],
         routes: vec![skiff_protocol::NetRoute {
             destination: "0.0.0.0/0".into(),

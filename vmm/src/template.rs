@@ -20,14 +20,19 @@
 //! it. A VM restored from it gets a vsock transport reset, its agent's next dial reaches the
 //! real host, which first sends `Reseed` (fresh entropy, the clock).
 //!
-//! VMs with a network card boot cold for now: the guest learned the card's MAC address while
-//! the template was made, and the agent cannot change it yet.
+//! A VM with a network card restores a template with one too: made over a backend that
+//! carries nothing ([`NullBackend`], offering the same features as the run's backend: the
+//! virtio-net header or not, which the key holds with the MTU) with the MAC address
+//! [`TEMPLATE_MAC`]. The guest's interface stays down until the agent is told the run's
+//! network; then it gets the run's MAC address (`set_mac`) before it comes up, and the
+//! restored card carries the run's backend from the first frame.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use skiff_devices::virtio::net::{NetConfig, NullBackend};
 
 use crate::fs_device::{self, Share};
 use crate::snapshot::{self, Loaded};
@@ -38,6 +43,19 @@ use crate::vm::{self, GuestExit, SerialOut, SnapshotAt, VmConfig, VmControl};
 pub const TEMPLATE_ARG: &str = "skiff.template=1";
 /// The boot-timer value the agent writes in template mode.
 pub const TEMPLATE_STAMP: u8 = 200;
+/// The MAC address of a template's network card (a restored guest's interface has it until
+/// the agent sets the run's).
+pub const TEMPLATE_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x01];
+
+/// What a network card looks like to the guest, apart from its MAC address: the features it
+/// offers (offloads only over a backend with the virtio-net header) and its MTU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetShape {
+    /// The backend carries the virtio-net header (tap): checksum and segmentation offloads.
+    pub vnet_hdr: bool,
+    /// The MTU the card reports.
+    pub mtu: u16,
+}
 
 /// Errors making or finding a template.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +96,8 @@ pub struct TemplateSpec {
     pub cmdline: String,
     /// Tags of the virtio-fs devices, in slot order.
     pub tags: Vec<String>,
+    /// The network card after them, if any.
+    pub net: Option<NetShape>,
 }
 
 /// The template directory: `$SKIFF_TEMPLATES`, else `${SKIFF_CACHE:-~/.cache/skiff}/templates`.
@@ -137,6 +157,9 @@ pub fn key(spec: &TemplateSpec) -> Result<String, Error> {
     ));
     for t in &spec.tags {
         h.update(format!("tag={t}\0"));
+    }
+    if let Some(n) = spec.net {
+        h.update(format!("net=vnet_hdr:{},mtu:{}\0", n.vnet_hdr, n.mtu));
     }
     Ok(h.finalize()[..16]
         .iter()
@@ -271,6 +294,18 @@ pub fn make(spec: &TemplateSpec, dir: &Path, timeout: Duration) -> Result<(), Er
             policy: Default::default(),
         };
         devices.push(fs_device::create(&share, &budget).map_err(|e| Error::Make(e.to_string()))?);
+    }
+    // Kept until the VM ends.
+    let mut _net_loop = None;
+    if let Some(n) = spec.net {
+        let backend = NullBackend::new(n.vnet_hdr)
+            .map_err(|e| Error::Make(format!("the template's network card: {e}")))?;
+        let mut ncfg = NetConfig::new(TEMPLATE_MAC);
+        ncfg.mtu = n.mtu;
+        let (f, l) = crate::net_device::create_with_backend(Box::new(backend), ncfg)
+            .map_err(|e| Error::Make(e.to_string()))?;
+        devices.push(f);
+        _net_loop = Some(l);
     }
     let console = work.join("console.log");
     let cfg = VmConfig {

@@ -10,6 +10,7 @@ fn cfg() -> NetworkConfig {
             name: Some("eth0".into()),
             addresses: vec!["10.0.2.15/24".into(), "fd00::2/64".into()],
             mtu: Some(1400),
+            set_mac: None,
         }],
         routes: vec![
             NetRoute {
@@ -165,6 +166,7 @@ fn plan_parses_and_picks_interfaces() {
         name: None,
         addresses: vec!["192.168.1.2/24".into()],
         mtu: None,
+        set_mac: None,
     });
     assert!(matches!(plan(&c), Err(Error::Invalid(_))));
     c.routes.truncate(2);
@@ -407,6 +409,26 @@ fn configures_a_veth_in_a_private_namespace() {
             let _c = std::net::TcpStream::connect(to).unwrap();
             l.accept().unwrap();
         }
+    });
+}
+
+#[test]
+fn a_restored_card_gets_the_runs_mac_before_it_comes_up() {
+    in_new_netns(|| {
+        // The card of a VM restored from a template still has the template's MAC.
+        ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+        ip(&["link", "set", "v0", "address", "52:54:00:00:00:01"]);
+        let mut c = cfg();
+        c.interfaces[0].mac = Some("52:54:00:00:00:01".into());
+        c.interfaces[0].set_mac = Some("52:54:00:ab:cd:ef".into());
+        let idx = apply(&plan(&c).unwrap()).unwrap();
+        let link = ip(&["-o", "link", "show", "eth0"]);
+        assert!(link.contains("link/ether 52:54:00:ab:cd:ef"), "{link}");
+        assert!(link.contains(",UP"), "{link}");
+        assert!(link.starts_with(&format!("{}: eth0", idx[0])), "{link}");
+        // A multicast address is refused before anything is changed.
+        c.interfaces[0].set_mac = Some("53:54:00:ab:cd:ef".into());
+        assert!(matches!(plan(&c), Err(Error::Invalid(_))));
     });
 }
 

@@ -8,6 +8,9 @@
 //!   `-listen-vfkit`, vmnet-helper).
 //! - [`TapBackend`] (Linux): a tap device with `IFF_VNET_HDR`, so frames carry the 12-byte
 //!   virtio-net header and offloads can be negotiated with the guest.
+//! - [`NullBackend`]: no network: nothing arrives, every frame sent is dropped. The card of a
+//!   VM template (the run plugs its own backend into the restored card); it offers the same
+//!   features as the backend it stands for.
 //!
 //! Every backend is built from an already-open descriptor where that makes sense, so the VMM
 //! can hand over one end of a socketpair it shares with passt. Backends never block: they
@@ -400,5 +403,46 @@ impl NetBackend for TapBackend {
             }
             r => r,
         }
+    }
+}
+
+/// No network: nothing is ever received and every frame sent is dropped. It stands for a
+/// backend with (or without) the virtio-net header, so a card made with it offers the same
+/// features as one over that backend.
+#[derive(Debug)]
+pub struct NullBackend {
+    vnet_hdr: bool,
+    fd: std::os::unix::net::UnixDatagram,
+    _peer: std::os::unix::net::UnixDatagram,
+}
+
+impl NullBackend {
+    /// A null backend standing for one with (`vnet_hdr`) or without the virtio-net header.
+    pub fn new(vnet_hdr: bool) -> io::Result<NullBackend> {
+        let (fd, peer) = std::os::unix::net::UnixDatagram::pair()?;
+        fd.set_nonblocking(true)?;
+        Ok(NullBackend {
+            vnet_hdr,
+            fd,
+            _peer: peer,
+        })
+    }
+}
+
+impl NetBackend for NullBackend {
+    fn vnet_hdr(&self) -> bool {
+        self.vnet_hdr
+    }
+
+    fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    fn recv(&mut self, _buf: &mut [u8]) -> io::Result<Recv> {
+        Ok(Recv::WouldBlock)
+    }
+
+    fn send(&mut self, _frame: &[u8]) -> io::Result<Sent> {
+        Ok(Sent::Dropped)
     }
 }

@@ -45,7 +45,7 @@ use self::backend::{NetBackend, Recv, Sent};
 use super::{VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::event_loop::{EventCtl, EventHandler, EventLoop, Readiness, WakeHandle};
 
-pub use self::backend::{DgramBackend, StreamBackend, TapBackend};
+pub use self::backend::{DgramBackend, NullBackend, StreamBackend, TapBackend};
 
 /// Virtio device type of a network card.
 pub const NET_DEVICE_TYPE: u32 = 1;
