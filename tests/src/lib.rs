@@ -324,3 +324,43 @@ pub fn busybox_root(dir: &Path, extra_dirs: &[&str], passwd: &str, group: &str) 
     std::fs::write(dir.join("etc/passwd"), passwd).unwrap();
     std::fs::write(dir.join("etc/group"), group).unwrap();
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A batch whose L1 wedges under case b (simulated: the script dies there) runs again
+    /// from the last finished case; a case that says the substrate failed is not skipped.
+    #[test]
+    fn a_resumed_batch_skips_finished_cases() {
+        let dir = temp_dir("resumable");
+        let d = dir.display();
+        let cases = [
+            ("a", format!("echo a >> {d}/log")),
+            (
+                "h",
+                format!(
+                    "echo h >> {d}/log; [ -e {d}/h-flag ] || {{ touch {d}/h-flag; CASE_HUNG=1; }}"
+                ),
+            ),
+            (
+                "b",
+                format!("[ -e {d}/flag ] || {{ touch {d}/flag; exit 3; }}; echo b >> {d}/log"),
+            ),
+            ("c", format!("echo c >> {d}/log")),
+        ];
+        let script = dir.join("s.sh");
+        std::fs::write(&script, resumable_cases(&dir, &cases, 1)).unwrap();
+        let run = || Command::new("sh").arg(&script).status().unwrap().code();
+        assert_eq!(run(), Some(3));
+        assert_eq!(std::fs::read_to_string(dir.join("log")).unwrap(), "a\nh\n");
+        // Resumed: a (the last finished case) runs again, h (hung) too, then the rest.
+        assert_eq!(run(), Some(0));
+        assert_eq!(
+            std::fs::read_to_string(dir.join("log")).unwrap(),
+            "a\nh\na\nh\nb\nc\n"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
