@@ -229,8 +229,8 @@ impl EventSink for Sink {
     }
 }
 
-fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>, Error> {
-    std::fs::read(path)
+fn read_file(what: &str, path: &std::path::Path) -> Result<crate::sys::FileBytes, Error> {
+    crate::sys::FileBytes::open(path)
         .map_err(|e| Error::Input(format!("cannot read {what} {}: {e}", path.display())))
 }
 

@@ -18,14 +18,14 @@ pub use self::aarch64 as current;
 pub use self::x86_64 as current;
 
 /// What the user asked to boot.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BootConfig {
     /// Kernel image bytes (vmlinux ELF or bzImage on x86_64; Image on aarch64).
-    pub kernel: Vec<u8>,
+    pub kernel: crate::sys::FileBytes,
     /// Path of the kernel, for error messages.
     pub kernel_path: std::path::PathBuf,
     /// Optional initrd bytes.
-    pub initrd: Option<Vec<u8>>,
+    pub initrd: Option<crate::sys::FileBytes>,
     /// Kernel command line (without the virtio-mmio device entries, which are appended).
     pub cmdline: String,
     /// Number of vCPUs.
