@@ -142,29 +142,27 @@ else
 fi
 [ "$rc2" = 124 ] || { echo "--- stderr of run 2:"; cat "$t/stderr2"; }
 
-# ---- run 3: a wedged L1 (simulated: everything but CMD and init stopped, so the heartbeat too)
+# wedge_run N WHAT MESSAGE ENV CMD: kvm-vm must find a (simulated) wedge of L1 within 60 s,
+# exit 125 and say MESSAGE on stderr (ENV: one VAR=VALUE for kvm-vm, or "").
+wedge_run() {
+  local n=$1 what=$2 msg=$3 envs=$4 cmd=$5 s rc e
+  s=$SECONDS
+  env $envs "$KVM_VM" --timeout 300 -- sh -c "$cmd" > "$t/stdout$n" 2> "$t/stderr$n"
+  rc=$? e=$((SECONDS - s))
+  echo "# run $n: $e s"
+  check "$what: exit 125 (got $rc)" [ "$rc" = 125 ]
+  check "$what: found within 60 s, not at --timeout (took $e s)" [ "$e" -lt 60 ]
+  check "$what: message on stderr" grep -q "^kvm-vm: $msg" "$t/stderr$n"
+  [ "$rc" = 125 ] || { echo "--- stderr of run $n:"; cat "$t/stderr$n"; }
+}
 if [ -d /sys/module/kvm_pvm ]; then
-  s3=$SECONDS
-  KVM_VM_STALL_TIMEOUT=10 "$KVM_VM" --timeout 300 -- sh -c 'echo stopping; kill -STOP -1; sleep 250' \
-    > "$t/stdout3" 2> "$t/stderr3"
-  rc3=$? e3=$((SECONDS - s3))
-  echo "# run 3: $e3 s"
-  check "wedged L1: exit 125 (got $rc3)" [ "$rc3" = 125 ]
-  check "wedged L1: found within 60 s, not at --timeout (took $e3 s)" [ "$e3" -lt 60 ]
-  check "wedged L1: message on stderr" grep -q '^kvm-vm: L1 stopped responding' "$t/stderr3"
-  [ "$rc3" = 125 ] || { echo "--- stderr of run 3:"; cat "$t/stderr3"; }
-
-  # ---- run 4: a half-wedged L1 (simulated: the watchdog line of a CPU stuck for 99 s on
-  # L1's console while the heartbeat goes on)
-  s4=$SECONDS
-  "$KVM_VM" --timeout 300 -- sh -c 'echo "watchdog: BUG: soft lockup - CPU#0 stuck for 99s! [vcpu0:1]" > /dev/ttyS0; sleep 250' \
-    > "$t/stdout4" 2> "$t/stderr4"
-  rc4=$? e4=$((SECONDS - s4))
-  echo "# run 4: $e4 s"
-  check "half-wedged L1: exit 125 (got $rc4)" [ "$rc4" = 125 ]
-  check "half-wedged L1: found within 60 s, not at --timeout (took $e4 s)" [ "$e4" -lt 60 ]
-  check "half-wedged L1: message on stderr" grep -q '^kvm-vm: an L1 CPU is stuck' "$t/stderr4"
-  [ "$rc4" = 125 ] || { echo "--- stderr of run 4:"; cat "$t/stderr4"; }
+  # ---- run 3: a wedged L1 (simulated: everything but CMD and init stopped, so the heartbeat too)
+  wedge_run 3 "wedged L1" "L1 stopped responding" KVM_VM_STALL_TIMEOUT=10 \
+    'echo stopping; kill -STOP -1; sleep 250'
+  # ---- run 4: a half-wedged L1 (simulated: the watchdog line of a CPU stuck for 99 s on L1's
+  # console while the heartbeat goes on)
+  wedge_run 4 "half-wedged L1" "an L1 CPU is stuck" "" \
+    'echo "watchdog: BUG: soft lockup - CPU#0 stuck for 99s! [vcpu0:1]" > /dev/ttyS0; sleep 250'
 fi
 
 echo
