@@ -330,6 +330,7 @@ pub fn child_main(root: Option<&RootPlan>, proc_: &ProcPlan, fds: ChildFds) -> !
         join,
     } = fds;
     sys::reset_signals();
+    let mut t = ChildSteps::new();
     let setup = (|| -> io::Result<()> {
         sys::setsid()?;
         sys::dup2(stdin.as_raw_fd(), 0)?;
@@ -347,12 +348,13 @@ pub fn child_main(root: Option<&RootPlan>, proc_: &ProcPlan, fds: ChildFds) -> !
         // Close every other inherited fd: other processes' pipe ends must not linger here.
         sys::close_fds_except(&keep);
         let _ = raw;
+        t.done("fds");
         for (fd, ty) in &join {
             sys::setns(fd.as_raw_fd(), *ty)
                 .map_err(|e| io::Error::new(e.kind(), format!("setns: {e}")))?;
         }
         if let Some(r) = root {
-            setup_root(r)?;
+            setup_root(r, &mut t)?;
         }
         Ok(())
     })();
@@ -360,7 +362,8 @@ pub fn child_main(root: Option<&RootPlan>, proc_: &ProcPlan, fds: ChildFds) -> !
         let _ = write!(ready, "E{} {e}", e.raw_os_error().unwrap_or(libc::EIO));
         sys::exit_now(1);
     }
-    if ready.write_all(b"OK").is_err() {
+    // "OK" and where the time went (the agent reports it to the host).
+    if write!(ready, "OK{}", t.words).is_err() {
         sys::exit_now(1);
     }
     drop(ready);
@@ -375,6 +378,28 @@ pub fn child_main(root: Option<&RootPlan>, proc_: &ProcPlan, fds: ChildFds) -> !
     exec_program(proc_)
 }
 
+/// The child's setup steps as ` name=micros` words.
+struct ChildSteps {
+    last: std::time::Instant,
+    words: String,
+}
+
+impl ChildSteps {
+    fn new() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+            words: String::new(),
+        }
+    }
+
+    fn done(&mut self, name: &str) {
+        use std::fmt::Write as _;
+        let now = std::time::Instant::now();
+        let _ = write!(self.words, " {name}={}", (now - self.last).as_micros());
+        self.last = now;
+    }
+}
+
 fn fail(code: i32, msg: &str) -> ! {
     sys::write_raw(2, msg.as_bytes());
     sys::exit_now(code)
@@ -384,8 +409,9 @@ fn ctx(e: io::Error, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-fn setup_root(r: &RootPlan) -> io::Result<()> {
+fn setup_root(r: &RootPlan, t: &mut ChildSteps) -> io::Result<()> {
     sys::unshare(r.unshare).map_err(|e| ctx(e, "unshare"))?;
+    t.done("unshare");
     let root = &r.rootfs;
     // No mount event leaks back to the agent's namespace.
     sys::mount_full(
@@ -408,15 +434,18 @@ fn setup_root(r: &RootPlan) -> io::Result<()> {
             dev_tmpfs = true;
         }
     }
+    t.done("mounts");
     if dev_tmpfs {
         populate_dev(&root.join("dev"))?;
     }
+    t.done("dev");
     if let Some(h) = &r.hostname {
         if r.unshare & libc::CLONE_NEWUTS != 0 {
             sys::sethostname(h).map_err(|e| ctx(e, "sethostname"))?;
         }
     }
     enter_root(root)?;
+    t.done("pivot");
     for p in &r.masked_paths {
         mask_path(p)?;
     }
@@ -442,6 +471,7 @@ fn setup_root(r: &RootPlan) -> io::Result<()> {
             None,
         )?;
     }
+    t.done("paths");
     Ok(())
 }
 
@@ -558,7 +588,24 @@ fn mount_one(root: &Path, m: &Mount) -> io::Result<bool> {
             typ.as_str()
         };
         let data = if typ == "cgroup" { String::new() } else { data };
-        match sys::mount_full(Some(&source), &dest, Some(fstype), flags, Some(&data)) {
+        // A cgroup2 mount resets the hierarchy's flags to its own options (in the VM's cgroup
+        // namespace): keep the agent's favordynmods, or mount plainly where it is unknown.
+        let favored = fstype == "cgroup2"
+            && data.is_empty()
+            && sys::mount_full(
+                Some(&source),
+                &dest,
+                Some(fstype),
+                flags,
+                Some(sys::FAVOR_DYNMODS),
+            )
+            .is_ok();
+        let mounted = if favored {
+            Ok(())
+        } else {
+            sys::mount_full(Some(&source), &dest, Some(fstype), flags, Some(&data))
+        };
+        match mounted {
             Ok(()) => {}
             // Inside a VM without the cgroup v2 hierarchy (or on a v1 host), a cgroup mount
             // is not worth failing the container for.

@@ -322,11 +322,48 @@ pub struct Agent {
     waiters: Arc<AtomicUsize>,
     /// The network the host configured (`ConfigureNetwork`), for containers created later.
     network: Mutex<Option<Arc<net::Plan>>>,
+    /// The cgroup root exists and its controllers are enabled.
+    cgroup_root_ready: AtomicBool,
 }
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent").finish_non_exhaustive()
+    }
+}
+
+/// Where a request's time went: named steps with their durations in microseconds (reported
+/// to the host in [`Response::Created`]).
+struct Steps {
+    last: std::time::Instant,
+    list: Vec<(String, u64)>,
+}
+
+impl Steps {
+    fn new() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+            list: Vec::new(),
+        }
+    }
+
+    /// Ends the step `name` now.
+    fn done(&mut self, name: &str) {
+        let now = std::time::Instant::now();
+        self.list
+            .push((name.to_string(), (now - self.last).as_micros() as u64));
+        self.last = now;
+    }
+
+    /// Adds the child's own steps (`name=micros` words after its `OK`).
+    fn child(&mut self, words: &str) {
+        for w in words.split_ascii_whitespace().take(16) {
+            if let Some((k, v)) = w.split_once('=').filter(|(k, _)| !k.is_empty()) {
+                if let Ok(v) = v.parse() {
+                    self.list.push((format!("child {k}"), v));
+                }
+            }
+        }
     }
 }
 
@@ -345,6 +382,7 @@ impl Agent {
             containers: Mutex::new(HashMap::new()),
             waiters: Arc::new(AtomicUsize::new(0)),
             network: Mutex::new(None),
+            cgroup_root_ready: AtomicBool::new(false),
         }
     }
 
@@ -434,6 +472,7 @@ impl Agent {
             .process()
             .as_ref()
             .ok_or_else(|| err(libc::EINVAL, "spec has no process"))?;
+        let mut steps = Steps::new();
         let pplan = container::proc_plan(process, terminal).map_err(ErrorReply::from)?;
         let network = lock(&self.network).clone();
         let mut rplan =
@@ -444,6 +483,7 @@ impl Agent {
                 return Err(e);
             }
         }
+        steps.done("plan");
         let cgroup = match self.make_cgroup(id, spec) {
             Ok(c) => c,
             Err(e) => {
@@ -456,6 +496,7 @@ impl Agent {
         } else {
             sys::PidNs::Inherit
         };
+        steps.done("cgroup");
         let oom = cgroup.as_ref().map(|cg| OomWatch::new(id, cg, out));
         let spawned = self.spawn(
             id,
@@ -467,6 +508,7 @@ impl Agent {
             vec![],
             out,
             oom.clone(),
+            &mut steps,
         );
         let proc_ = match spawned {
             Ok(p) => p,
@@ -505,7 +547,11 @@ impl Agent {
         if let Some(o) = &oom {
             o.start();
         }
-        Ok(Response::Created { pid })
+        steps.done("register");
+        Ok(Response::Created {
+            pid,
+            steps: steps.list,
+        })
     }
 
     fn make_cgroup(&self, id: &str, spec: &OciSpec) -> Result<Option<PathBuf>, ErrorReply> {
@@ -513,14 +559,18 @@ impl Agent {
             return Ok(None);
         };
         let io_err = |what: &str, e: io::Error| err(libc::EIO, format!("cgroup {what}: {e}"));
-        if let Some(parent) = root.parent() {
-            for c in ["+memory", "+pids", "+cpu"] {
-                let _ = std::fs::write(parent.join("cgroup.subtree_control"), c);
+        // The controllers are enabled once per agent (each write is a cgroup-wide change).
+        if !self.cgroup_root_ready.load(Ordering::SeqCst) {
+            if let Some(parent) = root.parent() {
+                for c in ["+memory", "+pids", "+cpu"] {
+                    let _ = std::fs::write(parent.join("cgroup.subtree_control"), c);
+                }
             }
-        }
-        std::fs::create_dir_all(root).map_err(|e| io_err("root", e))?;
-        for c in ["+memory", "+pids", "+cpu"] {
-            let _ = std::fs::write(root.join("cgroup.subtree_control"), c);
+            std::fs::create_dir_all(root).map_err(|e| io_err("root", e))?;
+            for c in ["+memory", "+pids", "+cpu"] {
+                let _ = std::fs::write(root.join("cgroup.subtree_control"), c);
+            }
+            self.cgroup_root_ready.store(true, Ordering::SeqCst);
         }
         let cg = root.join(id);
         std::fs::create_dir_all(&cg).map_err(|e| io_err("create", e))?;
@@ -553,6 +603,7 @@ impl Agent {
         join: Vec<(OwnedFd, libc::c_int)>,
         out: &Outbox,
         oom: Option<Arc<OomWatch>>,
+        steps: &mut Steps,
     ) -> Result<Arc<Proc>, ErrorReply> {
         let eid = exec_id.unwrap_or("");
         let dial = |kind| -> Result<UnixStream, ErrorReply> {
@@ -604,13 +655,26 @@ impl Agent {
                 stdin_child = File::open("/dev/null").map_err(ioe)?.into();
             }
             let (r1, w1) = sys::pipe().map_err(ioe)?;
-            outputs.push((r1, dial(StreamKind::Stdout)?, false));
             let (r2, w2) = sys::pipe().map_err(ioe)?;
-            outputs.push((r2, dial(StreamKind::Stderr)?, false));
+            // Both streams dialed at once: each dial is a round trip to the host.
+            let (out_conn, err_conn) = std::thread::scope(|sc| {
+                let e = sc.spawn(|| dial(StreamKind::Stderr));
+                let o = dial(StreamKind::Stdout);
+                let e = e.join().unwrap_or_else(|_| {
+                    Err(err(
+                        libc::EIO,
+                        "dialing the host for stderr: thread panicked",
+                    ))
+                });
+                (o, e)
+            });
+            outputs.push((r1, out_conn?, false));
+            outputs.push((r2, err_conn?, false));
             stdout_child = w1.into();
             stderr_child = w2.into();
             pty_master = None;
         }
+        steps.done("streams");
         let (mut ready_r, ready_w) = sys::pipe().map_err(ioe)?;
         let (start_r, start_w) = sys::pipe().map_err(ioe)?;
         let fds = ChildFds {
@@ -628,10 +692,14 @@ impl Agent {
         })
         .map_err(ioe)?;
         // Our copies of the child's ends were moved into the closure and dropped with it.
+        steps.done("fork");
         let status_rx = self.reaper.watch(pid);
         let mut msg = Vec::new();
         let _ = (&mut ready_r).take(4096).read_to_end(&mut msg);
-        if msg != b"OK" {
+        steps.done("child setup");
+        if let Some(words) = msg.strip_prefix(b"OK") {
+            steps.child(&String::from_utf8_lossy(words));
+        } else {
             drop(start_w);
             let _ = status_rx.recv();
             let text = String::from_utf8_lossy(&msg).into_owned();
@@ -756,6 +824,7 @@ impl Agent {
             join,
             out,
             oom,
+            &mut Steps::new(),
         )?;
         let cg = lock(&self.containers)
             .get(id)
@@ -773,7 +842,7 @@ impl Agent {
                 return Err(err(libc::ENOENT, "container deleted meanwhile"));
             }
         }
-        Ok(Response::Created { pid })
+        Ok(Response::Created { pid, steps: vec![] })
     }
 
     fn pids_of(&self, id: &str) -> Result<Vec<u32>, ErrorReply> {
@@ -1174,4 +1243,22 @@ pub fn serve_connection(
     let agent = Agent::new(dialer, config);
     let w = conn.try_clone()?;
     skiff_protocol::serve(conn, w, hello(boot_stamps), &agent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Steps;
+
+    #[test]
+    fn child_steps_are_parsed_and_bounded() {
+        let mut s = Steps::new();
+        s.done("fork");
+        s.child(" fds=12 unshare=300 junk =5 mounts=x pivot=7");
+        let names: Vec<&str> = s.list.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["fork", "child fds", "child unshare", "child pivot"]);
+        assert_eq!(s.list[2].1, 300);
+        let mut s = Steps::new();
+        s.child(&"a=1 ".repeat(1000));
+        assert_eq!(s.list.len(), 16);
+    }
 }

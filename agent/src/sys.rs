@@ -7,11 +7,32 @@ fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in string"))
 }
 
+/// The cgroup2 mount option that makes cgroup migrations cheap (see
+/// [`mount_pseudo_filesystems`]); every cgroup2 mount in the VM's cgroup namespace passes it,
+/// because such a mount resets the hierarchy's flags to its own options.
+pub const FAVOR_DYNMODS: &str = "favordynmods";
+
 fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> io::Result<()> {
+    mount_data(source, target, fstype, flags, "")
+}
+
+fn mount_data(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
     let _ = std::fs::create_dir_all(target);
-    let (s, t, f) = (cstr(source)?, cstr(target)?, cstr(fstype)?);
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; data is NULL.
-    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, std::ptr::null()) };
+    let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
+    let dp = if data.is_empty() {
+        std::ptr::null()
+    } else {
+        d.as_ptr().cast()
+    };
+    // SAFETY: all pointers are valid NUL-terminated strings (or NULL data) that outlive the
+    // call.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, dp) };
     if rc == 0 {
         Ok(())
     } else {
@@ -38,7 +59,20 @@ pub fn mount_pseudo_filesystems() -> io::Result<()> {
         "devpts",
         libc::MS_NOSUID | libc::MS_NOEXEC,
     )?;
-    mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid)?;
+    // favordynmods (Linux 6.0+): moving a process into a container's cgroup and enabling
+    // controllers no longer wait for an RCU grace period each (tens of ms in a nested VM);
+    // forks get marginally dearer. Without it (older kernels), the plain mount.
+    if mount_data(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        nosuid,
+        FAVOR_DYNMODS,
+    )
+    .is_err()
+    {
+        mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid)?;
+    }
     mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV)?;
     mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV)?;
     Ok(())
@@ -229,6 +263,32 @@ pub fn dup2(src: RawFd, dst: RawFd) -> io::Result<()> {
 
 /// Closes every fd >= 3 not in `keep` (in a freshly forked child, so no other thread uses them).
 pub fn close_fds_except(keep: &[RawFd]) {
+    // close_range(2) (Linux 5.9+) over the gaps between the kept fds: a few syscalls instead
+    // of a /proc/self/fd listing and one close per fd.
+    let mut kept: Vec<RawFd> = keep.iter().copied().filter(|&f| f >= 3).collect();
+    kept.sort_unstable();
+    kept.dedup();
+    let mut first: libc::c_uint = 3;
+    let mut ok = true;
+    for k in kept
+        .iter()
+        .map(|&k| k as libc::c_uint)
+        .chain([libc::c_uint::MAX])
+    {
+        if k > first {
+            // SAFETY: close_range takes no pointers; the fds it closes (all but the kept ones,
+            // in a single-threaded child) are never used again in this process.
+            let rc = unsafe { libc::syscall(libc::SYS_close_range, first, k - 1, 0) };
+            if rc != 0 {
+                ok = false;
+                break;
+            }
+        }
+        first = k.saturating_add(1);
+    }
+    if ok {
+        return;
+    }
     let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
         Ok(d) => d
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())

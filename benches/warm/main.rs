@@ -35,6 +35,7 @@ const PHASES: &[&str] = &[
     "snapshot restored",
     "first vCPU entry",
     "agent ready",
+    "guest prepared",
     "container created",
     "stdio streams attached",
     "container started",

@@ -298,13 +298,30 @@ impl<W: Write + Send> Client<W> {
         terminal: bool,
         stdio: Stdio,
     ) -> Result<u32, ClientError> {
-        expect_pid(self.call(Request::CreateContainer {
+        self.create_container_steps(id, spec, rootfs, terminal, stdio)
+            .map(|(pid, _)| pid)
+    }
+
+    /// [`Client::create_container`], also returning where the agent's time went (its
+    /// `(step, microseconds)` list; empty from an agent that does not report it).
+    pub fn create_container_steps(
+        &self,
+        id: &str,
+        spec: OciSpec,
+        rootfs: &str,
+        terminal: bool,
+        stdio: Stdio,
+    ) -> Result<(u32, Vec<(String, u64)>), ClientError> {
+        match self.call(Request::CreateContainer {
             id: id.into(),
             spec: Box::new(spec),
             rootfs: rootfs.into(),
             terminal,
             stdio,
-        })?)
+        })? {
+            Response::Created { pid, steps } => Ok((pid, steps)),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Starts the init process (`exec_id` None) or an exec; returns its pid.
@@ -451,7 +468,7 @@ fn unexpected(r: Response) -> ClientError {
 
 fn expect_pid(r: Response) -> Result<u32, ClientError> {
     match r {
-        Response::Created { pid } | Response::Started { pid } => Ok(pid),
+        Response::Created { pid, .. } | Response::Started { pid } => Ok(pid),
         other => Err(unexpected(other)),
     }
 }

@@ -270,6 +270,10 @@ pub enum Response {
     Ok,
     Created {
         pid: u32,
+        /// Where the agent's time went, in order: (step, microseconds), e.g. `streams`,
+        /// `fork`, `child setup` (see `vmm run --timings`). Informational only.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        steps: Vec<(String, u64)>,
     },
     Started {
         pid: u32,

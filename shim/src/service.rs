@@ -1244,7 +1244,10 @@ mod tests {
             match request {
                 Request::Exec { exec_id, .. } => {
                     self.add_streams(&exec_id);
-                    reply.send(Ok(Response::Created { pid: 9 }));
+                    reply.send(Ok(Response::Created {
+                        pid: 9,
+                        steps: vec![],
+                    }));
                 }
                 Request::Start { exec_id, .. } => {
                     let key = exec_id.unwrap_or_default();

@@ -346,6 +346,20 @@ fn copy_out(
     })
 }
 
+/// The agent's report of where container creation went, as one line (its names are the
+/// guest's: shown escaped, shortened, at most 24 of them).
+pub fn agent_steps_line(steps: &[(String, u64)]) -> String {
+    let parts: Vec<String> = steps
+        .iter()
+        .take(24)
+        .map(|(name, us)| {
+            let name: String = name.chars().take(32).collect();
+            format!("{} {:.1}", name.escape_debug(), *us as f64 / 1e3)
+        })
+        .collect();
+    format!("  agent, creating the container (ms): {}", parts.join(", "))
+}
+
 /// Runs the container; returns its exit status (code, or 128 + signal).
 pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     let mut spec = build_spec(opts)?;
@@ -439,6 +453,7 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     let started: Arc<Mutex<Option<Arc<Client<UnixStream>>>>> = Arc::new(Mutex::new(None));
     spawn_signal_thread(started.clone(), dir.clone());
 
+    timings.mark(Phase::RunPrepared);
     let sandbox = Sandbox::boot(SandboxConfig {
         kernel,
         initrd,
@@ -466,6 +481,7 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
         e => Error::Failed(e.to_string()),
     })?;
     timings.mark_at(Phase::AgentReady, sandbox.agent_ready_at());
+    timings.mark_at(Phase::GuestPrepared, sandbox.guest_prepared_at());
     // An agent call that fails because the VM itself ended (a guest crash) says so.
     let agent_failed = |what: &str, e: &dyn std::fmt::Display| {
         Error::Failed(format!(
@@ -484,8 +500,8 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     let stdio = skiff_protocol::Stdio {
         stdin: opts.interactive,
     };
-    client
-        .create_container(CONTAINER, spec, rootfs, opts.tty, stdio)
+    let (_, create_steps) = client
+        .create_container_steps(CONTAINER, spec, rootfs, opts.tty, stdio)
         .map_err(|e| agent_failed("creating the container", &e))?;
     timings.mark(Phase::ContainerCreated);
     let take = |kind| {
@@ -552,6 +568,9 @@ pub fn run(opts: &RunOptions, mut timings: Timings) -> Result<i32, Error> {
     }
     if opts.timings {
         eprint!("{}", timings.report());
+        if !create_steps.is_empty() {
+            eprintln!("{}", agent_steps_line(&create_steps));
+        }
         eprintln!("  container exit status: {status}");
     }
     drop(sandbox);
@@ -594,4 +613,33 @@ fn spawn_signal_thread(started: Arc<Mutex<Option<Arc<Client<UnixStream>>>>>, dir
                 std::process::exit(128 + sig);
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agent_steps_line;
+
+    #[test]
+    fn agent_steps_line_shows_milliseconds_in_order() {
+        let steps = vec![("streams".to_string(), 1500), ("fork".to_string(), 250)];
+        assert_eq!(
+            agent_steps_line(&steps),
+            "  agent, creating the container (ms): streams 1.5, fork 0.2"
+        );
+    }
+
+    #[test]
+    fn agent_steps_line_bounds_and_escapes_guest_names() {
+        let long = "x".repeat(100);
+        let mut steps = vec![("a\nb\u{1b}[2J".to_string(), 1000), (long, 2000)];
+        steps.extend((0..100).map(|i| (format!("s{i}"), i)));
+        let line = agent_steps_line(&steps);
+        assert!(!line.contains('\n') && !line.contains('\u{1b}'), "{line}");
+        assert!(line.contains("a\\nb\\u{1b}[2J 1.0"), "{line}");
+        assert!(line.contains(&format!("{} 2.0", "x".repeat(32))), "{line}");
+        assert!(!line.contains(&"x".repeat(33)), "{line}");
+        // "agent, creating" plus 23 separators: 24 steps shown.
+        assert_eq!(line.matches(", ").count(), 24, "{line}");
+        assert!(line.ends_with("s21 0.0"), "{line}");
+    }
 }

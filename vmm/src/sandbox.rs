@@ -162,6 +162,9 @@ pub struct Sandbox {
     control: Option<VmControl>,
     started: Instant,
     agent_ready: Instant,
+    /// When the handshake, a restored guest's reseed, the share mounts and the network
+    /// configuration were done.
+    guest_prepared: Instant,
     /// The network card's event loop (stopped with the VM).
     net_loop: Mutex<Option<RunningLoop>>,
     /// passt, when the sandbox started it (killed with the sandbox).
@@ -290,7 +293,10 @@ impl Sandbox {
                 net_shape,
             );
             match crate::template::find_or_make(&spec, cfg.agent_timeout) {
-                Ok(crate::template::Found::Ready(l)) => Some(l),
+                Ok(crate::template::Found::Ready(l)) => {
+                    timings.mark(crate::timings::Phase::TemplateChecked);
+                    Some(l)
+                }
                 Ok(crate::template::Found::Made(l)) => {
                     timings.mark(crate::timings::Phase::TemplateMade);
                     Some(l)
@@ -487,6 +493,7 @@ impl Sandbox {
                 ))
                 .map_err(|e| agent_err("configuring the guest network".into(), e))?;
         }
+        let guest_prepared = Instant::now();
         tracing::info!(
             ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
             "boot phase (ms since VMM start): agent ready, shares mounted"
@@ -504,6 +511,7 @@ impl Sandbox {
             events,
             control: Some(vm_ctl),
             agent_ready,
+            guest_prepared,
             net_loop,
             passt: Mutex::new(passt),
             guest_net,
@@ -532,6 +540,7 @@ impl Sandbox {
             control: None,
             started: Instant::now(),
             agent_ready: Instant::now(),
+            guest_prepared: Instant::now(),
             net_loop: Mutex::new(None),
             passt: Mutex::new(None),
             guest_net: None,
@@ -541,6 +550,11 @@ impl Sandbox {
     /// When the agent dialed in.
     pub fn agent_ready_at(&self) -> Instant {
         self.agent_ready
+    }
+
+    /// When the guest was ready for containers (see [`crate::timings::Phase::GuestPrepared`]).
+    pub fn guest_prepared_at(&self) -> Instant {
+        self.guest_prepared
     }
 
     /// Why the VM ended, when it ended within `wait` (for error messages after a failed

@@ -9,6 +9,10 @@ pub enum Phase {
     /// The VM got a boot slot (marked only when it waited 1 ms or more for one; see
     /// [`crate::boot_slots`]).
     BootSlot,
+    /// The run's inputs were checked and its kernel and initramfs found (`vmm run`).
+    RunPrepared,
+    /// An existing template was found, read and checked (warm start).
+    TemplateChecked,
     /// `KVM_CREATE_VM` (or `hv_vm_create`) returned.
     VmCreated,
     /// Guest RAM allocated and mapped into the VM.
@@ -28,6 +32,9 @@ pub enum Phase {
     BootStamp(u8),
     /// The guest agent connected to the host (ready to run containers).
     AgentReady,
+    /// The agent answered the handshake and the guest was prepared for containers (a restored
+    /// one reseeded and its clock set; shares mounted; the network configured).
+    GuestPrepared,
     /// The agent created the container (namespaces, mounts, its process waiting to exec).
     ContainerCreated,
     /// The container's stdio streams reached the host.
@@ -46,6 +53,8 @@ impl Phase {
     fn label(&self) -> String {
         match self {
             Phase::BootSlot => "boot slot acquired".into(),
+            Phase::RunPrepared => "run prepared".into(),
+            Phase::TemplateChecked => "template checked".into(),
             Phase::VmCreated => "VM created".into(),
             Phase::MemoryMapped => "memory mapped".into(),
             Phase::KernelLoaded => "kernel loaded".into(),
@@ -57,6 +66,7 @@ impl Phase {
             Phase::BootStamp(123) => "boot-timer stamp (userspace)".into(),
             Phase::BootStamp(v) => format!("boot-timer stamp ({v})"),
             Phase::AgentReady => "agent ready".into(),
+            Phase::GuestPrepared => "guest prepared".into(),
             Phase::ContainerCreated => "container created".into(),
             Phase::StreamsAttached => "stdio streams attached".into(),
             Phase::ContainerStarted => "container started".into(),
