@@ -588,24 +588,7 @@ fn mount_one(root: &Path, m: &Mount) -> io::Result<bool> {
             typ.as_str()
         };
         let data = if typ == "cgroup" { String::new() } else { data };
-        // A cgroup2 mount resets the hierarchy's flags to its own options (in the VM's cgroup
-        // namespace): keep the agent's favordynmods, or mount plainly where it is unknown.
-        let favored = fstype == "cgroup2"
-            && data.is_empty()
-            && sys::mount_full(
-                Some(&source),
-                &dest,
-                Some(fstype),
-                flags,
-                Some(sys::FAVOR_DYNMODS),
-            )
-            .is_ok();
-        let mounted = if favored {
-            Ok(())
-        } else {
-            sys::mount_full(Some(&source), &dest, Some(fstype), flags, Some(&data))
-        };
-        match mounted {
+        match sys::mount_full(Some(&source), &dest, Some(fstype), flags, Some(&data)) {
             Ok(()) => {}
             // Inside a VM without the cgroup v2 hierarchy (or on a v1 host), a cgroup mount
             // is not worth failing the container for.

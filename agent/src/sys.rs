@@ -7,32 +7,11 @@ fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in string"))
 }
 
-/// The cgroup2 mount option that makes cgroup migrations cheap (see
-/// [`mount_pseudo_filesystems`]); every cgroup2 mount in the VM's cgroup namespace passes it,
-/// because such a mount resets the hierarchy's flags to its own options.
-pub const FAVOR_DYNMODS: &str = "favordynmods";
-
 fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> io::Result<()> {
-    mount_data(source, target, fstype, flags, "")
-}
-
-fn mount_data(
-    source: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: &str,
-) -> io::Result<()> {
     let _ = std::fs::create_dir_all(target);
-    let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
-    let dp = if data.is_empty() {
-        std::ptr::null()
-    } else {
-        d.as_ptr().cast()
-    };
-    // SAFETY: all pointers are valid NUL-terminated strings (or NULL data) that outlive the
-    // call.
-    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, dp) };
+    let (s, t, f) = (cstr(source)?, cstr(target)?, cstr(fstype)?);
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; data is NULL.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, std::ptr::null()) };
     if rc == 0 {
         Ok(())
     } else {
@@ -59,20 +38,7 @@ pub fn mount_pseudo_filesystems() -> io::Result<()> {
         "devpts",
         libc::MS_NOSUID | libc::MS_NOEXEC,
     )?;
-    // favordynmods (Linux 6.0+): moving a process into a container's cgroup and enabling
-    // controllers no longer wait for an RCU grace period each (tens of ms in a nested VM);
-    // forks get marginally dearer. Without it (older kernels), the plain mount.
-    if mount_data(
-        "cgroup2",
-        "/sys/fs/cgroup",
-        "cgroup2",
-        nosuid,
-        FAVOR_DYNMODS,
-    )
-    .is_err()
-    {
-        mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid)?;
-    }
+    mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid)?;
     mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV)?;
     mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV)?;
     Ok(())
