@@ -330,7 +330,7 @@ pub fn child_main(root: Option<&RootPlan>, proc_: &ProcPlan, fds: ChildFds) -> !
         join,
     } = fds;
     sys::reset_signals();
-    let mut t = ChildSteps::new();
+    let mut t = crate::runtime::Steps::new();
     let setup = (|| -> io::Result<()> {
         sys::setsid()?;
         sys::dup2(stdin.as_raw_fd(), 0)?;
@@ -363,7 +363,7 @@ pub fn child_main(root: Option<&RootPlan>, proc_: &ProcPlan, fds: ChildFds) -> !
         sys::exit_now(1);
     }
     // "OK" and where the time went (the agent reports it to the host).
-    if write!(ready, "OK{}", t.words).is_err() {
+    if write!(ready, "OK{}", t.words()).is_err() {
         sys::exit_now(1);
     }
     drop(ready);
@@ -378,28 +378,6 @@ pub fn child_main(root: Option<&RootPlan>, proc_: &ProcPlan, fds: ChildFds) -> !
     exec_program(proc_)
 }
 
-/// The child's setup steps as ` name=micros` words.
-struct ChildSteps {
-    last: std::time::Instant,
-    words: String,
-}
-
-impl ChildSteps {
-    fn new() -> Self {
-        Self {
-            last: std::time::Instant::now(),
-            words: String::new(),
-        }
-    }
-
-    fn done(&mut self, name: &str) {
-        use std::fmt::Write as _;
-        let now = std::time::Instant::now();
-        let _ = write!(self.words, " {name}={}", (now - self.last).as_micros());
-        self.last = now;
-    }
-}
-
 fn fail(code: i32, msg: &str) -> ! {
     sys::write_raw(2, msg.as_bytes());
     sys::exit_now(code)
@@ -409,7 +387,7 @@ fn ctx(e: io::Error, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-fn setup_root(r: &RootPlan, t: &mut ChildSteps) -> io::Result<()> {
+fn setup_root(r: &RootPlan, t: &mut crate::runtime::Steps) -> io::Result<()> {
     sys::unshare(r.unshare).map_err(|e| ctx(e, "unshare"))?;
     t.done("unshare");
     let root = &r.rootfs;

@@ -333,14 +333,15 @@ impl std::fmt::Debug for Agent {
 }
 
 /// Where a request's time went: named steps with their durations in microseconds (reported
-/// to the host in [`Response::Created`]).
-struct Steps {
+/// to the host in [`Response::Created`]; a container's child sends its own as
+/// [`Steps::words`] after its "OK").
+pub(crate) struct Steps {
     last: std::time::Instant,
     list: Vec<(String, u64)>,
 }
 
 impl Steps {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             last: std::time::Instant::now(),
             list: Vec::new(),
@@ -348,11 +349,19 @@ impl Steps {
     }
 
     /// Ends the step `name` now.
-    fn done(&mut self, name: &str) {
+    pub(crate) fn done(&mut self, name: &str) {
         let now = std::time::Instant::now();
         self.list
             .push((name.to_string(), (now - self.last).as_micros() as u64));
         self.last = now;
+    }
+
+    /// The steps as ` name=micros` words (what [`Steps::child`] reads).
+    pub(crate) fn words(&self) -> String {
+        self.list
+            .iter()
+            .map(|(n, us)| format!(" {n}={us}"))
+            .collect()
     }
 
     /// Adds the child's own steps (`name=micros` words after its `OK`).
@@ -1260,5 +1269,13 @@ mod tests {
         let mut s = Steps::new();
         s.child(&"a=1 ".repeat(1000));
         assert_eq!(s.list.len(), 16);
+        // What a child writes is what the agent reads.
+        let mut c = Steps::new();
+        c.done("unshare");
+        c.done("mounts");
+        let mut s = Steps::new();
+        s.child(&c.words());
+        let names: Vec<&str> = s.list.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["child unshare", "child mounts"]);
     }
 }
