@@ -11,6 +11,7 @@
 
 mod config;
 mod io;
+mod netns;
 mod service;
 mod spec;
 
@@ -18,5 +19,9 @@ mod spec;
 pub const RUNTIME_ID: &str = "io.containerd.skiff.v2";
 
 fn main() {
+    // The network namespace holder (see `netns`): no shim machinery at all.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(netns::HOLDER_ARG)) {
+        netns::holder_main();
+    }
     containerd_shim::run::<service::Service>(RUNTIME_ID, None);
 }

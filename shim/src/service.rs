@@ -1,8 +1,10 @@
 //! The shim: `start`/`delete` binary modes ([`Service`]) and the Task service ([`TaskService`]).
 //!
-//! One container per shim and per VM. Host-visible pids (Create, Start, State, events) are
-//! the shim's own pid, which is the VMM's (as Kata reports its hypervisor's pid); guest pids
-//! are only in `Pids`. Agent calls are made outside the state lock, so `State` stays cheap
+//! One container per shim and per VM. The host-visible pid of a task (Create, Start, State,
+//! events) is its network namespace holder's when the spec asks for a new network namespace
+//! (CNI plugins and hooks find the container's namespace through it, see [`netns`]), else the
+//! shim's own, which is the VMM's (as Kata reports its hypervisor's pid); guest pids are only
+//! in `Pids`. Agent calls are made outside the state lock, so `State` stays cheap
 //! while `Start`, `Wait` or `Create` are in flight.
 
 use std::collections::HashMap;
@@ -31,6 +33,7 @@ use skiff_vmm::sandbox::{Sandbox, SandboxConfig};
 
 use crate::config::VmSettings;
 use crate::io;
+use crate::netns;
 use crate::spec::{self, GUEST_ROOTFS};
 
 /// The container's id inside the VM (one container per VM).
@@ -49,6 +52,9 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 const PID_FILE: &str = "shim.pid";
 /// Bundle file naming the sandbox's run directory (for cleanup after a crash).
 const RUN_DIR_FILE: &str = "skiff-run-dir";
+/// Bundle file naming the network namespace path and the interface joined to the tap (for
+/// cleanup after a crash).
+const NET_FILE: &str = "skiff-net";
 
 fn rpc_err(code: Code, msg: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
@@ -223,6 +229,7 @@ fn cleanup_after_crash(bundle: &Path, id: &str) -> Option<u32> {
     spec::unbind_files(&bundle.join(spec::FILES_DIR));
     unmount_rootfs(&bundle.join("rootfs"));
     remove_run_dir(bundle);
+    remove_tap(bundle);
     if let Ok(addr) = std::fs::read_to_string(bundle.join("address")) {
         let path = addr.trim().trim_start_matches("unix://");
         if std::fs::symlink_metadata(path)
@@ -233,6 +240,25 @@ fn cleanup_after_crash(bundle: &Path, id: &str) -> Option<u32> {
         }
     }
     pid
+}
+
+/// Takes the tap and qdisc out of a network namespace that outlives the task (a spec path:
+/// CRI's), after a crash. A holder's namespace went away with the holder.
+fn remove_tap(bundle: &Path) {
+    let Ok(text) = std::fs::read_to_string(bundle.join("config.json")) else {
+        return;
+    };
+    let Ok(spec) = serde_json::from_str::<Spec>(&text) else {
+        return;
+    };
+    if let netns::Plan::Path(p) = netns::plan(&spec) {
+        let recorded = std::fs::read_to_string(bundle.join(NET_FILE)).unwrap_or_default();
+        let iface = recorded.lines().nth(1).map(str::to_owned);
+        if p.exists() {
+            netns::unwire(&p, netns::TAP, iface.as_deref());
+        }
+    }
+    let _ = std::fs::remove_file(bundle.join(NET_FILE));
 }
 
 /// Removes the run directory named in the bundle, if it is one of ours (directly under the
@@ -297,11 +323,29 @@ struct Proc {
     stdin_stream: Option<Stdin>,
     /// Output copies, handed to the exit watcher on Start.
     outputs: Vec<JoinHandle<()>>,
+    /// Its exit watcher runs (from Start, or from a Kill before Start).
+    watched: bool,
+}
+
+/// The container's network namespace on the host (see [`netns`]).
+#[derive(Debug)]
+struct Net {
+    /// The holder of a namespace made for this task (the namespace ends with it).
+    holder: Option<netns::Holder>,
+    /// `/proc/<holder>/ns/net`, or the spec's path.
+    path: PathBuf,
+    /// The interface joined to the tap at Start.
+    wired: Option<String>,
 }
 
 #[derive(Debug)]
 struct Container {
     bundle: PathBuf,
+    /// The task's pid as containerd sees it: the network namespace holder's, else the shim's.
+    pid: u32,
+    /// The spec's hooks and what their state needs.
+    spec: Spec,
+    net: Option<Net>,
     /// `<bundle>/rootfs` when Create mounted containerd's rootfs mounts there.
     mounted_rootfs: Option<PathBuf>,
     sandbox: Arc<Sandbox>,
@@ -451,7 +495,11 @@ impl Inner {
             } else {
                 exec_id
             };
-            ev.pid = std::process::id();
+            ev.pid = inner
+                .lock()
+                .container
+                .as_ref()
+                .map_or(std::process::id(), |c| c.pid);
             ev.exit_status = status;
             ev.exited_at = MessageField::some(at);
             inner.publish(ev);
@@ -515,6 +563,51 @@ impl TaskService {
             .map_err(|e| fail(rpc_err(Code::INVALID_ARGUMENT, e)))?;
         spec::bind_files(&files_dir, &plan.files).map_err(|e| fail(rpc_err(Code::INTERNAL, e)))?;
         let shares = plan.shares;
+        // The network namespace on the host (ctr --cni, CRI, nerdctl put CNI networks there).
+        let net = match netns::plan(&spec) {
+            netns::Plan::Host => None,
+            netns::Plan::New => {
+                let holder = netns::Holder::spawn().map_err(|e| {
+                    fail(rpc_err(Code::INTERNAL, format!("network namespace: {e}")))
+                })?;
+                Some(Net {
+                    path: holder.netns(),
+                    holder: Some(holder),
+                    wired: None,
+                })
+            }
+            netns::Plan::Path(p) => {
+                if !p.exists() {
+                    return Err(fail(rpc_err(
+                        Code::INVALID_ARGUMENT,
+                        format!("network namespace {} does not exist", p.display()),
+                    )));
+                }
+                Some(Net {
+                    path: p,
+                    holder: None,
+                    wired: None,
+                })
+            }
+        };
+        let task_pid = net
+            .as_ref()
+            .and_then(|n| n.holder.as_ref())
+            .map_or(std::process::id(), netns::Holder::pid);
+        let hook_spec = spec.clone();
+        if net.is_some() {
+            // The container shares the VM's namespace, where the card is.
+            netns::strip_network_namespace(&mut spec);
+        }
+        let net_path = net.as_ref().map(|n| n.path.clone());
+        let created_tap = |net_path: &Option<PathBuf>| {
+            // A namespace that outlives the task (a path) must not keep our tap.
+            if let (Some(p), Some(n)) = (net_path, net.as_ref()) {
+                if n.holder.is_none() {
+                    netns::unwire(p, netns::TAP, None);
+                }
+            }
+        };
         let mut process = spec.process().clone().unwrap_or_default();
         process.set_terminal(Some(req.terminal));
         spec.set_process(Some(process));
@@ -545,13 +638,22 @@ impl TaskService {
             run_dir,
             agent_timeout: vm.agent_timeout,
             timings: None,
-            // containerd networking (CNI namespaces, pods) is issue 15: loopback only for now.
-            net: skiff_vmm::sandbox::SandboxNet::None,
+            net: match &net_path {
+                Some(p) => skiff_vmm::sandbox::SandboxNet::Netns {
+                    netns: p.clone(),
+                    tap: netns::TAP.into(),
+                    mtu: netns::CARD_MTU,
+                },
+                None => skiff_vmm::sandbox::SandboxNet::None,
+            },
             hostname: None,
             boot_slots: vm.boot_slots,
             warm_start: vm.warm_start,
         })
-        .map_err(|e| fail(rpc_err(Code::INTERNAL, format!("booting the VM: {e}"))))?;
+        .map_err(|e| {
+            created_tap(&net_path);
+            fail(rpc_err(Code::INTERNAL, format!("booting the VM: {e}")))
+        })?;
         let sandbox = Arc::new(sandbox);
         let client = sandbox.client().clone();
         let stdio = skiff_protocol::Stdio {
@@ -559,6 +661,7 @@ impl TaskService {
         };
         let boot_fail = |e: ttrpc::Error| {
             let _ = sandbox.shutdown(POWEROFF_TIMEOUT);
+            created_tap(&net_path);
             fail(e)
         };
         client
@@ -575,6 +678,23 @@ impl TaskService {
                 &req.stderr,
             )
             .map_err(boot_fail)?;
+        // The spec's prestart and createRuntime hooks run on the host now, with the task's
+        // pid (its network namespace is the container's), as runc runs them.
+        if let Some(h) = hook_spec.hooks() {
+            let state = netns::hook_state(&hook_spec, &self.inner.id, "created", task_pid, &bundle);
+            #[allow(deprecated)]
+            let prestart = h.prestart().clone().unwrap_or_default();
+            for (kind, hooks) in [
+                ("prestart", prestart),
+                (
+                    "createRuntime",
+                    h.create_runtime().clone().unwrap_or_default(),
+                ),
+            ] {
+                netns::run_hooks(kind, &hooks, &state)
+                    .map_err(|e| boot_fail(rpc_err(Code::FAILED_PRECONDITION, e)))?;
+            }
+        }
         let init = Proc {
             guest_exec: None,
             status: Status::CREATED,
@@ -585,14 +705,91 @@ impl TaskService {
             terminal: req.terminal,
             stdin_stream,
             outputs,
+            watched: false,
         };
         Ok(Container {
             bundle,
+            pid: task_pid,
+            spec: hook_spec,
+            net,
             mounted_rootfs: mounted,
             sandbox,
             procs: HashMap::from([(String::new(), init)]),
             next_exec: 1,
         })
+    }
+
+    /// The task's pid (see [`Container::pid`]); the shim's when there is no container.
+    fn task_pid(&self) -> u32 {
+        self.inner
+            .lock()
+            .container
+            .as_ref()
+            .map_or(std::process::id(), |c| c.pid)
+    }
+
+    /// At Start: joins the network namespace's interface (the CNI one, if any) to the VM's
+    /// card and gives the guest its addressing (see [`netns`]). Without a namespace of its
+    /// own, nothing to do.
+    fn wire_network(&self, sandbox: &Sandbox) -> TtrpcResult<()> {
+        let (path, bundle) = {
+            let st = self.inner.lock();
+            let Some(c) = st.container.as_ref() else {
+                return Err(not_found("container"));
+            };
+            match &c.net {
+                Some(n) if n.wired.is_none() => (n.path.clone(), c.bundle.clone()),
+                _ => return Ok(()),
+            }
+        };
+        let iface = netns::wire(&path, netns::TAP)
+            .map_err(|e| rpc_err(Code::INTERNAL, format!("container network: {e}")))?;
+        if let Some(i) = &iface {
+            // For `shim delete` after a crash.
+            let _ = std::fs::write(
+                bundle.join(NET_FILE),
+                format!("{}\n{}\n", path.display(), i.name),
+            );
+            tracing::info!(
+                interface = i.name.as_str(),
+                addresses = ?i.addresses,
+                "container network joined to the VM"
+            );
+            let mut st = self.inner.lock();
+            if let Some(n) = st.container.as_mut().and_then(|c| c.net.as_mut()) {
+                n.wired = Some(i.name.clone());
+            }
+        }
+        let find = sandbox
+            .net_card_mac()
+            .map(|(now, _)| now)
+            .unwrap_or_default();
+        sandbox
+            .client()
+            .configure_network(&netns::guest_config(iface.as_ref(), &find))
+            .map_err(agent_err("configuring the container network"))
+    }
+
+    /// Runs the spec's `kind` hooks with the task in `status`; a failure is logged.
+    fn run_hooks_warn(&self, kind: &str, status: &str) {
+        let (spec, pid, bundle) = {
+            let st = self.inner.lock();
+            let Some(c) = st.container.as_ref() else {
+                return;
+            };
+            (c.spec.clone(), c.pid, c.bundle.clone())
+        };
+        let Some(h) = spec.hooks() else {
+            return;
+        };
+        let hooks = match kind {
+            "poststart" => h.poststart().clone().unwrap_or_default(),
+            _ => h.poststop().clone().unwrap_or_default(),
+        };
+        let state = netns::hook_state(&spec, &self.inner.id, status, pid, &bundle);
+        if let Err(e) = netns::run_hooks(kind, &hooks, &state) {
+            tracing::warn!("{e}");
+        }
     }
 
     /// The sandbox and the process's guest exec id, without holding the lock afterwards.
@@ -660,6 +857,7 @@ impl TaskService {
                     terminal: req.terminal,
                     stdin_stream: None,
                     outputs: Vec::new(),
+                    watched: false,
                 },
             );
             (c.sandbox.clone(), g)
@@ -721,12 +919,15 @@ impl TaskService {
             ));
         }
         awake(&sandbox, "start a process")?;
+        if req.exec_id.is_empty() {
+            self.wire_network(&sandbox)?;
+        }
         sandbox
             .client()
             .start(CONTAINER, guest_exec.as_deref())
             .map_err(agent_err("starting the process"))?;
-        let pid = std::process::id();
-        let outputs = {
+        let pid = self.task_pid();
+        let (outputs, watched) = {
             let mut st = self.inner.lock();
             let p = st
                 .container
@@ -734,7 +935,8 @@ impl TaskService {
                 .and_then(|c| c.procs.get_mut(&req.exec_id))
                 .ok_or_else(|| not_found("process"))?;
             p.status = Status::RUNNING;
-            std::mem::take(&mut p.outputs)
+            let watched = std::mem::replace(&mut p.watched, true);
+            (std::mem::take(&mut p.outputs), watched)
         };
         // Published before the watcher can publish the exit.
         if req.exec_id.is_empty() {
@@ -754,8 +956,14 @@ impl TaskService {
             ms = format!("{:.1}", sandbox.ms_since_start()),
             "boot phase (ms since VMM start): process started"
         );
-        self.inner
-            .watch_exit(sandbox.clone(), req.exec_id.clone(), guest_exec, outputs);
+        if !watched {
+            self.inner
+                .watch_exit(sandbox.clone(), req.exec_id.clone(), guest_exec, outputs);
+        }
+        if req.exec_id.is_empty() {
+            // poststart hooks: a failure is a warning (OCI runtime spec).
+            self.run_hooks_warn("poststart", "running");
+        }
         let mut resp = api::StartResponse::new();
         resp.pid = pid;
         Ok(resp)
@@ -798,7 +1006,7 @@ impl TaskService {
         let mut resp = api::StateResponse::new();
         resp.id = req.id.clone();
         resp.bundle = c.bundle.display().to_string();
-        resp.pid = std::process::id();
+        resp.pid = c.pid;
         resp.status = EnumOrUnknown::new(if p.status == Status::RUNNING && c.sandbox.is_paused() {
             Status::PAUSED
         } else {
@@ -835,6 +1043,28 @@ impl TaskService {
             .client()
             .signal(CONTAINER, guest_exec.as_deref(), signal, req.all)
             .map_err(agent_err("signalling"))?;
+        if status == Status::CREATED {
+            // As under runc, a signal can end a process that was never started (its exit is
+            // reported and it can be deleted): watch for its exit from now on.
+            let outputs = {
+                let mut st = self.inner.lock();
+                match st
+                    .container
+                    .as_mut()
+                    .and_then(|c| c.procs.get_mut(&req.exec_id))
+                {
+                    Some(p) if !p.watched => {
+                        p.watched = true;
+                        Some(std::mem::take(&mut p.outputs))
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(outputs) = outputs {
+                self.inner
+                    .watch_exit(sandbox, req.exec_id.clone(), guest_exec, outputs);
+            }
+        }
         Ok(api::Empty::new())
     }
 
@@ -877,7 +1107,7 @@ impl TaskService {
             tracing::warn!("deleting the container in the guest: {e}");
         }
         let mut resp = api::DeleteResponse::new();
-        resp.pid = std::process::id();
+        resp.pid = self.task_pid();
         let (exit_status, exited_at) = {
             let mut st = self.inner.lock();
             let c = st
@@ -903,6 +1133,26 @@ impl TaskService {
             if let Some(c) = c.as_ref() {
                 spec::unbind_files(&c.bundle.join(spec::FILES_DIR));
                 let _ = std::fs::remove_file(c.bundle.join(RUN_DIR_FILE));
+                if let Some(n) = &c.net {
+                    if n.holder.is_none() {
+                        // A namespace that outlives the task: take our tap and qdisc out.
+                        netns::unwire(&n.path, netns::TAP, n.wired.as_deref());
+                    }
+                    let _ = std::fs::remove_file(c.bundle.join(NET_FILE));
+                }
+                // poststop hooks run while the holder (the task's pid) still exists: a hook
+                // that tears down CNI needs its namespace.
+                if let Some(h) = c.spec.hooks() {
+                    let state =
+                        netns::hook_state(&c.spec, &self.inner.id, "stopped", c.pid, &c.bundle);
+                    if let Err(e) = netns::run_hooks(
+                        "poststop",
+                        &h.poststop().clone().unwrap_or_default(),
+                        &state,
+                    ) {
+                        tracing::warn!("{e}");
+                    }
+                }
             }
             if let Some(t) = c.as_ref().and_then(|c| c.mounted_rootfs.as_ref()) {
                 unmount_rootfs(t);
@@ -946,7 +1196,7 @@ impl containerd_shim::Task for TaskService {
         let sandbox = c.sandbox.clone();
         st.container = Some(c);
         drop(st);
-        let pid = std::process::id();
+        let pid = self.task_pid();
         let mut ev = TaskCreate::new();
         ev.container_id = req.id.clone();
         ev.bundle = req.bundle.clone();
@@ -1183,7 +1433,7 @@ impl containerd_shim::Task for TaskService {
         self.inner.check_id(&req.id)?;
         let mut resp = api::ConnectResponse::new();
         resp.shim_pid = std::process::id();
-        resp.task_pid = std::process::id();
+        resp.task_pid = self.task_pid();
         resp.version = format!("skiff {}", env!("CARGO_PKG_VERSION"));
         Ok(resp)
     }
@@ -1351,6 +1601,9 @@ mod tests {
             .unwrap();
         task.inner.lock().container = Some(Container {
             bundle: tmp.to_path_buf(),
+            pid: std::process::id(),
+            spec: Spec::default(),
+            net: None,
             mounted_rootfs: None,
             sandbox,
             procs: HashMap::from([(
@@ -1365,6 +1618,7 @@ mod tests {
                     terminal: false,
                     stdin_stream,
                     outputs,
+                    watched: false,
                 },
             )]),
             next_exec: 1,

@@ -855,3 +855,126 @@ $C c ls -q > $OUT/lc.containers 2>&1
         lab.show("load")
     );
 }
+
+/// Issue 15: `ctr run --cni` with Debian's CNI plugins (bridge + host-local, a config this
+/// test writes) gives a Skiff container the address CNI assigned, in both directions, as
+/// under runc; nothing is left after delete. All traffic stays inside the nested VM.
+#[test]
+fn ctr_run_cni_networking() {
+    let lab = Lab::new("cni");
+    assert!(
+        Path::new("/usr/lib/cni/bridge").exists() && Path::new("/opt/cni/bin").exists(),
+        "the CNI plugins are missing: tools/setup installs Debian's containernetworking-plugins \
+         and links /opt/cni/bin to /usr/lib/cni"
+    );
+    assert!(
+        Path::new("/etc/cni/net.d").is_dir() && Path::new("/var/lib/cni").is_dir(),
+        "/etc/cni/net.d or /var/lib/cni is missing: tools/setup makes them (the nested VM mounts \
+         its own config and cache there)"
+    );
+    std::fs::create_dir_all(lab.out.join("www")).unwrap();
+    std::fs::write(lab.out.join("www/gw.txt"), "from-the-gateway\n").unwrap();
+    // ctr (gocni) reads /etc/cni/net.d and /opt/cni/bin and caches results in /var/lib/cni;
+    // host-local keeps its leases in /tmp.
+    let pre = r#"
+mount -t tmpfs cni /etc/cni/net.d
+mount -t tmpfs cni-cache /var/lib/cni
+# L1 does not autoload these (a real host does): the tap <-> CNI interface redirect.
+for m in sch_ingress cls_u32 act_mirred; do modprobe -d "$(cat /run/kvm-vm/modroot)" $m; done
+cat > /etc/cni/net.d/10-skiff-test.conflist <<'EOC'
+{"cniVersion": "1.0.0", "name": "skiff-test", "plugins": [
+  {"type": "bridge", "bridge": "skbr0", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "dataDir": "/tmp/cni-ipam",
+            "ranges": [[{"subnet": "10.88.77.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}}]}
+EOC
+"#;
+    // ip ID: the address host-local gave container ID.
+    let body = r#"
+ipof() { grep -l "$1" /tmp/cni-ipam/skiff-test/10.* 2>/dev/null | head -1 | xargs -r basename; }
+# (busybox's static wget crashes without NSS, on the host too: python's urllib instead)
+get() { for i in $(seq 150); do python3 -c 'import sys, urllib.request as u; sys.stdout.write(u.urlopen(sys.argv[1], timeout=3).read().decode())' "$1" 2>/dev/null && return 0; sleep 0.2; done; return 1; }
+# In the containers: busybox's static wget crashes looking up the "http" service without NSS
+# (under runc too), so HTTP by hand over nc: h HOST PORT PATH prints the body's last line.
+H='h() { printf "GET /%s HTTP/1.0\r\n\r\n" "$3" | nc -w 5 "$1" "$2" | tail -n 1; }; '
+C2="${H}ip -4 -o addr show eth0; h 10.88.77.1 8080 gw.txt; h \$0 80 index.html"
+CMD1='mkdir -p /www; echo hello-from-$0 > /www/index.html; ip -4 -o addr show eth0 > /www/addr; httpd -f -p 80 -h /www'
+# 1. a detached server; the L1 host fetches from it at the CNI address.
+res cni_run1 $C run --cni -d $R $IMG t-c1 sh -c "$CMD1" skiff
+IP1=$(ipof t-c1); echo "$IP1" > $OUT/cni_ip1.out
+res cni_fetch get http://$IP1/index.html
+res cni_addr get http://$IP1/addr
+ip -o link show > $OUT/cni_links_running.out 2>&1
+# 2. a second container: its address, the server on the gateway, the first container.
+busybox httpd -p 10.88.77.1:8080 -h $OUT/www
+res cni_run2 $C run --cni --rm $R $IMG t-c2 sh -c "$C2" $IP1
+# 3. the same under runc.
+res cni_runc1 $C run --cni -d $IMG r-c1 sh -c "$CMD1" runc
+RIP1=$(ipof r-c1); echo "$RIP1" > $OUT/cni_rip1.out
+res cni_rfetch get http://$RIP1/index.html
+res cni_runc2 $C run --cni --rm $IMG r-c2 sh -c "$C2" $IP1
+# 4. delete the detached ones; nothing of Skiff's is left.
+for id in t-c1 r-c1; do $C task kill -s KILL $id; stopped $id; $C task delete $id; $C container delete $id; done > $OUT/cni_delete.out 2>&1
+sleep 1
+{ ip -o link show type veth; ip -o link show | grep skiff0; pgrep -fa __skiff-netns-holder; } > $OUT/cni_left.out 2>&1
+echo 0 > $OUT/cni_left.rc
+"#;
+    lab.run_full("cni", pre, body, 900, None);
+    let mut failures = Vec::new();
+    let ip1 = lab.out("cni_ip1").trim().to_string();
+    if !ip1.starts_with("10.88.77.") {
+        failures.push(format!(
+            "no CNI lease for t-c1: {ip1:?}\n{}",
+            lab.show("cni_run1")
+        ));
+    }
+    if lab.rc("cni_fetch") != 0 || lab.out("cni_fetch").trim() != "hello-from-skiff" {
+        failures.push(format!(
+            "fetch from the container at {ip1}: {}",
+            lab.show("cni_fetch")
+        ));
+    }
+    if !lab.out("cni_addr").contains(&format!("inet {ip1}/24")) {
+        failures.push(format!(
+            "the container's eth0 lacks {ip1}/24: {}",
+            lab.show("cni_addr")
+        ));
+    }
+    let out2 = lab.out("cni_run2");
+    if lab.rc("cni_run2") != 0
+        || !out2.contains("inet 10.88.77.")
+        || !out2.contains("from-the-gateway")
+        || !out2.contains("hello-from-skiff")
+    {
+        failures.push(format!("second container: {}", lab.show("cni_run2")));
+    }
+    // runc gives the same observable results.
+    if lab.rc("cni_rfetch") != 0 || lab.out("cni_rfetch").trim() != "hello-from-runc" {
+        failures.push(format!("runc reference fetch: {}", lab.show("cni_rfetch")));
+    }
+    let r2 = lab.out("cni_runc2");
+    if lab.rc("cni_runc2") != 0
+        || !r2.contains("from-the-gateway")
+        || !r2.contains("hello-from-skiff")
+    {
+        failures.push(format!(
+            "runc reference second container: {}",
+            lab.show("cni_runc2")
+        ));
+    }
+    let left = lab.out("cni_left");
+    if lab.rc("cni_left") != 0
+        || left.contains("skiff0")
+        || left.contains("__skiff-netns-holder")
+        || left.contains("veth")
+    {
+        failures.push(format!(
+            "left after delete: {left:?} (delete: {:?})",
+            lab.out("cni_delete")
+        ));
+    }
+    let leaks = lab.leaks("cni");
+    if leaks.contains("containerd-shim-skiff") {
+        failures.push(format!("leaked: {leaks}"));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

@@ -105,6 +105,61 @@ fn open_backend(spec: &NetSpec) -> std::io::Result<Option<Box<dyn NetBackend>>> 
     }))
 }
 
+/// Creates (or opens) the tap `name` inside the network namespace `netns` (a
+/// `/proc/PID/ns/net` link or a bind mount of one, e.g. `/var/run/netns/NAME`) and returns it
+/// as a backend. The tap is made on a short-lived thread that enters the namespace, so the
+/// caller's own namespace is untouched; the descriptor works from any namespace afterwards.
+#[cfg(target_os = "linux")]
+pub fn open_tap_in_netns(netns: &Path, name: &str) -> std::io::Result<TapBackend> {
+    let ns = std::fs::File::open(netns)?;
+    let name = name.to_owned();
+    std::thread::Builder::new()
+        .name("tap-in-netns".into())
+        .spawn(move || {
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&ns),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+            TapBackend::open(&name)
+        })?
+        .join()
+        .map_err(|_| std::io::Error::other("the tap thread panicked"))?
+}
+
+/// Creates the card over the tap [`open_tap_in_netns`] opened.
+#[cfg(target_os = "linux")]
+pub fn create_in_netns(
+    netns: &Path,
+    tap: &str,
+    mac: [u8; 6],
+    mtu: u16,
+) -> Result<(MmioDeviceFactory, RunningLoop), Error> {
+    let backend = open_tap_in_netns(netns, tap).map_err(|source| Error::Backend {
+        spec: format!("tap:{tap} in {}", netns.display()),
+        source,
+    })?;
+    let mut config = NetConfig::new(mac);
+    config.mtu = mtu;
+    create_with_backend(Box::new(backend), config)
+}
+
+/// There are no network namespaces outside Linux.
+#[cfg(not(target_os = "linux"))]
+pub fn create_in_netns(
+    netns: &Path,
+    tap: &str,
+    _mac: [u8; 6],
+    _mtu: u16,
+) -> Result<(MmioDeviceFactory, RunningLoop), Error> {
+    Err(Error::Backend {
+        spec: format!("tap:{tap} in {}", netns.display()),
+        source: std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "network namespaces are Linux-only",
+        ),
+    })
+}
+
 /// Opens the backend `spec` names and creates the card with `mac`. `Ok(None)` for
 /// [`NetSpec::None`]. Keep the returned loop until the VM ends.
 pub fn create(

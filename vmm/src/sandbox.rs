@@ -102,6 +102,18 @@ pub enum SandboxNet {
         /// The guest's addressing.
         guest: GuestNet,
     },
+    /// A tap named `tap`, created inside the network namespace at `netns` (the shim's CNI
+    /// path: the namespace's own interface is joined to the tap by the caller). The guest's
+    /// card stays down and unaddressed until the caller sends the addressing it found
+    /// ([`Sandbox::net_card_mac`] says which card to configure).
+    Netns {
+        /// `/proc/PID/ns/net` or a bind mount of a network namespace.
+        netns: PathBuf,
+        /// The tap's name inside that namespace.
+        tap: String,
+        /// The MTU the card offers.
+        mtu: u16,
+    },
 }
 
 /// Errors of [`Sandbox::boot`], [`Sandbox::pause`] and [`Sandbox::resume`].
@@ -170,6 +182,10 @@ pub struct Sandbox {
     /// passt, when the sandbox started it (killed with the sandbox).
     passt: Mutex<Option<Passt>>,
     guest_net: Option<GuestNet>,
+    /// The MAC address the guest's network card has now (a restored guest: the template's).
+    card_mac: Option<[u8; 6]>,
+    /// The run's MAC address for the card.
+    mac: [u8; 6],
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -281,6 +297,10 @@ impl Sandbox {
                 vnet_hdr: matches!(spec, NetSpec::Tap(_)),
                 mtu: guest.mtu,
             }),
+            SandboxNet::Netns { mtu, .. } => Some(crate::template::NetShape {
+                vnet_hdr: true,
+                mtu: *mtu,
+            }),
         };
         let restore = if cfg.warm_start {
             let spec = template_spec(
@@ -357,7 +377,13 @@ impl Sandbox {
                     None => (None, None, None, None),
                 }
             }
+            SandboxNet::Netns { netns, tap, mtu } => {
+                let (f, l) = net_device::create_in_netns(netns, tap, mac, *mtu)
+                    .map_err(|e| Error::Input(e.to_string()))?;
+                (Some(f), Some(l), None, None)
+            }
         };
+        let has_card = net_loop.is_some();
         if let Some(f) = net_dev {
             devices.push(f);
         }
@@ -515,6 +541,14 @@ impl Sandbox {
             net_loop,
             passt: Mutex::new(passt),
             guest_net,
+            card_mac: has_card.then(|| {
+                if restored {
+                    crate::template::TEMPLATE_MAC
+                } else {
+                    mac
+                }
+            }),
+            mac,
         })
     }
 
@@ -544,6 +578,8 @@ impl Sandbox {
             net_loop: Mutex::new(None),
             passt: Mutex::new(None),
             guest_net: None,
+            card_mac: None,
+            mac: [0; 6],
         }
     }
 
@@ -669,6 +705,14 @@ impl Sandbox {
     /// The guest's network addressing, when it has a network card.
     pub fn guest_net(&self) -> Option<&GuestNet> {
         self.guest_net.as_ref()
+    }
+
+    /// The MAC address by which the agent finds the network card (`NetInterface.mac`), and the
+    /// address the card was given for this run, when the VM has a card. A restored guest's
+    /// card still has the template's address.
+    pub fn net_card_mac(&self) -> Option<(String, String)> {
+        let fmt = |m: &[u8; 6]| skiff_devices::virtio::net::format_mac(m);
+        self.card_mac.map(|c| (fmt(&c), fmt(&self.mac)))
     }
 
     /// passt's process id, when the sandbox started one.
