@@ -541,12 +541,10 @@ impl Sandbox {
             net_loop,
             passt: Mutex::new(passt),
             guest_net,
-            card_mac: has_card.then(|| {
-                if restored {
-                    crate::template::TEMPLATE_MAC
-                } else {
-                    mac
-                }
+            card_mac: has_card.then_some(if restored {
+                crate::template::TEMPLATE_MAC
+            } else {
+                mac
             }),
             mac,
         })
