@@ -46,6 +46,9 @@ pub const CARD_MTU: u16 = 1500;
 /// How long one `ip`/`tc` command may take.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
 
+/// How long a holder may take to start.
+const HOLDER_START: Duration = Duration::from_secs(60);
+
 /// A hook's deadline when the spec gives none.
 const HOOK_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -129,7 +132,7 @@ pub struct Holder {
 }
 
 impl Holder {
-    /// Starts a holder and waits (up to 10 s) until it is in its own namespace.
+    /// Starts a holder and waits (up to [`HOLDER_START`]) until it is in its own namespace.
     pub fn spawn() -> Result<Holder, Error> {
         let exe = std::env::current_exe().map_err(io_err("finding the shim binary"))?;
         let mut child = Command::new("unshare")
@@ -158,7 +161,8 @@ impl Holder {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let ready = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        // Generous: 20 shims starting at once on a loaded 2-CPU host took over 10 s.
+        let ready = rx.recv_timeout(HOLDER_START).unwrap_or_default();
         let holder = Holder {
             child,
             _stdin: stdin,
