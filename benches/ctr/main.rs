@@ -12,12 +12,23 @@
 //! VMM. Medians (and min/max) go to stdout and `--out`/results.txt.
 //!
 //! usage: ctrbench --kernel VMLINUX --initrd CPIO --out DIR [--runs N] [--shim-dir DIR]
-//!                 [--memory-mib N]
+//!                 [--memory-mib N] [--cni]
+//!
+//! `--cni` runs `ctr run --cni --rm` instead: each container gets a CNI network from the
+//! config in `/etc/cni/net.d` (ctr has no other place for it), with the plugins in
+//! `/opt/cni/bin`; Skiff joins it to the VM's card (tc redirect), runc uses the veth as is.
 //!
 //! Needs real KVM: on a PVM host run it inside tools/kvm-vm, e.g.
 //!   tools/kvm-vm --rw /work/rw/ctrbench --timeout 1200 -- target/release/ctrbench \
 //!     --kernel "$(kernel/build.sh --print-path)/vmlinux" \
 //!     --initrd "$(kernel/build-initramfs.sh --print-path)" --out /work/rw/ctrbench
+//!
+//! With `--cni` in the nested VM, give it a CNI config of its own first (tmpfs over the host's
+//! directories, the qdisc modules L1 does not autoload), e.g.
+//!   tools/kvm-vm --rw /work/rw/ctrbench --timeout 1800 -- sh -c 'mount -t tmpfs c /etc/cni/net.d; \
+//!     mount -t tmpfs c /var/lib/cni; for m in sch_ingress cls_u32 act_mirred; do \
+//!     modprobe -d $(cat /run/kvm-vm/modroot) $m; done; benches/ctr/cni.conflist.sh; \
+//!     exec target/release/ctrbench --cni --kernel ... --initrd ... --out /work/rw/ctrbench'
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -36,7 +47,7 @@ const PHASES: &[(&str, &str)] = &[
 ];
 
 fn usage() -> &'static str {
-    "usage: ctrbench --kernel VMLINUX --initrd CPIO --out DIR [--runs N] [--shim-dir DIR] [--memory-mib N]\n\
+    "usage: ctrbench --kernel VMLINUX --initrd CPIO --out DIR [--runs N] [--shim-dir DIR] [--memory-mib N] [--cni]\n\
      Needs real KVM (inside tools/kvm-vm on a PVM host) and containerd + ctr + runc\n\
      (tools/setup installs them). See the module doc in benches/ctr/main.rs."
 }
@@ -170,6 +181,7 @@ fn main() -> Result<()> {
     let (mut kernel, mut initrd, mut out) = (None, None, None);
     let mut runs = 10usize;
     let mut memory = 256u64;
+    let mut cni = false;
     let mut shim_dir = std::env::current_exe()?
         .parent()
         .map(Path::to_path_buf)
@@ -184,6 +196,7 @@ fn main() -> Result<()> {
             "--runs" => runs = val()?.parse().context("--runs N")?,
             "--memory-mib" => memory = val()?.parse().context("--memory-mib N")?,
             "--shim-dir" => shim_dir = val()?.into(),
+            "--cni" => cni = true,
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -209,6 +222,16 @@ fn main() -> Result<()> {
             "no containerd-shim-skiff-v2 in {} (cargo build --release -p skiff-shim, or --shim-dir)",
             shim_dir.display()
         );
+    }
+    if cni
+        && !std::fs::read_dir("/etc/cni/net.d")
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".conflist"))
+            })
+            .unwrap_or(false)
+    {
+        bail!("--cni: no .conflist in /etc/cni/net.d (see benches/ctr/cni.conflist.sh)");
     }
     std::fs::create_dir_all(&out)?;
     eprintln!("ctrbench: building the image");
@@ -238,7 +261,11 @@ fn main() -> Result<()> {
         ] {
             let before = std::fs::metadata(&c.log).map(|m| m.len()).unwrap_or(0);
             let t0 = Instant::now();
-            let (ok, text) = ctr(&c, &["run", "--rm", "--runtime", rt, img, &id, "true"])?;
+            let mut args = vec!["run", "--rm", "--runtime", rt, img, &id, "true"];
+            if cni {
+                args.insert(1, "--cni");
+            }
+            let (ok, text) = ctr(&c, &args)?;
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             if !ok {
                 eprintln!("ctrbench: {rt} run {id} failed: {}", text.trim());
@@ -269,8 +296,9 @@ fn main() -> Result<()> {
     let mut r = String::new();
     let _ = writeln!(
         r,
-        "ctr run --rm IMG ID true: {runs} interleaved rounds after a warm-up, {failures} failed runs\n\
-         (Skiff VM: 1 vCPU, {memory} MiB; kernel {kernel})\n"
+        "ctr run{} --rm IMG ID true: {runs} interleaved rounds after a warm-up, {failures} failed runs\n\
+         (Skiff VM: 1 vCPU, {memory} MiB; kernel {kernel})\n",
+        if cni { " --cni" } else { "" }
     );
     let _ = writeln!(r, "{:<44} {:>9} {:>9} {:>9}", "ms", "min", "median", "max");
     let sw = stats(&mut skiff_wall);

@@ -12,8 +12,9 @@
 mod config;
 mod io;
 mod netns;
-mod service;
+mod shim;
 mod spec;
+mod task;
 
 /// The runtime name containerd uses for this shim.
 pub const RUNTIME_ID: &str = "io.containerd.skiff.v2";
@@ -23,5 +24,5 @@ fn main() {
     if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(netns::HOLDER_ARG)) {
         netns::holder_main();
     }
-    containerd_shim::run::<service::Service>(RUNTIME_ID, None);
+    containerd_shim::run::<shim::Service>(RUNTIME_ID, None);
 }

@@ -97,10 +97,11 @@ start_containerd() {{
 }}
 start_containerd
 S=$LAB/containerd.sock
-C="timeout 150 ctr -a $S"
+# (-k: `ctr run` forwards the SIGTERM to its task and goes on waiting for it)
+C="timeout -k 10 150 ctr -a $S"
 # For ctr under a terminal (`script`): plain `timeout` moves ctr into a background process
 # group, where ctr's tcsetattr (raw mode for -t) stops it with SIGTTOU before it does anything.
-CT="timeout --foreground 150 ctr -a $S"
+CT="timeout --foreground -k 10 150 ctr -a $S"
 R="--runtime io.containerd.skiff.v2"
 IMG=docker.io/skiff/busybox:latest
 for t in busybox busybox-user busybox-baduser; do $C images import $OUT/$t.tar >> $OUT/import.log 2>&1 || break; done
@@ -109,7 +110,9 @@ echo $? > $OUT/import.rc
 # A case whose ctr hit its timeout makes the script exit 124: the harness treats it like a
 # hung nested VM and retries the case once (loudly).
 HUNG=0 CASE_HUNG=0
-res() {{ n=$1; shift; "$@" > $OUT/$n.out 2>&1; r=$?; echo $r > $OUT/$n.rc; echo "case $n: $r" >&2; [ $r = 124 ] && HUNG=1 CASE_HUNG=1; }}
+# A hung case (124, or 137 from timeout's -k after 150 s: an OOM kill is 137 too, but fast)
+# keeps the ends of the running VMs' consoles (NAME.consoles) for the diagnosis.
+res() {{ n=$1; shift; t0=$(date +%s); "$@" > $OUT/$n.out 2>&1; r=$?; echo $r > $OUT/$n.rc; echo "case $n: $r" >&2; [ $r = 124 ] || {{ [ $r = 137 ] && [ $(( $(date +%s) - t0 )) -ge 150 ]; }} || return 0; HUNG=1 CASE_HUNG=1; for f in /run/skiff/shim-*/console.log; do echo "== $f"; tail -n 60 "$f"; done > $OUT/$n.consoles 2>&1; }}
 # stopped ID: waits (up to 30 s) until `ctr task ls` shows ID as STOPPED or no longer lists it.
 stopped() {{ for n in $(seq 150); do $C task ls | grep -q "^$1 .*\(RUNNING\|PAUSED\|CREATED\)" || return 0; sleep 0.2; done; return 1; }}
 "#,
@@ -917,7 +920,58 @@ for id in t-c1 r-c1; do $C task kill -s KILL $id; stopped $id; $C task delete $i
 sleep 1
 { ip -o link show type veth; ip -o link show | grep skiff0; pgrep -fa __skiff-netns-holder; } > $OUT/cni_left.out 2>&1
 echo 0 > $OUT/cni_left.rc
+# 5. OCI hooks (ctr run --config): createRuntime runs the bridge plugin in the namespace of the
+# pid its state names, as nerdctl's hook does; poststop releases the address.
+for rt in skiff runc; do
+  python3 - $OUT/hook-spec.json $OUT/image-root $OUT/hook.sh $rt > $OUT/spec-$rt.json <<'EOP'
+import json, sys
+s = json.load(open(sys.argv[1]))
+s["root"] = {"path": sys.argv[2], "readonly": True}
+s["process"]["args"] = ["sh", "-c", "ip -4 -o addr show eth0"]
+s["process"]["terminal"] = False
+s["process"]["env"] = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+s["linux"]["cgroupsPath"] = "/skiff-hook-" + sys.argv[4]
+hook = lambda op: [{"path": "/bin/sh", "args": ["sh", sys.argv[3], op, sys.argv[4]], "timeout": 90}]
+s["hooks"] = {"createRuntime": hook("ADD"), "poststop": hook("DEL")}
+print(json.dumps(s))
+EOP
+done
+res hook_skiff $C run --rm $R --config $OUT/spec-skiff.json t-hook
+res hook_runc $C run --rm --config $OUT/spec-runc.json r-hook
+ls /tmp/cni-ipam/skiff-hook > $OUT/hook_leases.out 2>&1
+# 6. Bad input: a namespace path that does not exist; a namespace with no interface (loopback
+# only, as under runc) keeps no tap or qdisc of ours afterwards.
+res badns $C run --rm $R --with-ns network:/var/run/netns/skiff-missing $IMG t-badns true
+ip netns add sk-empty
+res emptyns $C run --rm $R --with-ns network:/var/run/netns/sk-empty $IMG t-empty ip -4 -o addr
+res remptyns $C run --rm --with-ns network:/var/run/netns/sk-empty $IMG r-empty ip -4 -o addr
+{ ip -n sk-empty -o link show; tc -n sk-empty qdisc show | grep -v 'qdisc noqueue 0: dev lo '; } > $OUT/emptyns_left.out 2>&1
 "#;
+    // The createRuntime/poststop hook: CNI ADD/DEL with the pid from the OCI state on stdin.
+    std::fs::write(
+        lab.out.join("hook.sh"),
+        r#"state=$(cat)
+# (sed, not python: the nested VM runs under TCG, where python takes seconds to start)
+field() { printf '%s' "$state" | sed -n "s/^.*[{,] *\"$1\": *\"\{0,1\}\([^\",}]*\).*$/\1/p"; }
+pid=$(field pid); id=$(field id); dir=$(dirname "$0")
+echo "$1 $2 id=$id pid=$pid status=$(field status) netns=$(readlink /proc/$pid/ns/net)" >> $dir/hook_$2.log
+CNI_COMMAND=$1 CNI_CONTAINERID=$id CNI_NETNS=/proc/$pid/ns/net CNI_IFNAME=eth0 CNI_PATH=/opt/cni/bin \
+  /opt/cni/bin/bridge < $dir/hook-net.json >> $dir/hook_$2.log 2>&1
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        lab.out.join("hook-net.json"),
+        r#"{"cniVersion": "1.0.0", "name": "skiff-hook", "type": "bridge", "bridge": "skbr1",
+ "isGateway": true, "ipMasq": false,
+ "ipam": {"type": "host-local", "dataDir": "/tmp/cni-ipam",
+          "ranges": [[{"subnet": "10.88.78.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}}"#,
+    )
+    .unwrap();
+    // The default spec of this ctr, made on the host.
+    let spec = Command::new("ctr").args(["oci", "spec"]).output().unwrap();
+    assert!(spec.status.success(), "ctr oci spec: {spec:?}");
+    std::fs::write(lab.out.join("hook-spec.json"), &spec.stdout).unwrap();
     lab.run_full("cni", pre, body, 900, None);
     let mut failures = Vec::new();
     let ip1 = lab.out("cni_ip1").trim().to_string();
@@ -971,6 +1025,72 @@ echo 0 > $OUT/cni_left.rc
             "left after delete: {left:?} (delete: {:?})",
             lab.out("cni_delete")
         ));
+    }
+    // Hooks: each runtime's container has the address its createRuntime hook gave it in the
+    // namespace of the state's pid, and poststop released it.
+    for (rt, id) in [("skiff", "t-hook"), ("runc", "r-hook")] {
+        let out = lab.out(&format!("hook_{rt}"));
+        let log =
+            std::fs::read_to_string(lab.out.join(format!("hook_{rt}.log"))).unwrap_or_default();
+        let add = log
+            .lines()
+            .find(|l| l.starts_with(&format!("ADD {rt} id={id} ")))
+            .unwrap_or_default()
+            .to_string();
+        if lab.rc(&format!("hook_{rt}")) != 0
+            || !out.contains("inet 10.88.78.")
+            || !add.contains("status=creating")
+            || !log.contains(&format!("DEL {rt} id={id} "))
+        {
+            failures.push(format!(
+                "{rt}: hooks: {}\nhook log:\n{log}",
+                lab.show(&format!("hook_{rt}"))
+            ));
+        }
+    }
+    let leases = lab.out("hook_leases");
+    if leases.contains("10.88.78.") {
+        failures.push(format!("poststop left addresses leased: {leases}"));
+    }
+    // Bad input.
+    if lab.rc("badns") == 0
+        || !lab
+            .out("badns")
+            .contains("/var/run/netns/skiff-missing does not exist")
+    {
+        failures.push(format!("missing namespace path: {}", lab.show("badns")));
+    }
+    let inet = |name: &str| -> Vec<String> {
+        lab.out(name)
+            .lines()
+            .filter(|l| l.contains(" inet "))
+            .map(|l| l.split_whitespace().nth(3).unwrap_or_default().to_string())
+            .collect()
+    };
+    // No address but loopback's under either runtime (a bare `ip netns add` namespace keeps
+    // its lo down under runc; the VM's lo is always up).
+    let not_lo = |name: &str| -> Vec<String> {
+        inet(name)
+            .into_iter()
+            .filter(|a| a != "127.0.0.1/8")
+            .collect()
+    };
+    if lab.rc("emptyns") != 0
+        || lab.rc("remptyns") != 0
+        || !not_lo("emptyns").is_empty()
+        || !not_lo("remptyns").is_empty()
+    {
+        failures.push(format!(
+            "namespace with no interface: skiff {:?} vs runc {:?}: {}\n{}",
+            inet("emptyns"),
+            inet("remptyns"),
+            lab.show("emptyns"),
+            lab.show("remptyns")
+        ));
+    }
+    let left = lab.out("emptyns_left");
+    if left.contains("skiff0") || left.contains("ingress") || left.lines().count() != 1 {
+        failures.push(format!("left in the namespace after delete: {left}"));
     }
     let leaks = lab.leaks("cni");
     if leaks.contains("containerd-shim-skiff") {

@@ -1,0 +1,123 @@
+//! Events: the ordered publisher, the agent's unsolicited events (OOM), and the exit watchers
+//! that record a process's exit once its output is drained.
+
+use super::*;
+
+impl TaskService {
+    /// The service for task `id` in containerd namespace `namespace`; one thread publishes
+    /// its events in order (a TaskStart is always sent before its TaskExit).
+    pub(crate) fn new(
+        id: String,
+        namespace: String,
+        exit: Arc<ExitSignal>,
+        publisher: RemotePublisher,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel::<(String, Box<dyn MessageDyn + Send>)>();
+        std::thread::spawn(move || {
+            for (topic, event) in rx {
+                let mut ctx = Context::default();
+                ctx.add("containerd-namespace-ttrpc".into(), namespace.clone());
+                ctx.timeout_nano = 5_000_000_000;
+                if let Err(e) = publisher.publish(ctx, &topic, &namespace, event) {
+                    tracing::warn!("publishing {topic}: {e}");
+                }
+            }
+        });
+        TaskService {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                changed: Condvar::new(),
+                events: Mutex::new(tx),
+                exit,
+                id,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    pub(super) fn publish<E: Event + Send + 'static>(&self, e: E) {
+        let topic = e.topic();
+        let tx = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = tx.send((topic, Box::new(e)));
+    }
+
+    /// Publishes the agent's unsolicited events that containerd has a topic for: an OOM kill
+    /// in the container's cgroup becomes TaskOOM. The thread ends with the control connection.
+    pub(super) fn watch_events(self: &Arc<Self>, sandbox: &Sandbox) {
+        let Some(rx) = sandbox.client().take_events() else {
+            return;
+        };
+        let inner = self.clone();
+        std::thread::spawn(move || {
+            for e in rx {
+                if let skiff_protocol::Event::Oom { .. } = e {
+                    tracing::warn!(
+                        "the guest kernel's OOM killer killed a process of the container"
+                    );
+                    let mut ev = TaskOOM::new();
+                    ev.container_id = inner.id.clone();
+                    inner.publish(ev);
+                }
+            }
+        });
+    }
+
+    /// Watches a started process: the agent answers Wait once it exited and its output was
+    /// drained in the guest; then the host copies are finished, the exit recorded (waking
+    /// `Wait`), and TaskExit published.
+    pub(super) fn watch_exit(
+        self: &Arc<Self>,
+        sandbox: Arc<Sandbox>,
+        exec_id: String,
+        guest_exec: Option<String>,
+        outputs: Vec<JoinHandle<()>>,
+    ) {
+        let inner = self.clone();
+        std::thread::spawn(move || {
+            let status = match sandbox.client().wait(CONTAINER, guest_exec.as_deref()) {
+                Ok(s) => u32::try_from(s).unwrap_or(255),
+                Err(e) => {
+                    tracing::warn!("waiting for process {exec_id:?}: {e}");
+                    255
+                }
+            };
+            let _ = io::join_all(outputs, DRAIN_TIMEOUT);
+            tracing::info!(
+                exec = exec_id.as_str(),
+                status,
+                ms = format!("{:.1}", sandbox.ms_since_start()),
+                "boot phase (ms since VMM start): process exited, output drained"
+            );
+            let at = Timestamp::now();
+            {
+                let mut st = inner.lock();
+                if let Some(p) = st
+                    .container
+                    .as_mut()
+                    .and_then(|c| c.procs.get_mut(&exec_id))
+                {
+                    p.status = Status::STOPPED;
+                    p.exit = Some((status, at.clone()));
+                    p.stdin_stream = None;
+                }
+                inner.changed.notify_all();
+            }
+            let mut ev = TaskExit::new();
+            ev.container_id = inner.id.clone();
+            ev.id = if exec_id.is_empty() {
+                inner.id.clone()
+            } else {
+                exec_id
+            };
+            ev.pid = inner
+                .lock()
+                .container
+                .as_ref()
+                .map_or(std::process::id(), |c| c.pid);
+            ev.exit_status = status;
+            ev.exited_at = MessageField::some(at);
+            inner.publish(ev);
+        });
+    }
+}

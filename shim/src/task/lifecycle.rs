@@ -1,0 +1,497 @@
+//! The task's lifecycle: Create (rootfs, shares, network namespace, VM, container, hooks),
+//! Start, Wait, State, Kill and Delete.
+
+use std::os::unix::ffi::OsStrExt;
+
+use super::*;
+
+impl TaskService {
+    pub(super) fn create_inner(&self, req: &api::CreateTaskRequest) -> TtrpcResult<Container> {
+        let bundle = PathBuf::from(&req.bundle);
+        let config = bundle.join("config.json");
+        let text = std::fs::read_to_string(&config)
+            .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, format!("{}: {e}", config.display())))?;
+        let mut spec: Spec = serde_json::from_str(&text)
+            .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, format!("{}: {e}", config.display())))?;
+        let vm = VmSettings::resolve(req.options.as_ref(), spec.annotations().as_ref())
+            .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, e))?;
+        tracing::info!(
+            cpus = vm.cpus,
+            memory_mib = vm.memory_mib,
+            kernel = %vm.kernel.display(),
+            "VM settings"
+        );
+
+        // The rootfs: containerd's mounts (overlay, bind) on <bundle>/rootfs, or, without
+        // mounts, the spec's root path as it is.
+        let (rootfs_host, mounted) = if req.rootfs.is_empty() {
+            let root = spec
+                .root()
+                .as_ref()
+                .map(|r| r.path().clone())
+                .unwrap_or_else(|| PathBuf::from("rootfs"));
+            (bundle.join(root), None)
+        } else {
+            let target = bundle.join("rootfs");
+            std::fs::create_dir_all(&target)
+                .map_err(|e| rpc_err(Code::INTERNAL, format!("{}: {e}", target.display())))?;
+            for m in &req.rootfs {
+                let typ = (!m.type_.is_empty()).then_some(m.type_.as_str());
+                let src = (!m.source.is_empty()).then_some(m.source.as_str());
+                if let Err(e) = containerd_shim::mount::mount_rootfs(typ, src, &m.options, &target)
+                {
+                    unmount_rootfs(&target);
+                    return Err(rpc_err(
+                        Code::INTERNAL,
+                        format!("mounting the rootfs ({} {}): {e}", m.type_, m.source),
+                    ));
+                }
+            }
+            (target.clone(), Some(target))
+        };
+        let files_dir = bundle.join(spec::FILES_DIR);
+        let fail = |e: ttrpc::Error| {
+            spec::unbind_files(&files_dir);
+            if let Some(t) = &mounted {
+                unmount_rootfs(t);
+            }
+            e
+        };
+        let plan = spec::plan_shares(&mut spec, &bundle, rootfs_host, &files_dir)
+            .map_err(|e| fail(rpc_err(Code::INVALID_ARGUMENT, e)))?;
+        spec::bind_files(&files_dir, &plan.files).map_err(|e| fail(rpc_err(Code::INTERNAL, e)))?;
+        let shares = plan.shares;
+        // The network namespace on the host (ctr --cni, CRI, nerdctl put CNI networks there).
+        let net = match netns::plan(&spec) {
+            netns::Plan::Host => None,
+            netns::Plan::New => {
+                let holder = netns::Holder::spawn().map_err(|e| {
+                    fail(rpc_err(Code::INTERNAL, format!("network namespace: {e}")))
+                })?;
+                Some(Net {
+                    path: holder.netns(),
+                    holder: Some(holder),
+                    wired: None,
+                })
+            }
+            netns::Plan::Path(p) => {
+                if !p.exists() {
+                    return Err(fail(rpc_err(
+                        Code::INVALID_ARGUMENT,
+                        format!("network namespace {} does not exist", p.display()),
+                    )));
+                }
+                Some(Net {
+                    path: p,
+                    holder: None,
+                    wired: None,
+                })
+            }
+        };
+        let task_pid = net
+            .as_ref()
+            .and_then(|n| n.holder.as_ref())
+            .map_or(std::process::id(), netns::Holder::pid);
+        let hook_spec = spec.clone();
+        if net.is_some() {
+            // The container shares the VM's namespace, where the card is.
+            netns::strip_network_namespace(&mut spec);
+        }
+        let net_path = net.as_ref().map(|n| n.path.clone());
+        let created_tap = |net_path: &Option<PathBuf>| {
+            // A namespace that outlives the task (a path) must not keep our tap.
+            if let (Some(p), Some(n)) = (net_path, net.as_ref()) {
+                if n.holder.is_none() {
+                    netns::unwire(p, netns::TAP, None);
+                }
+            }
+        };
+        let mut process = spec.process().clone().unwrap_or_default();
+        process.set_terminal(Some(req.terminal));
+        spec.set_process(Some(process));
+
+        // A fresh private directory (mode 0700, created exclusively by the sandbox) under
+        // /run/skiff: never a predictable path in a world-writable directory. The bundle
+        // itself is too deep for Unix socket paths (108 bytes) with CRI's 64-byte ids.
+        let run_dir = skiff_vmm::run_dir::base()
+            .map_err(|e| fail(rpc_err(Code::INTERNAL, format!("run directory: {e}"))))?
+            .join(format!(
+                "shim-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() % 1_000_000_000)
+                    .unwrap_or(0)
+            ));
+        // Recorded so `shim delete` can remove it after a crash.
+        let _ = std::fs::write(bundle.join(RUN_DIR_FILE), run_dir.as_os_str().as_bytes());
+        let sandbox = Sandbox::boot(SandboxConfig {
+            kernel: vm.kernel,
+            initrd: vm.initrd,
+            cpus: vm.cpus,
+            memory_mib: vm.memory_mib,
+            shares,
+            console: vm.console,
+            kernel_args: Vec::new(),
+            run_dir,
+            agent_timeout: vm.agent_timeout,
+            timings: None,
+            net: match &net_path {
+                Some(p) => skiff_vmm::sandbox::SandboxNet::Netns {
+                    netns: p.clone(),
+                    tap: netns::TAP.into(),
+                    mtu: netns::CARD_MTU,
+                },
+                None => skiff_vmm::sandbox::SandboxNet::None,
+            },
+            hostname: None,
+            boot_slots: vm.boot_slots,
+            warm_start: vm.warm_start,
+        })
+        .map_err(|e| {
+            created_tap(&net_path);
+            fail(rpc_err(Code::INTERNAL, format!("booting the VM: {e}")))
+        })?;
+        let sandbox = Arc::new(sandbox);
+        let client = sandbox.client().clone();
+        let stdio = skiff_protocol::Stdio {
+            stdin: !req.stdin.is_empty(),
+        };
+        let boot_fail = |e: ttrpc::Error| {
+            let _ = sandbox.shutdown(POWEROFF_TIMEOUT);
+            created_tap(&net_path);
+            fail(e)
+        };
+        client
+            .create_container(CONTAINER, spec, GUEST_ROOTFS, req.terminal, stdio)
+            .map_err(|e| boot_fail(agent_err("creating the container")(e)))?;
+        let (stdin_stream, outputs) = self
+            .inner
+            .connect_stdio(
+                &sandbox,
+                "",
+                req.terminal,
+                &req.stdin,
+                &req.stdout,
+                &req.stderr,
+            )
+            .map_err(boot_fail)?;
+        // The spec's prestart and createRuntime hooks run on the host now, with the task's
+        // pid (its network namespace is the container's), as runc runs them.
+        if let Some(h) = hook_spec.hooks() {
+            let state =
+                netns::hook_state(&hook_spec, &self.inner.id, "creating", task_pid, &bundle);
+            #[allow(deprecated)]
+            let prestart = h.prestart().clone().unwrap_or_default();
+            for (kind, hooks) in [
+                ("prestart", prestart),
+                (
+                    "createRuntime",
+                    h.create_runtime().clone().unwrap_or_default(),
+                ),
+            ] {
+                netns::run_hooks(kind, &hooks, &state)
+                    .map_err(|e| boot_fail(rpc_err(Code::FAILED_PRECONDITION, e)))?;
+            }
+        }
+        let init = Proc {
+            guest_exec: None,
+            status: Status::CREATED,
+            exit: None,
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+            stdin_stream,
+            outputs,
+            watched: false,
+        };
+        Ok(Container {
+            bundle,
+            pid: task_pid,
+            spec: hook_spec,
+            net,
+            mounted_rootfs: mounted,
+            sandbox,
+            procs: HashMap::from([(String::new(), init)]),
+            next_exec: 1,
+        })
+    }
+}
+
+/// The Task methods that tests drive without a ttrpc context.
+impl TaskService {
+    /// Resumes the vCPUs and publishes TaskResumed.
+    pub(super) fn resume_vm(&self, sandbox: &Sandbox) -> TtrpcResult<()> {
+        sandbox
+            .resume()
+            .map_err(|e| rpc_err(Code::INTERNAL, format!("resuming the VM: {e}")))?;
+        tracing::info!("VM resumed");
+        let mut ev = TaskResumed::new();
+        ev.container_id = self.inner.id.clone();
+        self.inner.publish(ev);
+        Ok(())
+    }
+
+    pub(super) fn handle_start(&self, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        self.inner.check_id(&req.id)?;
+        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        if status != Status::CREATED {
+            return Err(rpc_err(
+                Code::FAILED_PRECONDITION,
+                format!("process {:?} was already started", req.exec_id),
+            ));
+        }
+        awake(&sandbox, "start a process")?;
+        if req.exec_id.is_empty() {
+            self.wire_network(&sandbox)?;
+        }
+        sandbox
+            .client()
+            .start(CONTAINER, guest_exec.as_deref())
+            .map_err(agent_err("starting the process"))?;
+        let pid = self.task_pid();
+        let (outputs, watched) = {
+            let mut st = self.inner.lock();
+            let p = st
+                .container
+                .as_mut()
+                .and_then(|c| c.procs.get_mut(&req.exec_id))
+                .ok_or_else(|| not_found("process"))?;
+            p.status = Status::RUNNING;
+            let watched = std::mem::replace(&mut p.watched, true);
+            (std::mem::take(&mut p.outputs), watched)
+        };
+        // Published before the watcher can publish the exit.
+        if req.exec_id.is_empty() {
+            let mut ev = TaskStart::new();
+            ev.container_id = req.id.clone();
+            ev.pid = pid;
+            self.inner.publish(ev);
+        } else {
+            let mut ev = TaskExecStarted::new();
+            ev.container_id = req.id.clone();
+            ev.exec_id = req.exec_id.clone();
+            ev.pid = pid;
+            self.inner.publish(ev);
+        }
+        tracing::info!(
+            exec = req.exec_id.as_str(),
+            ms = format!("{:.1}", sandbox.ms_since_start()),
+            "boot phase (ms since VMM start): process started"
+        );
+        if !watched {
+            self.inner
+                .watch_exit(sandbox.clone(), req.exec_id.clone(), guest_exec, outputs);
+        }
+        if req.exec_id.is_empty() {
+            // poststart hooks: a failure is a warning (OCI runtime spec).
+            self.run_hooks_warn("poststart", "running");
+        }
+        let mut resp = api::StartResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    pub(super) fn handle_wait(&self, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        self.inner.check_id(&req.id)?;
+        let mut st = self.inner.lock();
+        loop {
+            let p = st
+                .container
+                .as_ref()
+                .and_then(|c| c.procs.get(&req.exec_id))
+                .ok_or_else(|| not_found(&format!("process {:?}", req.exec_id)))?;
+            if let Some((status, at)) = &p.exit {
+                let mut resp = api::WaitResponse::new();
+                resp.exit_status = *status;
+                resp.exited_at = MessageField::some(at.clone());
+                return Ok(resp);
+            }
+            st = self
+                .inner
+                .changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub(super) fn handle_state(&self, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+        self.inner.check_id(&req.id)?;
+        let st = self.inner.lock();
+        let c = st
+            .container
+            .as_ref()
+            .ok_or_else(|| not_found("container"))?;
+        let p = c
+            .procs
+            .get(&req.exec_id)
+            .ok_or_else(|| not_found(&format!("process {:?}", req.exec_id)))?;
+        let mut resp = api::StateResponse::new();
+        resp.id = req.id.clone();
+        resp.bundle = c.bundle.display().to_string();
+        resp.pid = c.pid;
+        resp.status = EnumOrUnknown::new(if p.status == Status::RUNNING && c.sandbox.is_paused() {
+            Status::PAUSED
+        } else {
+            p.status
+        });
+        resp.stdin = p.stdin.clone();
+        resp.stdout = p.stdout.clone();
+        resp.stderr = p.stderr.clone();
+        resp.terminal = p.terminal;
+        if let Some((status, at)) = &p.exit {
+            resp.exit_status = *status;
+            resp.exited_at = MessageField::some(at.clone());
+        }
+        resp.exec_id = req.exec_id.clone();
+        Ok(resp)
+    }
+
+    pub(super) fn handle_kill(&self, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        self.inner.check_id(&req.id)?;
+        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        if status == Status::STOPPED && !req.all {
+            return Err(rpc_err(Code::NOT_FOUND, "process already finished"));
+        }
+        let signal = i32::try_from(req.signal)
+            .map_err(|_| rpc_err(Code::INVALID_ARGUMENT, "bad signal number"))?;
+        if sandbox.is_paused() {
+            // Like a frozen cgroup: SIGKILL still kills; other signals wait for a resume.
+            if signal != libc::SIGKILL {
+                awake(&sandbox, "deliver a signal other than SIGKILL")?;
+            }
+            self.resume_vm(&sandbox)?;
+        }
+        sandbox
+            .client()
+            .signal(CONTAINER, guest_exec.as_deref(), signal, req.all)
+            .map_err(agent_err("signalling"))?;
+        if status == Status::CREATED {
+            // As under runc, a signal can end a process that was never started (its exit is
+            // reported and it can be deleted): watch for its exit from now on.
+            let outputs = {
+                let mut st = self.inner.lock();
+                match st
+                    .container
+                    .as_mut()
+                    .and_then(|c| c.procs.get_mut(&req.exec_id))
+                {
+                    Some(p) if !p.watched => {
+                        p.watched = true;
+                        Some(std::mem::take(&mut p.outputs))
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(outputs) = outputs {
+                self.inner
+                    .watch_exit(sandbox, req.exec_id.clone(), guest_exec, outputs);
+            }
+        }
+        Ok(api::Empty::new())
+    }
+
+    pub(super) fn handle_delete(
+        &self,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        self.inner.check_id(&req.id)?;
+        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        if status == Status::RUNNING || status == Status::UNKNOWN {
+            return Err(rpc_err(
+                Code::FAILED_PRECONDITION,
+                format!("process {:?} is still running", req.exec_id),
+            ));
+        }
+        let client = sandbox.client().clone();
+        // Bounded: a VM that crashed or wedged must not keep Delete (and the cleanup after
+        // it: power-off, unmount) from finishing.
+        if status == Status::CREATED {
+            // Never started: kill it so the agent can remove it.
+            let _ = client.call_timeout(
+                skiff_protocol::Request::Signal {
+                    id: CONTAINER.into(),
+                    exec_id: guest_exec.clone(),
+                    signal: libc::SIGKILL,
+                    all: false,
+                },
+                DELETE_AGENT_TIMEOUT,
+            );
+        }
+        let deleted = client.call_timeout(
+            skiff_protocol::Request::Delete {
+                id: CONTAINER.into(),
+                exec_id: guest_exec.clone(),
+            },
+            DELETE_AGENT_TIMEOUT,
+        );
+        if let Err(e) = deleted {
+            if !req.exec_id.is_empty() {
+                return Err(agent_err("deleting the exec")(e));
+            }
+            // The VM goes away anyway.
+            tracing::warn!("deleting the container in the guest: {e}");
+        }
+        let mut resp = api::DeleteResponse::new();
+        resp.pid = self.task_pid();
+        let (exit_status, exited_at) = {
+            let mut st = self.inner.lock();
+            let c = st
+                .container
+                .as_mut()
+                .ok_or_else(|| not_found("container"))?;
+            let p = c.procs.remove(&req.exec_id);
+            p.and_then(|p| p.exit).unwrap_or((137, Timestamp::now()))
+        };
+        resp.exit_status = exit_status;
+        resp.exited_at = MessageField::some(exited_at.clone());
+        if req.exec_id.is_empty() {
+            // The container: power the VM off, unmount the rootfs, forget it.
+            if sandbox.shutdown(POWEROFF_TIMEOUT).is_none() {
+                tracing::warn!("the VM did not power off; it ends with the shim");
+            }
+            let c = {
+                let mut st = self.inner.lock();
+                let c = st.container.take();
+                self.inner.changed.notify_all();
+                c
+            };
+            if let Some(c) = c.as_ref() {
+                spec::unbind_files(&c.bundle.join(spec::FILES_DIR));
+                let _ = std::fs::remove_file(c.bundle.join(RUN_DIR_FILE));
+                if let Some(n) = &c.net {
+                    if n.holder.is_none() {
+                        // A namespace that outlives the task: take our tap and qdisc out.
+                        netns::unwire(&n.path, netns::TAP, n.wired.as_deref());
+                    }
+                    let _ = std::fs::remove_file(c.bundle.join(NET_FILE));
+                }
+                // poststop hooks run while the holder (the task's pid) still exists: a hook
+                // that tears down CNI needs its namespace.
+                if let Some(h) = c.spec.hooks() {
+                    let state =
+                        netns::hook_state(&c.spec, &self.inner.id, "stopped", c.pid, &c.bundle);
+                    if let Err(e) = netns::run_hooks(
+                        "poststop",
+                        &h.poststop().clone().unwrap_or_default(),
+                        &state,
+                    ) {
+                        tracing::warn!("{e}");
+                    }
+                }
+            }
+            if let Some(t) = c.as_ref().and_then(|c| c.mounted_rootfs.as_ref()) {
+                unmount_rootfs(t);
+            }
+            let mut ev = TaskDelete::new();
+            ev.container_id = req.id.clone();
+            ev.id = req.id.clone();
+            ev.pid = resp.pid;
+            ev.exit_status = exit_status;
+            ev.exited_at = MessageField::some(exited_at);
+            self.inner.publish(ev);
+        }
+        Ok(resp)
+    }
+}
