@@ -101,6 +101,20 @@ pub fn plan(spec: &Spec) -> Plan {
     }
 }
 
+/// Is `path` the shim's own network namespace (the host's)? A spec may name it (`ctr run
+/// --with-ns network:/proc/1/ns/net`, or a CRI container joining a task whose pid is the
+/// shim's): the VM's card must never be joined to the host's own interfaces.
+pub fn is_own_namespace(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        std::fs::metadata(path),
+        std::fs::metadata("/proc/self/ns/net"),
+    ) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Removes the spec's network namespace entry: the container shares the VM's namespace, where
 /// the card is (the host side of its namespace is the shim's).
 pub fn strip_network_namespace(spec: &mut Spec) {
@@ -134,9 +148,31 @@ pub struct Holder {
 impl Holder {
     /// Starts a holder and waits (up to [`HOLDER_START`]) until it is in its own namespace.
     pub fn spawn() -> Result<Holder, Error> {
+        Self::start(None)
+    }
+
+    /// Starts a holder inside the existing namespace at `netns` (CRI's, or `ctr run
+    /// --with-ns`): the task's pid is then in the namespace the spec named, as under runc, so
+    /// `/proc/<pid>/ns/net` (which CRI gives a pod's other containers) is that namespace.
+    pub fn enter(netns: &Path) -> Result<Holder, Error> {
+        Self::start(Some(netns))
+    }
+
+    fn start(netns: Option<&Path>) -> Result<Holder, Error> {
         let exe = std::env::current_exe().map_err(io_err("finding the shim binary"))?;
-        let mut child = Command::new("unshare")
-            .arg("--net")
+        let mut cmd = match netns {
+            None => {
+                let mut c = Command::new("unshare");
+                c.arg("--net");
+                c
+            }
+            Some(p) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", p.display()));
+                c
+            }
+        };
+        let mut child = cmd
             .arg("--")
             .arg(&exe)
             .arg(HOLDER_ARG)
@@ -145,7 +181,7 @@ impl Holder {
             .stderr(Stdio::null())
             .spawn()
             .map_err(io_err(
-                "starting `unshare --net` (util-linux) for the network namespace",
+                "starting `unshare --net` or `nsenter --net` (util-linux) for the network namespace",
             ))?;
         let stdin = child
             .stdin
@@ -169,7 +205,7 @@ impl Holder {
         };
         if ready.trim() != "ready" {
             return Err(Error::Command(
-                "the network namespace holder did not start (unshare --net failed?)".into(),
+                "the network namespace holder did not start (unshare/nsenter --net failed?)".into(),
             ));
         }
         Ok(holder)
@@ -537,6 +573,18 @@ pub fn run_hooks(kind: &str, hooks: &[Hook], state: &Value) -> Result<(), Error>
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_shims_own_namespace_is_recognised() {
+        assert!(is_own_namespace(Path::new("/proc/self/ns/net")));
+        assert!(is_own_namespace(Path::new(&format!(
+            "/proc/{}/ns/net",
+            std::process::id()
+        ))));
+        // Another namespace (same nsfs device, other inode), and no namespace at all.
+        assert!(!is_own_namespace(Path::new("/proc/self/ns/mnt")));
+        assert!(!is_own_namespace(Path::new("/var/run/netns/skiff-missing")));
+    }
 
     #[test]
     fn picks_the_cni_interface_and_its_config() {

@@ -945,6 +945,15 @@ res badns $C run --rm $R --with-ns network:/var/run/netns/skiff-missing $IMG t-b
 ip netns add sk-empty
 res emptyns $C run --rm $R --with-ns network:/var/run/netns/sk-empty $IMG t-empty ip -4 -o addr
 res remptyns $C run --rm --with-ns network:/var/run/netns/sk-empty $IMG r-empty ip -4 -o addr
+# The task's pid is in the namespace the spec named (CRI gives /proc/<pid>/ns/net to a pod's
+# other containers), as under runc.
+res nspid_run $C run -d $R --with-ns network:/var/run/netns/sk-empty $IMG t-nsp sleep 120
+P=$($C task ls | awk '$1 == "t-nsp" {print $2}')
+{ stat -L -c %i /proc/$P/ns/net; stat -L -c %i /var/run/netns/sk-empty; } > $OUT/nspid.out 2>&1
+$C task kill -s KILL t-nsp; stopped t-nsp; $C task delete t-nsp; $C container delete t-nsp
+# The host's own namespace (the shim's): never joined to the VM's card, loopback only.
+res hostns $C run --rm $R --with-ns network:/proc/1/ns/net $IMG t-hostns ip -o link
+ip -o link show | grep skiff0 > $OUT/hostns_left.out 2>&1
 { ip -n sk-empty -o link show; tc -n sk-empty qdisc show | grep -v 'qdisc noqueue 0: dev lo '; } > $OUT/emptyns_left.out 2>&1
 "#;
     // The createRuntime/poststop hook: CNI ADD/DEL with the pid from the OCI state on stdin.
@@ -1086,6 +1095,29 @@ CNI_COMMAND=$1 CNI_CONTAINERID=$id CNI_NETNS=/proc/$pid/ns/net CNI_IFNAME=eth0 C
             inet("remptyns"),
             lab.show("emptyns"),
             lab.show("remptyns")
+        ));
+    }
+    let nspid: Vec<String> = lab
+        .out("nspid")
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    if lab.rc("nspid_run") != 0 || nspid.len() != 2 || nspid[0] != nspid[1] || nspid[0].is_empty() {
+        failures.push(format!(
+            "the task pid is not in the spec's namespace: {nspid:?} ({})",
+            lab.show("nspid_run")
+        ));
+    }
+    let host_links = lab.out("hostns");
+    let host_left = std::fs::read_to_string(lab.out.join("hostns_left.out")).unwrap_or_default();
+    if lab.rc("hostns") != 0
+        || !host_links.contains(": lo:")
+        || host_links.contains("eth0")
+        || !host_left.trim().is_empty()
+    {
+        failures.push(format!(
+            "the host's namespace in the spec: {} (skiff0 on the host: {host_left:?})",
+            lab.show("hostns")
         ));
     }
     let left = lab.out("emptyns_left");

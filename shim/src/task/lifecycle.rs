@@ -64,6 +64,15 @@ impl TaskService {
         // The network namespace on the host (ctr --cni, CRI, nerdctl put CNI networks there).
         let net = match netns::plan(&spec) {
             netns::Plan::Host => None,
+            netns::Plan::Path(p) if netns::is_own_namespace(&p) => {
+                tracing::warn!(
+                    "the spec joins the host's network namespace ({}): a VM cannot share the \
+                     host's interfaces, so the container has loopback only",
+                    p.display()
+                );
+                netns::strip_network_namespace(&mut spec);
+                None
+            }
             netns::Plan::New => {
                 let holder = netns::Holder::spawn().map_err(|e| {
                     fail(rpc_err(Code::INTERNAL, format!("network namespace: {e}")))
@@ -71,6 +80,7 @@ impl TaskService {
                 Some(Net {
                     path: holder.netns(),
                     holder: Some(holder),
+                    owned: true,
                     wired: None,
                 })
             }
@@ -81,9 +91,16 @@ impl TaskService {
                         format!("network namespace {} does not exist", p.display()),
                     )));
                 }
+                let holder = netns::Holder::enter(&p).map_err(|e| {
+                    fail(rpc_err(
+                        Code::INTERNAL,
+                        format!("network namespace {}: {e}", p.display()),
+                    ))
+                })?;
                 Some(Net {
                     path: p,
-                    holder: None,
+                    holder: Some(holder),
+                    owned: false,
                     wired: None,
                 })
             }
@@ -101,7 +118,7 @@ impl TaskService {
         let created_tap = |net_path: &Option<PathBuf>| {
             // A namespace that outlives the task (a path) must not keep our tap.
             if let (Some(p), Some(n)) = (net_path, net.as_ref()) {
-                if n.holder.is_none() {
+                if !n.owned {
                     netns::unwire(p, netns::TAP, None);
                 }
             }
@@ -461,7 +478,7 @@ impl TaskService {
                 spec::unbind_files(&c.bundle.join(spec::FILES_DIR));
                 let _ = std::fs::remove_file(c.bundle.join(RUN_DIR_FILE));
                 if let Some(n) = &c.net {
-                    if n.holder.is_none() {
+                    if !n.owned {
                         // A namespace that outlives the task: take our tap and qdisc out.
                         netns::unwire(&n.path, netns::TAP, n.wired.as_deref());
                     }

@@ -4,8 +4,9 @@
 //! (publishing, exit watchers).
 //!
 //! One container per shim and per VM. The host-visible pid of a task (Create, Start, State,
-//! events) is its network namespace holder's when the spec asks for a new network namespace
-//! (CNI plugins and hooks find the container's namespace through it, see [`netns`]), else the
+//! events) is its network namespace holder's when the spec asks for a network namespace, new
+//! or a path (CNI plugins, hooks and CRI find the container's namespace through
+//! `/proc/<pid>/ns/net`, see [`netns`]), else the
 //! shim's own, which is the VMM's (as Kata reports its hypervisor's pid); guest pids are only
 //! in `Pids`. Agent calls are made outside the state lock, so `State` stays cheap
 //! while `Start`, `Wait` or `Create` are in flight.
@@ -137,8 +138,11 @@ struct Proc {
 /// The container's network namespace on the host (see [`netns`]).
 #[derive(Debug)]
 struct Net {
-    /// The holder of a namespace made for this task (the namespace ends with it).
+    /// The task's pid on the host: a holder in the namespace (one made for this task ends
+    /// with it).
     holder: Option<netns::Holder>,
+    /// The namespace was made for this task (else it is the spec's path and outlives it).
+    owned: bool,
     /// `/proc/<holder>/ns/net`, or the spec's path.
     path: PathBuf,
     /// The interface joined to the tap at Start.
