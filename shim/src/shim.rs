@@ -21,7 +21,7 @@ use crate::task::{TaskService, NET_FILE, RUN_DIR_FILE};
 /// How long the server may take to stop after Shutdown before the process exits anyway.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// The file in the bundle holding the shim server's pid (for `delete` after a crash).
-const PID_FILE: &str = "shim.pid";
+pub(crate) const PID_FILE: &str = "shim.pid";
 
 /// The `containerd_shim::Shim` implementation (binary modes and server lifetime).
 pub struct Service {
@@ -65,7 +65,13 @@ impl containerd_shim::Shim for Service {
         // `spawn` starts `<this binary> -namespace … -id … -address … -socket …` with stdin and
         // stderr on /dev/null and stdout on a pipe it reads until the server, once listening,
         // points its stdout elsewhere: containerd's pipe is never held by the server.
-        let grouping = opts.id.clone();
+        // A later container of a CRI pod goes to its sandbox's server (same grouping, same
+        // socket: the new server finds it in use and working, writes its address and exits).
+        let grouping = std::fs::read_to_string(bundle_dir_of_start().join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Spec>(&t).ok())
+            .and_then(|s| crate::task::pod_sandbox_of(&s))
+            .unwrap_or_else(|| opts.id.clone());
         let (pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         tracing::info!("shim server started: pid {pid}, {address}");
         // containerd reconnects through `<bundle>/address` after a restart.
@@ -94,10 +100,8 @@ impl containerd_shim::Shim for Service {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        let pid = std::process::id();
-        if let Err(e) = std::fs::write(self.bundle.join(PID_FILE), pid.to_string()) {
-            tracing::warn!("writing {PID_FILE}: {e}");
-        }
+        // (The pid file is written at Create: this process may be a pod container's `start`
+        // server that finds its pod's server running and exits.)
         TaskService::new(
             self.id.clone(),
             self.namespace.clone(),
@@ -135,6 +139,7 @@ fn cleanup_after_crash(bundle: &Path, id: &str) -> Option<u32> {
         }
     }
     spec::unbind_files(&bundle.join(spec::FILES_DIR));
+    remove_pod_dir(bundle);
     unmount_rootfs(&bundle.join("rootfs"));
     remove_run_dir(bundle);
     remove_tap(bundle);
@@ -184,6 +189,28 @@ fn remove_run_dir(bundle: &Path) {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let _ = std::fs::remove_file(bundle.join(RUN_DIR_FILE));
+}
+
+/// Detaches a pod's directory named in the (sandbox's) bundle, if it is one of ours.
+fn remove_pod_dir(bundle: &Path) {
+    let file = bundle.join(crate::task::POD_DIR_FILE);
+    let Ok(raw) = std::fs::read(&file) else {
+        return;
+    };
+    let dir = PathBuf::from(std::ffi::OsStr::from_bytes(&raw));
+    let ours = skiff_vmm::run_dir::base().is_ok_and(|b| dir.parent() == Some(b.as_path()))
+        && dir
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("pod-"));
+    if ours {
+        crate::task::remove_pod_dir(&dir);
+    }
+    let _ = std::fs::remove_file(file);
+}
+
+/// The bundle of `shim start`: its working directory (containerd starts it there).
+fn bundle_dir_of_start() -> PathBuf {
+    std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
 }
 
 /// Whether process `pid` exists and is not a zombie.

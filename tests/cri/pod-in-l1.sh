@@ -3,12 +3,13 @@
 # VM (or any machine where /etc/cni/net.d and /var/lib/cni may be covered by tmpfs):
 #   cargo build --release -p skiff-shim
 #   cargo build --release --manifest-path tests/cri/Cargo.toml --target-dir target
-#   tools/kvm-vm --rw /tmp/cri -- tests/cri/pod-in-l1.sh runc /tmp/cri "$K" "$I"
-#   tools/kvm-vm --rw /tmp/cri -- tests/cri/pod-in-l1.sh skiff /tmp/cri "$K" "$I"
+#   tools/kvm-vm --rw /tmp/cri -- tests/cri/pod-in-l1.sh "runc skiff" /tmp/cri "$K" "$I" [ROUNDS]
 # (K, I: kernel/build.sh --print-path + /vmlinux, kernel/build-initramfs.sh --print-path).
-# Writes OUT/result-HANDLER.out (skiff-cri's JSON), OUT/containerd-HANDLER.log, OUT/left-HANDLER.out.
+# One containerd; each handler's pod in turn (ROUNDS times, default 1). Writes
+# OUT/result-HANDLER[-N].out (skiff-cri's JSON), OUT/containerd.log, OUT/left-HANDLER[-N].out
+# (what is left after the pod: links, shims, mounts, run dirs, netns, IPAM leases).
 set -u
-HANDLER=$1 OUT=$2 K=$3 I=$4
+HANDLERS=$1 OUT=$2 K=$3 I=$4 ROUNDS=${5:-1}
 M=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$OUT"
 echo "pod-in-l1: building the images" >&2
@@ -54,14 +55,27 @@ state = "$LAB/state"
     conf_dir = "/etc/cni/net.d"
 EOC
 env PATH="$M/target/release:$PATH" SKIFF_KERNEL="$K" SKIFF_INITRD="$I" SKIFF_MEMORY_MIB=256 \
-  containerd --config $LAB/config.toml > "$OUT/containerd-$HANDLER.log" 2>&1 &
+  containerd --config $LAB/config.toml > "$OUT/containerd.log" 2>&1 &
 CTRD=$!
 for n in $(seq 300); do [ -S $LAB/containerd.sock ] && break; sleep 0.1; done
 C="timeout -k 10 150 ctr -a $LAB/containerd.sock -n k8s.io"
 { $C images import "$OUT/busybox.tar"; $C images import "$OUT/pause.tar"; } > "$OUT/import.log" 2>&1
-timeout -k 10 600 "$M/target/release/skiff-cri" --socket $LAB/containerd.sock --handler "$HANDLER" \
-  --image docker.io/skiff/busybox:latest --out "$OUT/$HANDLER" > "$OUT/result-$HANDLER.out" 2> "$OUT/result-$HANDLER.err"
-echo "rc=$?" >> "$OUT/result-$HANDLER.err"
-{ ip -o link show; pgrep -fa containerd-shim; } > "$OUT/left-$HANDLER.out" 2>&1
+echo "import rc=$?" >> "$OUT/import.log"
+for round in $(seq "$ROUNDS"); do
+  for HANDLER in $HANDLERS; do
+    N=$HANDLER; [ "$ROUNDS" = 1 ] || N=$HANDLER-$round
+    echo "pod-in-l1: pod under $HANDLER (round $round)" >&2
+    timeout -k 10 600 "$M/target/release/skiff-cri" --socket $LAB/containerd.sock --handler "$HANDLER" \
+      --image docker.io/skiff/busybox:latest --name "pod-$N" --out "$OUT/$N" > "$OUT/result-$N.out" 2> "$OUT/result-$N.err"
+    echo "rc=$?" >> "$OUT/result-$N.err"
+    sleep 1
+    { echo "== links"; ip -o link show | grep -v ' lo:\| skpod0:\| eth'
+      echo "== shims"; pgrep -fa containerd-shim
+      echo "== mounts"; grep -e /run/skiff -e /run/containerd/io.containerd.runtime.v2.task /proc/mounts
+      echo "== run"; ls /run/skiff 2>/dev/null | grep -v '^boot-slots\|^templates'
+      echo "== netns"; ls /var/run/netns 2>/dev/null
+      echo "== leases"; ls /tmp/cni-ipam/skiff-pod 2>/dev/null | grep -v 'last_reserved_ip\|lock'
+    } > "$OUT/left-$N.out" 2>&1
+  done
+done
 kill $CTRD; wait $CTRD
-cat "$OUT/result-$HANDLER.out"

@@ -4,7 +4,7 @@
 use super::*;
 
 impl TaskService {
-    /// The service for task `id` in containerd namespace `namespace`; one thread publishes
+    /// The service for shim `id` in containerd namespace `namespace`; one thread publishes
     /// its events in order (a TaskStart is always sent before its TaskExit).
     pub(crate) fn new(
         id: String,
@@ -12,6 +12,7 @@ impl TaskService {
         exit: Arc<ExitSignal>,
         publisher: RemotePublisher,
     ) -> Self {
+        tracing::debug!(shim = id.as_str(), "task service");
         let (tx, rx) = mpsc::channel::<(String, Box<dyn MessageDyn + Send>)>();
         std::thread::spawn(move || {
             for (topic, event) in rx {
@@ -29,7 +30,6 @@ impl TaskService {
                 changed: Condvar::new(),
                 events: Mutex::new(tx),
                 exit,
-                id,
             }),
         }
     }
@@ -51,13 +51,22 @@ impl Inner {
         let inner = self.clone();
         std::thread::spawn(move || {
             for e in rx {
-                if let skiff_protocol::Event::Oom { .. } = e {
+                if let skiff_protocol::Event::Oom { id: guest } = e {
+                    let id = inner
+                        .lock()
+                        .containers
+                        .iter()
+                        .find(|(_, c)| c.guest == guest)
+                        .map(|(id, _)| id.clone());
                     tracing::warn!(
+                        container = id.as_deref().unwrap_or("?"),
                         "the guest kernel's OOM killer killed a process of the container"
                     );
-                    let mut ev = TaskOOM::new();
-                    ev.container_id = inner.id.clone();
-                    inner.publish(ev);
+                    if let Some(id) = id {
+                        let mut ev = TaskOOM::new();
+                        ev.container_id = id;
+                        inner.publish(ev);
+                    }
                 }
             }
         });
@@ -69,13 +78,15 @@ impl Inner {
     pub(super) fn watch_exit(
         self: &Arc<Self>,
         sandbox: Arc<Sandbox>,
+        id: String,
+        guest: String,
         exec_id: String,
         guest_exec: Option<String>,
         outputs: Vec<JoinHandle<()>>,
     ) {
         let inner = self.clone();
         std::thread::spawn(move || {
-            let status = match sandbox.client().wait(CONTAINER, guest_exec.as_deref()) {
+            let status = match sandbox.client().wait(&guest, guest_exec.as_deref()) {
                 Ok(s) => u32::try_from(s).unwrap_or(255),
                 Err(e) => {
                     tracing::warn!("waiting for process {exec_id:?}: {e}");
@@ -84,6 +95,7 @@ impl Inner {
             };
             let _ = io::join_all(outputs, DRAIN_TIMEOUT);
             tracing::info!(
+                container = id.as_str(),
                 exec = exec_id.as_str(),
                 status,
                 ms = format!("{:.1}", sandbox.ms_since_start()),
@@ -93,8 +105,8 @@ impl Inner {
             {
                 let mut st = inner.lock();
                 if let Some(p) = st
-                    .container
-                    .as_mut()
+                    .containers
+                    .get_mut(&id)
                     .and_then(|c| c.procs.get_mut(&exec_id))
                 {
                     p.status = Status::STOPPED;
@@ -104,17 +116,13 @@ impl Inner {
                 inner.changed.notify_all();
             }
             let mut ev = TaskExit::new();
-            ev.container_id = inner.id.clone();
-            ev.id = if exec_id.is_empty() {
-                inner.id.clone()
-            } else {
-                exec_id
-            };
             ev.pid = inner
                 .lock()
-                .container
-                .as_ref()
+                .containers
+                .get(&id)
                 .map_or(std::process::id(), |c| c.pid);
+            ev.container_id = id.clone();
+            ev.id = if exec_id.is_empty() { id } else { exec_id };
             ev.exit_status = status;
             ev.exited_at = MessageField::some(at);
             inner.publish(ev);

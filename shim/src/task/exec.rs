@@ -7,6 +7,7 @@ impl Inner {
     pub(super) fn connect_stdio(
         &self,
         sandbox: &Sandbox,
+        guest: &str,
         guest_exec: &str,
         terminal: bool,
         stdin: &str,
@@ -16,7 +17,7 @@ impl Inner {
         let take = |kind| {
             sandbox
                 .streams()
-                .take(CONTAINER, guest_exec, kind, STREAM_TIMEOUT)
+                .take(guest, guest_exec, kind, STREAM_TIMEOUT)
                 .map_err(|e| rpc_err(Code::INTERNAL, format!("stdio stream: {e}")))
         };
         let mut outputs = Vec::new();
@@ -40,20 +41,16 @@ impl Inner {
 
 impl TaskService {
     pub(super) fn handle_exec(&self, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
-        self.inner.check_id(&req.id)?;
         if req.exec_id.is_empty() {
             return Err(rpc_err(Code::INVALID_ARGUMENT, "empty exec id"));
         }
-        awake(&self.lookup("")?.0, "exec a process")?;
+        awake(&self.lookup(&req.id, "")?.sandbox, "exec a process")?;
         let mut process: Process = serde_json::from_slice(&req.spec.value)
             .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, format!("exec process spec: {e}")))?;
         process.set_terminal(Some(req.terminal));
-        let (sandbox, guest_exec) = {
+        let (sandbox, guest, guest_exec) = {
             let mut st = self.inner.lock();
-            let c = st
-                .container
-                .as_mut()
-                .ok_or_else(|| not_found("container"))?;
+            let c = st.container_mut(&req.id)?;
             if c.procs.contains_key(&req.exec_id) {
                 return Err(rpc_err(
                     Code::ALREADY_EXISTS,
@@ -78,12 +75,12 @@ impl TaskService {
                     watched: false,
                 },
             );
-            (c.sandbox.clone(), g)
+            (c.sandbox.clone(), c.guest.clone(), g)
         };
         let r = sandbox
             .client()
             .exec(
-                CONTAINER,
+                &guest,
                 &guest_exec,
                 process,
                 skiff_protocol::Stdio {
@@ -94,6 +91,7 @@ impl TaskService {
             .and_then(|_| {
                 self.inner.connect_stdio(
                     &sandbox,
+                    &guest,
                     &guest_exec,
                     req.terminal,
                     &req.stdin,
@@ -102,9 +100,7 @@ impl TaskService {
                 )
             });
         let mut st = self.inner.lock();
-        let Some(c) = st.container.as_mut() else {
-            return Err(not_found("container"));
-        };
+        let c = st.container_mut(&req.id)?;
         match r {
             Ok((stdin_stream, outputs)) => {
                 if let Some(p) = c.procs.get_mut(&req.exec_id) {

@@ -2,17 +2,37 @@
 //! Start, Wait, State, Kill and Delete.
 
 use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 use super::*;
 
 impl TaskService {
-    pub(super) fn create_inner(&self, req: &api::CreateTaskRequest) -> TtrpcResult<Container> {
+    /// Creates the container; true when it booted the VM (else it joined its pod's VM).
+    pub(super) fn create_inner(
+        &self,
+        req: &api::CreateTaskRequest,
+    ) -> TtrpcResult<(Container, bool)> {
         let bundle = PathBuf::from(&req.bundle);
         let config = bundle.join("config.json");
         let text = std::fs::read_to_string(&config)
             .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, format!("{}: {e}", config.display())))?;
         let mut spec: Spec = serde_json::from_str(&text)
             .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, format!("{}: {e}", config.display())))?;
+        if let Some(sandbox_id) = pod::sandbox_of(&spec) {
+            return self
+                .create_in_pod(req, bundle, spec, &sandbox_id)
+                .map(|c| (c, false));
+        }
+        if !self.inner.lock().containers.is_empty() {
+            return Err(rpc_err(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "this shim already runs a VM; {} is not a container of its pod",
+                    req.id
+                ),
+            ));
+        }
+        let is_pod = pod::is_sandbox(&spec);
         let vm = VmSettings::resolve(req.options.as_ref(), spec.annotations().as_ref())
             .map_err(|e| rpc_err(Code::INVALID_ARGUMENT, e))?;
         tracing::info!(
@@ -22,45 +42,32 @@ impl TaskService {
             "VM settings"
         );
 
-        // The rootfs: containerd's mounts (overlay, bind) on <bundle>/rootfs, or, without
-        // mounts, the spec's root path as it is.
-        let (rootfs_host, mounted) = if req.rootfs.is_empty() {
-            let root = spec
-                .root()
-                .as_ref()
-                .map(|r| r.path().clone())
-                .unwrap_or_else(|| PathBuf::from("rootfs"));
-            (bundle.join(root), None)
-        } else {
-            let target = bundle.join("rootfs");
-            std::fs::create_dir_all(&target)
-                .map_err(|e| rpc_err(Code::INTERNAL, format!("{}: {e}", target.display())))?;
-            for m in &req.rootfs {
-                let typ = (!m.type_.is_empty()).then_some(m.type_.as_str());
-                let src = (!m.source.is_empty()).then_some(m.source.as_str());
-                if let Err(e) = containerd_shim::mount::mount_rootfs(typ, src, &m.options, &target)
-                {
-                    unmount_rootfs(&target);
-                    return Err(rpc_err(
-                        Code::INTERNAL,
-                        format!("mounting the rootfs ({} {}): {e}", m.type_, m.source),
-                    ));
-                }
-            }
-            (target.clone(), Some(target))
-        };
+        let (rootfs_host, mounted) = mount_rootfs(req, &bundle, &spec)?;
         let files_dir = bundle.join(spec::FILES_DIR);
-        let fail = |e: ttrpc::Error| {
+        let mut pod_dir: Option<PathBuf> = None;
+        let fail = |pod_dir: &Option<PathBuf>, e: ttrpc::Error| {
             spec::unbind_files(&files_dir);
             if let Some(t) = &mounted {
                 unmount_rootfs(t);
             }
+            if let Some(d) = pod_dir {
+                pod::remove_dir(d);
+                let _ = std::fs::remove_file(bundle.join(pod::POD_DIR_FILE));
+            }
             e
         };
         let plan = spec::plan_shares(&mut spec, &bundle, rootfs_host, &files_dir)
-            .map_err(|e| fail(rpc_err(Code::INVALID_ARGUMENT, e)))?;
-        spec::bind_files(&files_dir, &plan.files).map_err(|e| fail(rpc_err(Code::INTERNAL, e)))?;
-        let shares = plan.shares;
+            .map_err(|e| fail(&pod_dir, rpc_err(Code::INVALID_ARGUMENT, e)))?;
+        spec::bind_files(&files_dir, &plan.files)
+            .map_err(|e| fail(&pod_dir, rpc_err(Code::INTERNAL, e)))?;
+        let mut shares = plan.shares;
+        if is_pod {
+            // The pod's later containers reach the VM through these two shares.
+            let d = pod::make_dir().map_err(|e| fail(&pod_dir, rpc_err(Code::INTERNAL, e)))?;
+            let _ = std::fs::write(bundle.join(pod::POD_DIR_FILE), d.as_os_str().as_bytes());
+            shares.extend(pod::shares(&d));
+            pod_dir = Some(d);
+        }
         // The network namespace on the host (ctr --cni, CRI, nerdctl put CNI networks there).
         let net = match netns::plan(&spec) {
             netns::Plan::Host => None,
@@ -75,7 +82,10 @@ impl TaskService {
             }
             netns::Plan::New => {
                 let holder = netns::Holder::spawn().map_err(|e| {
-                    fail(rpc_err(Code::INTERNAL, format!("network namespace: {e}")))
+                    fail(
+                        &pod_dir,
+                        rpc_err(Code::INTERNAL, format!("network namespace: {e}")),
+                    )
                 })?;
                 Some(Net {
                     path: holder.netns(),
@@ -86,16 +96,22 @@ impl TaskService {
             }
             netns::Plan::Path(p) => {
                 if !p.exists() {
-                    return Err(fail(rpc_err(
-                        Code::INVALID_ARGUMENT,
-                        format!("network namespace {} does not exist", p.display()),
-                    )));
+                    return Err(fail(
+                        &pod_dir,
+                        rpc_err(
+                            Code::INVALID_ARGUMENT,
+                            format!("network namespace {} does not exist", p.display()),
+                        ),
+                    ));
                 }
                 let holder = netns::Holder::enter(&p).map_err(|e| {
-                    fail(rpc_err(
-                        Code::INTERNAL,
-                        format!("network namespace {}: {e}", p.display()),
-                    ))
+                    fail(
+                        &pod_dir,
+                        rpc_err(
+                            Code::INTERNAL,
+                            format!("network namespace {}: {e}", p.display()),
+                        ),
+                    )
                 })?;
                 Some(Net {
                     path: p,
@@ -131,7 +147,12 @@ impl TaskService {
         // /run/skiff: never a predictable path in a world-writable directory. The bundle
         // itself is too deep for Unix socket paths (108 bytes) with CRI's 64-byte ids.
         let run_dir = skiff_vmm::run_dir::base()
-            .map_err(|e| fail(rpc_err(Code::INTERNAL, format!("run directory: {e}"))))?
+            .map_err(|e| {
+                fail(
+                    &pod_dir,
+                    rpc_err(Code::INTERNAL, format!("run directory: {e}")),
+                )
+            })?
             .join(format!(
                 "shim-{}-{}",
                 std::process::id(),
@@ -167,7 +188,10 @@ impl TaskService {
         })
         .map_err(|e| {
             created_tap(&net_path);
-            fail(rpc_err(Code::INTERNAL, format!("booting the VM: {e}")))
+            fail(
+                &pod_dir,
+                rpc_err(Code::INTERNAL, format!("booting the VM: {e}")),
+            )
         })?;
         let sandbox = Arc::new(sandbox);
         let client = sandbox.client().clone();
@@ -177,7 +201,7 @@ impl TaskService {
         let boot_fail = |e: ttrpc::Error| {
             let _ = sandbox.shutdown(POWEROFF_TIMEOUT);
             created_tap(&net_path);
-            fail(e)
+            fail(&pod_dir, e)
         };
         client
             .create_container(CONTAINER, spec, GUEST_ROOTFS, req.terminal, stdio)
@@ -186,6 +210,7 @@ impl TaskService {
             .inner
             .connect_stdio(
                 &sandbox,
+                CONTAINER,
                 "",
                 req.terminal,
                 &req.stdin,
@@ -193,25 +218,106 @@ impl TaskService {
                 &req.stderr,
             )
             .map_err(boot_fail)?;
-        // The spec's prestart and createRuntime hooks run on the host now, with the task's
-        // pid (its network namespace is the container's), as runc runs them.
-        if let Some(h) = hook_spec.hooks() {
-            let state =
-                netns::hook_state(&hook_spec, &self.inner.id, "creating", task_pid, &bundle);
-            #[allow(deprecated)]
-            let prestart = h.prestart().clone().unwrap_or_default();
-            for (kind, hooks) in [
-                ("prestart", prestart),
-                (
-                    "createRuntime",
-                    h.create_runtime().clone().unwrap_or_default(),
-                ),
-            ] {
-                netns::run_hooks(kind, &hooks, &state)
-                    .map_err(|e| boot_fail(rpc_err(Code::FAILED_PRECONDITION, e)))?;
-            }
+        run_create_hooks(&hook_spec, &req.id, task_pid, &bundle).map_err(boot_fail)?;
+        if let Some(dir) = &pod_dir {
+            self.inner.lock().pod = Some(Pod {
+                id: req.id.clone(),
+                sandbox: sandbox.clone(),
+                dir: dir.clone(),
+                pid: task_pid,
+                hostname: hook_spec.hostname().clone().filter(|h| !h.is_empty()),
+                next: 0,
+            });
         }
-        let init = Proc {
+        let init = Proc::created(req, stdin_stream, outputs);
+        Ok((
+            Container {
+                guest: CONTAINER.into(),
+                bundle,
+                pid: task_pid,
+                spec: hook_spec,
+                net,
+                mounted_rootfs: mounted,
+                sandbox,
+                procs: HashMap::from([(String::new(), init)]),
+                next_exec: 1,
+                pod_binds: Vec::new(),
+            },
+            true,
+        ))
+    }
+}
+
+/// Takes the tap and qdisc out of a namespace that outlives the task; a holder's own
+/// namespace ends with the holder (dropped with `n`).
+fn release_net(n: &Net) {
+    if !n.owned {
+        netns::unwire(&n.path, netns::TAP, n.wired.as_deref());
+    }
+}
+
+/// The rootfs: containerd's mounts (overlay, bind) on `<bundle>/rootfs`, or, without mounts,
+/// the spec's root path as it is. Returns the host directory and what to unmount later.
+pub(super) fn mount_rootfs(
+    req: &api::CreateTaskRequest,
+    bundle: &Path,
+    spec: &Spec,
+) -> TtrpcResult<(PathBuf, Option<PathBuf>)> {
+    if req.rootfs.is_empty() {
+        let root = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_else(|| PathBuf::from("rootfs"));
+        return Ok((bundle.join(root), None));
+    }
+    let target = bundle.join("rootfs");
+    std::fs::create_dir_all(&target)
+        .map_err(|e| rpc_err(Code::INTERNAL, format!("{}: {e}", target.display())))?;
+    for m in &req.rootfs {
+        let typ = (!m.type_.is_empty()).then_some(m.type_.as_str());
+        let src = (!m.source.is_empty()).then_some(m.source.as_str());
+        if let Err(e) = containerd_shim::mount::mount_rootfs(typ, src, &m.options, &target) {
+            unmount_rootfs(&target);
+            return Err(rpc_err(
+                Code::INTERNAL,
+                format!("mounting the rootfs ({} {}): {e}", m.type_, m.source),
+            ));
+        }
+    }
+    Ok((target.clone(), Some(target)))
+}
+
+/// The spec's prestart and createRuntime hooks, run on the host at Create with the task's
+/// pid (its network namespace is the container's), as runc runs them.
+pub(super) fn run_create_hooks(spec: &Spec, id: &str, pid: u32, bundle: &Path) -> TtrpcResult<()> {
+    let Some(h) = spec.hooks() else {
+        return Ok(());
+    };
+    let state = netns::hook_state(spec, id, "creating", pid, bundle);
+    #[allow(deprecated)]
+    let prestart = h.prestart().clone().unwrap_or_default();
+    for (kind, hooks) in [
+        ("prestart", prestart),
+        (
+            "createRuntime",
+            h.create_runtime().clone().unwrap_or_default(),
+        ),
+    ] {
+        netns::run_hooks(kind, &hooks, &state)
+            .map_err(|e| rpc_err(Code::FAILED_PRECONDITION, e))?;
+    }
+    Ok(())
+}
+
+impl Proc {
+    /// A container's init, created.
+    pub(super) fn created(
+        req: &api::CreateTaskRequest,
+        stdin_stream: Option<Stdin>,
+        outputs: Vec<JoinHandle<()>>,
+    ) -> Self {
+        Proc {
             guest_exec: None,
             status: Status::CREATED,
             exit: None,
@@ -222,37 +328,31 @@ impl TaskService {
             stdin_stream,
             outputs,
             watched: false,
-        };
-        Ok(Container {
-            bundle,
-            pid: task_pid,
-            spec: hook_spec,
-            net,
-            mounted_rootfs: mounted,
-            sandbox,
-            procs: HashMap::from([(String::new(), init)]),
-            next_exec: 1,
-        })
+        }
     }
 }
 
 /// The Task methods that tests drive without a ttrpc context.
 impl TaskService {
     /// Resumes the vCPUs and publishes TaskResumed.
-    pub(super) fn resume_vm(&self, sandbox: &Sandbox) -> TtrpcResult<()> {
+    pub(super) fn resume_vm(&self, id: &str, sandbox: &Sandbox) -> TtrpcResult<()> {
         sandbox
             .resume()
             .map_err(|e| rpc_err(Code::INTERNAL, format!("resuming the VM: {e}")))?;
         tracing::info!("VM resumed");
         let mut ev = TaskResumed::new();
-        ev.container_id = self.inner.id.clone();
+        ev.container_id = id.to_owned();
         self.inner.publish(ev);
         Ok(())
     }
 
     pub(super) fn handle_start(&self, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
-        self.inner.check_id(&req.id)?;
-        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        let Target {
+            sandbox,
+            guest,
+            exec: guest_exec,
+            status,
+        } = self.lookup(&req.id, &req.exec_id)?;
         if status != Status::CREATED {
             return Err(rpc_err(
                 Code::FAILED_PRECONDITION,
@@ -261,19 +361,19 @@ impl TaskService {
         }
         awake(&sandbox, "start a process")?;
         if req.exec_id.is_empty() {
-            self.wire_network(&sandbox)?;
+            self.wire_network(&req.id, &sandbox)?;
         }
         sandbox
             .client()
-            .start(CONTAINER, guest_exec.as_deref())
+            .start(&guest, guest_exec.as_deref())
             .map_err(agent_err("starting the process"))?;
-        let pid = self.task_pid();
+        let pid = self.task_pid(&req.id);
         let (outputs, watched) = {
             let mut st = self.inner.lock();
             let p = st
-                .container
-                .as_mut()
-                .and_then(|c| c.procs.get_mut(&req.exec_id))
+                .container_mut(&req.id)?
+                .procs
+                .get_mut(&req.exec_id)
                 .ok_or_else(|| not_found("process"))?;
             p.status = Status::RUNNING;
             let watched = std::mem::replace(&mut p.watched, true);
@@ -293,17 +393,24 @@ impl TaskService {
             self.inner.publish(ev);
         }
         tracing::info!(
+            container = req.id.as_str(),
             exec = req.exec_id.as_str(),
             ms = format!("{:.1}", sandbox.ms_since_start()),
             "boot phase (ms since VMM start): process started"
         );
         if !watched {
-            self.inner
-                .watch_exit(sandbox.clone(), req.exec_id.clone(), guest_exec, outputs);
+            self.inner.watch_exit(
+                sandbox.clone(),
+                req.id.clone(),
+                guest,
+                req.exec_id.clone(),
+                guest_exec,
+                outputs,
+            );
         }
         if req.exec_id.is_empty() {
             // poststart hooks: a failure is a warning (OCI runtime spec).
-            self.run_hooks_warn("poststart", "running");
+            self.run_hooks_warn(&req.id, "poststart", "running");
         }
         let mut resp = api::StartResponse::new();
         resp.pid = pid;
@@ -311,13 +418,12 @@ impl TaskService {
     }
 
     pub(super) fn handle_wait(&self, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        self.inner.check_id(&req.id)?;
         let mut st = self.inner.lock();
         loop {
             let p = st
-                .container
-                .as_ref()
-                .and_then(|c| c.procs.get(&req.exec_id))
+                .container(&req.id)?
+                .procs
+                .get(&req.exec_id)
                 .ok_or_else(|| not_found(&format!("process {:?}", req.exec_id)))?;
             if let Some((status, at)) = &p.exit {
                 let mut resp = api::WaitResponse::new();
@@ -334,12 +440,8 @@ impl TaskService {
     }
 
     pub(super) fn handle_state(&self, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
-        self.inner.check_id(&req.id)?;
         let st = self.inner.lock();
-        let c = st
-            .container
-            .as_ref()
-            .ok_or_else(|| not_found("container"))?;
+        let c = st.container(&req.id)?;
         let p = c
             .procs
             .get(&req.exec_id)
@@ -366,8 +468,12 @@ impl TaskService {
     }
 
     pub(super) fn handle_kill(&self, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        self.inner.check_id(&req.id)?;
-        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        let Target {
+            sandbox,
+            guest,
+            exec: guest_exec,
+            status,
+        } = self.lookup(&req.id, &req.exec_id)?;
         if status == Status::STOPPED && !req.all {
             return Err(rpc_err(Code::NOT_FOUND, "process already finished"));
         }
@@ -378,11 +484,11 @@ impl TaskService {
             if signal != libc::SIGKILL {
                 awake(&sandbox, "deliver a signal other than SIGKILL")?;
             }
-            self.resume_vm(&sandbox)?;
+            self.resume_vm(&req.id, &sandbox)?;
         }
         sandbox
             .client()
-            .signal(CONTAINER, guest_exec.as_deref(), signal, req.all)
+            .signal(&guest, guest_exec.as_deref(), signal, req.all)
             .map_err(agent_err("signalling"))?;
         if status == Status::CREATED {
             // As under runc, a signal can end a process that was never started (its exit is
@@ -390,8 +496,8 @@ impl TaskService {
             let outputs = {
                 let mut st = self.inner.lock();
                 match st
-                    .container
-                    .as_mut()
+                    .containers
+                    .get_mut(&req.id)
                     .and_then(|c| c.procs.get_mut(&req.exec_id))
                 {
                     Some(p) if !p.watched => {
@@ -402,8 +508,14 @@ impl TaskService {
                 }
             };
             if let Some(outputs) = outputs {
-                self.inner
-                    .watch_exit(sandbox, req.exec_id.clone(), guest_exec, outputs);
+                self.inner.watch_exit(
+                    sandbox,
+                    req.id.clone(),
+                    guest,
+                    req.exec_id.clone(),
+                    guest_exec,
+                    outputs,
+                );
             }
         }
         Ok(api::Empty::new())
@@ -413,8 +525,12 @@ impl TaskService {
         &self,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        self.inner.check_id(&req.id)?;
-        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        let Target {
+            sandbox,
+            guest,
+            exec: guest_exec,
+            status,
+        } = self.lookup(&req.id, &req.exec_id)?;
         if status == Status::RUNNING || status == Status::UNKNOWN {
             return Err(rpc_err(
                 Code::FAILED_PRECONDITION,
@@ -428,7 +544,7 @@ impl TaskService {
             // Never started: kill it so the agent can remove it.
             let _ = client.call_timeout(
                 skiff_protocol::Request::Signal {
-                    id: CONTAINER.into(),
+                    id: guest.clone(),
                     exec_id: guest_exec.clone(),
                     signal: libc::SIGKILL,
                     all: false,
@@ -438,7 +554,7 @@ impl TaskService {
         }
         let deleted = client.call_timeout(
             skiff_protocol::Request::Delete {
-                id: CONTAINER.into(),
+                id: guest.clone(),
                 exec_id: guest_exec.clone(),
             },
             DELETE_AGENT_TIMEOUT,
@@ -447,48 +563,41 @@ impl TaskService {
             if !req.exec_id.is_empty() {
                 return Err(agent_err("deleting the exec")(e));
             }
-            // The VM goes away anyway.
+            // The container goes away anyway.
             tracing::warn!("deleting the container in the guest: {e}");
         }
         let mut resp = api::DeleteResponse::new();
-        resp.pid = self.task_pid();
+        resp.pid = self.task_pid(&req.id);
         let (exit_status, exited_at) = {
             let mut st = self.inner.lock();
-            let c = st
-                .container
-                .as_mut()
-                .ok_or_else(|| not_found("container"))?;
+            let c = st.container_mut(&req.id)?;
             let p = c.procs.remove(&req.exec_id);
             p.and_then(|p| p.exit).unwrap_or((137, Timestamp::now()))
         };
         resp.exit_status = exit_status;
         resp.exited_at = MessageField::some(exited_at.clone());
         if req.exec_id.is_empty() {
-            // The container: power the VM off, unmount the rootfs, forget it.
-            if sandbox.shutdown(POWEROFF_TIMEOUT).is_none() {
+            // The container: forget it; the VM powers off with the last container of the
+            // shim (a pod's VM outlives its sandbox container while others remain).
+            let (c, last) = {
+                let mut st = self.inner.lock();
+                let c = st.containers.remove(&req.id);
+                self.inner.changed.notify_all();
+                (c, st.containers.is_empty())
+            };
+            if last && sandbox.shutdown(POWEROFF_TIMEOUT).is_none() {
                 tracing::warn!("the VM did not power off; it ends with the shim");
             }
-            let c = {
-                let mut st = self.inner.lock();
-                let c = st.container.take();
-                self.inner.changed.notify_all();
-                c
-            };
-            if let Some(c) = c.as_ref() {
+            if let Some(mut c) = c {
+                for b in c.pod_binds.iter().rev() {
+                    pod::unbind(b);
+                }
                 spec::unbind_files(&c.bundle.join(spec::FILES_DIR));
                 let _ = std::fs::remove_file(c.bundle.join(RUN_DIR_FILE));
-                if let Some(n) = &c.net {
-                    if !n.owned {
-                        // A namespace that outlives the task: take our tap and qdisc out.
-                        netns::unwire(&n.path, netns::TAP, n.wired.as_deref());
-                    }
-                    let _ = std::fs::remove_file(c.bundle.join(NET_FILE));
-                }
                 // poststop hooks run while the holder (the task's pid) still exists: a hook
                 // that tears down CNI needs its namespace.
                 if let Some(h) = c.spec.hooks() {
-                    let state =
-                        netns::hook_state(&c.spec, &self.inner.id, "stopped", c.pid, &c.bundle);
+                    let state = netns::hook_state(&c.spec, &req.id, "stopped", c.pid, &c.bundle);
                     if let Err(e) = netns::run_hooks(
                         "poststop",
                         &h.poststop().clone().unwrap_or_default(),
@@ -497,9 +606,30 @@ impl TaskService {
                         tracing::warn!("{e}");
                     }
                 }
+                if let Some(n) = c.net.take() {
+                    let _ = std::fs::remove_file(c.bundle.join(NET_FILE));
+                    if last {
+                        release_net(&n);
+                    } else {
+                        // The pod's other containers still use the VM's card.
+                        self.inner.lock().lingering.push(n);
+                    }
+                }
+                if let Some(t) = c.mounted_rootfs.as_ref() {
+                    unmount_rootfs(t);
+                }
             }
-            if let Some(t) = c.as_ref().and_then(|c| c.mounted_rootfs.as_ref()) {
-                unmount_rootfs(t);
+            if last {
+                let (lingering, pod) = {
+                    let mut st = self.inner.lock();
+                    (std::mem::take(&mut st.lingering), st.pod.take())
+                };
+                for n in &lingering {
+                    release_net(n);
+                }
+                if let Some(p) = pod {
+                    pod::remove_dir(&p.dir);
+                }
             }
             let mut ev = TaskDelete::new();
             ev.container_id = req.id.clone();

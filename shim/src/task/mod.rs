@@ -3,7 +3,7 @@
 //! [`network`] (the host network namespace wired to the VM, OCI hooks) and [`events`]
 //! (publishing, exit watchers).
 //!
-//! One container per shim and per VM. The host-visible pid of a task (Create, Start, State,
+//! One VM per shim: one container, or the containers of one Kubernetes pod ([`pod`]). The host-visible pid of a task (Create, Start, State,
 //! events) is its network namespace holder's when the spec asks for a network namespace, new
 //! or a path (CNI plugins, hooks and CRI find the container's namespace through
 //! `/proc/<pid>/ns/net`, see [`netns`]), else the
@@ -15,6 +15,7 @@ mod events;
 mod exec;
 mod lifecycle;
 mod network;
+mod pod;
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
@@ -55,6 +56,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DELETE_AGENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long Delete waits for the VM to power off.
 const POWEROFF_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) use pod::{remove_dir as remove_pod_dir, sandbox_of as pod_sandbox_of, POD_DIR_FILE};
 
 /// Bundle file naming the sandbox's run directory (for cleanup after a crash).
 pub(crate) const RUN_DIR_FILE: &str = "skiff-run-dir";
@@ -151,6 +154,9 @@ struct Net {
 
 #[derive(Debug)]
 struct Container {
+    /// Its id inside the VM: [`CONTAINER`] for a shim's first container, `c<N>` for the
+    /// other containers of a pod.
+    guest: String,
     bundle: PathBuf,
     /// The task's pid as containerd sees it: the network namespace holder's, else the shim's.
     pid: u32,
@@ -162,13 +168,37 @@ struct Container {
     sandbox: Arc<Sandbox>,
     procs: HashMap<String, Proc>,
     next_exec: u64,
+    /// Its rootfs and volumes bound into the pod's directory (a pod's later container).
+    pod_binds: Vec<PathBuf>,
+}
+
+/// A Kubernetes pod: its sandbox container booted the VM; the pod's other containers (sent
+/// to this shim by containerd's grouping on `io.kubernetes.cri.sandbox-id`) run in it. Their
+/// rootfs and volumes reach the guest through two shares made at boot (see [`pod`]).
+#[derive(Debug)]
+struct Pod {
+    /// The sandbox container's id.
+    id: String,
+    sandbox: Arc<Sandbox>,
+    /// The pod's private tmpfs on the host (shares `pod` and `podvol` are in it).
+    dir: PathBuf,
+    /// The sandbox's task pid (its network namespace holder): the pid of every container of
+    /// the pod, whose network namespace is the pod's.
+    pid: u32,
+    /// The sandbox's host name (the pod's containers share its UTS namespace under runc).
+    hostname: Option<String>,
+    next: u64,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    container: Option<Container>,
-    /// Create is in flight (a second Create is refused).
-    creating: bool,
+    containers: HashMap<String, Container>,
+    /// Creates in flight (a second Create of one id is refused).
+    creating: std::collections::HashSet<String>,
+    pod: Option<Pod>,
+    /// Network namespaces of deleted containers that the VM still uses (a pod's sandbox
+    /// deleted before its other containers): released with the VM.
+    lingering: Vec<Net>,
 }
 
 struct Inner {
@@ -176,7 +206,6 @@ struct Inner {
     changed: Condvar,
     events: Mutex<mpsc::Sender<(String, Box<dyn MessageDyn + Send>)>>,
     exit: Arc<ExitSignal>,
-    id: String,
 }
 
 /// The Task API (v2) served to containerd.
@@ -189,38 +218,56 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    fn check_id(&self, id: &str) -> TtrpcResult<()> {
-        if id == self.id {
-            Ok(())
-        } else {
-            Err(not_found(&format!("task {id}")))
-        }
+/// A process found by [`TaskService::lookup`].
+struct Target {
+    sandbox: Arc<Sandbox>,
+    /// The container's id in the guest.
+    guest: String,
+    /// The process's guest exec id (None: the container's init).
+    exec: Option<String>,
+    status: Status,
+}
+
+impl State {
+    fn container(&self, id: &str) -> TtrpcResult<&Container> {
+        self.containers
+            .get(id)
+            .ok_or_else(|| not_found(&format!("container {id}")))
+    }
+
+    fn container_mut(&mut self, id: &str) -> TtrpcResult<&mut Container> {
+        self.containers
+            .get_mut(id)
+            .ok_or_else(|| not_found(&format!("container {id}")))
     }
 }
 
 impl TaskService {
-    /// The task's pid (see [`Container::pid`]); the shim's when there is no container.
-    fn task_pid(&self) -> u32 {
+    /// The task's pid (see [`Container::pid`]); the shim's when there is no such container.
+    fn task_pid(&self, id: &str) -> u32 {
         self.inner
             .lock()
-            .container
-            .as_ref()
+            .containers
+            .get(id)
             .map_or(std::process::id(), |c| c.pid)
     }
 
-    /// The sandbox and the process's guest exec id, without holding the lock afterwards.
-    fn lookup(&self, exec_id: &str) -> TtrpcResult<(Arc<Sandbox>, Option<String>, Status)> {
+    /// The sandbox and the process's guest ids, without holding the lock afterwards.
+    fn lookup(&self, id: &str, exec_id: &str) -> TtrpcResult<Target> {
         let st = self.inner.lock();
-        let c = st
-            .container
-            .as_ref()
-            .ok_or_else(|| not_found("container"))?;
+        let c = st.container(id)?;
         let p = c
             .procs
             .get(exec_id)
             .ok_or_else(|| not_found(&format!("process {exec_id:?}")))?;
-        Ok((c.sandbox.clone(), p.guest_exec.clone(), p.status))
+        Ok(Target {
+            sandbox: c.sandbox.clone(),
+            guest: c.guest.clone(),
+            exec: p.guest_exec.clone(),
+            status: p.status,
+        })
     }
 }
 
@@ -230,7 +277,6 @@ impl containerd_shim::Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        self.inner.check_id(&req.id)?;
         if !req.checkpoint.is_empty() {
             return Err(rpc_err(
                 Code::UNIMPLEMENTED,
@@ -239,19 +285,29 @@ impl containerd_shim::Task for TaskService {
         }
         {
             let mut st = self.inner.lock();
-            if st.container.is_some() || st.creating {
-                return Err(rpc_err(Code::ALREADY_EXISTS, "the task exists"));
+            if st.containers.contains_key(&req.id) || st.creating.contains(&req.id) {
+                return Err(rpc_err(
+                    Code::ALREADY_EXISTS,
+                    format!("task {} exists", req.id),
+                ));
             }
-            st.creating = true;
+            st.creating.insert(req.id.clone());
         }
         let r = self.create_inner(&req);
         let mut st = self.inner.lock();
-        st.creating = false;
-        let c = r?;
+        st.creating.remove(&req.id);
+        let (c, first) = r?;
         let sandbox = c.sandbox.clone();
-        st.container = Some(c);
+        let pid = c.pid;
+        st.containers.insert(req.id.clone(), c);
         drop(st);
-        let pid = self.task_pid();
+        // Written by the server (not the `start` process): `shim delete` checks it.
+        if let Err(e) = std::fs::write(
+            PathBuf::from(&req.bundle).join(crate::shim::PID_FILE),
+            std::process::id().to_string(),
+        ) {
+            tracing::warn!("writing {}: {e}", crate::shim::PID_FILE);
+        }
         let mut ev = TaskCreate::new();
         ev.container_id = req.id.clone();
         ev.bundle = req.bundle.clone();
@@ -264,7 +320,9 @@ impl containerd_shim::Task for TaskService {
         ev.io = MessageField::some(io);
         ev.pid = pid;
         self.inner.publish(ev);
-        self.inner.watch_events(&sandbox);
+        if first {
+            self.inner.watch_events(&sandbox);
+        }
         let mut resp = api::CreateTaskResponse::new();
         resp.pid = pid;
         Ok(resp)
@@ -303,8 +361,12 @@ impl containerd_shim::Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
-        self.inner.check_id(&req.id)?;
-        let (sandbox, guest_exec, status) = self.lookup(&req.exec_id)?;
+        let Target {
+            sandbox,
+            guest,
+            exec: guest_exec,
+            status,
+        } = self.lookup(&req.id, &req.exec_id)?;
         if status == Status::STOPPED {
             return Ok(api::Empty::new());
         }
@@ -313,21 +375,20 @@ impl containerd_shim::Task for TaskService {
         let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
         sandbox
             .client()
-            .resize_pty(CONTAINER, guest_exec.as_deref(), rows, cols)
+            .resize_pty(&guest, guest_exec.as_deref(), rows, cols)
             .map_err(agent_err("resizing the terminal"))?;
         Ok(api::Empty::new())
     }
 
     fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
-        self.inner.check_id(&req.id)?;
         if !req.stdin {
             return Ok(api::Empty::new());
         }
         let stream = {
             let mut st = self.inner.lock();
-            st.container
-                .as_mut()
-                .and_then(|c| c.procs.get_mut(&req.exec_id))
+            st.container_mut(&req.id)?
+                .procs
+                .get_mut(&req.exec_id)
                 .ok_or_else(|| not_found(&format!("process {:?}", req.exec_id)))?
                 .stdin_stream
                 .take()
@@ -351,12 +412,11 @@ impl containerd_shim::Task for TaskService {
     }
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
-        self.inner.check_id(&req.id)?;
-        let (sandbox, _, _) = self.lookup("")?;
+        let Target { sandbox, guest, .. } = self.lookup(&req.id, "")?;
         awake(&sandbox, "list processes")?;
         let pids = sandbox
             .client()
-            .pids(CONTAINER)
+            .pids(&guest)
             .map_err(agent_err("listing processes"))?;
         let mut resp = api::PidsResponse::new();
         resp.processes = pids
@@ -371,8 +431,9 @@ impl containerd_shim::Task for TaskService {
     }
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        self.inner.check_id(&req.id)?;
-        let (sandbox, _, status) = self.lookup("")?;
+        let Target {
+            sandbox, status, ..
+        } = self.lookup(&req.id, "")?;
         if status != Status::RUNNING {
             return Err(rpc_err(
                 Code::FAILED_PRECONDITION,
@@ -393,15 +454,14 @@ impl containerd_shim::Task for TaskService {
     }
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        self.inner.check_id(&req.id)?;
-        let (sandbox, _, _) = self.lookup("")?;
+        let sandbox = self.lookup(&req.id, "")?.sandbox;
         if !sandbox.is_paused() {
             return Err(rpc_err(
                 Code::FAILED_PRECONDITION,
                 "cannot resume: the container is not paused",
             ));
         }
-        self.resume_vm(&sandbox)?;
+        self.resume_vm(&req.id, &sandbox)?;
         Ok(api::Empty::new())
     }
 
@@ -417,7 +477,6 @@ impl containerd_shim::Task for TaskService {
     }
 
     fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
-        self.inner.check_id(&req.id)?;
         // containerd sends the new limits as an Any holding the runtime spec's LinuxResources
         // in JSON (typeurl's encoding of Go types without a protobuf definition).
         let any = req
@@ -434,11 +493,11 @@ impl containerd_shim::Task for TaskService {
                     ),
                 )
             })?;
-        let (sandbox, _, _) = self.lookup("")?;
+        let Target { sandbox, guest, .. } = self.lookup(&req.id, "")?;
         awake(&sandbox, "update resources")?;
         sandbox
             .client()
-            .update(CONTAINER, resources)
+            .update(&guest, resources)
             .map_err(agent_err("updating resources"))?;
         tracing::info!("resources updated");
         Ok(api::Empty::new())
@@ -452,12 +511,11 @@ impl containerd_shim::Task for TaskService {
         use containerd_shim::protos::cgroups_v2::metrics::{
             CPUStat, MemoryStat, Metrics, PidsStat,
         };
-        self.inner.check_id(&req.id)?;
-        let (sandbox, _, _) = self.lookup("")?;
+        let Target { sandbox, guest, .. } = self.lookup(&req.id, "")?;
         awake(&sandbox, "read statistics")?;
         let s = sandbox
             .client()
-            .stats(CONTAINER)
+            .stats(&guest)
             .map_err(agent_err("reading statistics"))?;
         let mut m = Metrics::new();
         let mut pids = PidsStat::new();
@@ -485,19 +543,18 @@ impl containerd_shim::Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        self.inner.check_id(&req.id)?;
         let mut resp = api::ConnectResponse::new();
         resp.shim_pid = std::process::id();
-        resp.task_pid = self.task_pid();
+        resp.task_pid = self.task_pid(&req.id);
         resp.version = format!("skiff {}", env!("CARGO_PKG_VERSION"));
         Ok(resp)
     }
 
     fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
-        self.inner.check_id(&req.id)?;
+        // One Shutdown per container of a pod: the server (and the VM) ends with the last.
         let busy = {
             let st = self.inner.lock();
-            st.container.is_some() || st.creating
+            !st.containers.is_empty() || !st.creating.is_empty()
         };
         if busy && !req.now {
             return Ok(api::Empty::new());

@@ -7,12 +7,10 @@ impl TaskService {
     /// At Start: joins the network namespace's interface (the CNI one, if any) to the VM's
     /// card and gives the guest its addressing (see [`netns`]). Without a namespace of its
     /// own, nothing to do.
-    pub(super) fn wire_network(&self, sandbox: &Sandbox) -> TtrpcResult<()> {
+    pub(super) fn wire_network(&self, id: &str, sandbox: &Sandbox) -> TtrpcResult<()> {
         let (path, bundle) = {
             let st = self.inner.lock();
-            let Some(c) = st.container.as_ref() else {
-                return Err(not_found("container"));
-            };
+            let c = st.container(id)?;
             match &c.net {
                 Some(n) if n.wired.is_none() => (n.path.clone(), c.bundle.clone()),
                 _ => return Ok(()),
@@ -32,7 +30,7 @@ impl TaskService {
                 "container network joined to the VM"
             );
             let mut st = self.inner.lock();
-            if let Some(n) = st.container.as_mut().and_then(|c| c.net.as_mut()) {
+            if let Some(n) = st.containers.get_mut(id).and_then(|c| c.net.as_mut()) {
                 n.wired = Some(i.name.clone());
             }
         }
@@ -47,10 +45,10 @@ impl TaskService {
     }
 
     /// Runs the spec's `kind` hooks with the task in `status`; a failure is logged.
-    pub(super) fn run_hooks_warn(&self, kind: &str, status: &str) {
+    pub(super) fn run_hooks_warn(&self, id: &str, kind: &str, status: &str) {
         let (spec, pid, bundle) = {
             let st = self.inner.lock();
-            let Some(c) = st.container.as_ref() else {
+            let Some(c) = st.containers.get(id) else {
                 return;
             };
             (c.spec.clone(), c.pid, c.bundle.clone())
@@ -62,7 +60,7 @@ impl TaskService {
             "poststart" => h.poststart().clone().unwrap_or_default(),
             _ => h.poststop().clone().unwrap_or_default(),
         };
-        let state = netns::hook_state(&spec, &self.inner.id, status, pid, &bundle);
+        let state = netns::hook_state(&spec, id, status, pid, &bundle);
         if let Err(e) = netns::run_hooks(kind, &hooks, &state) {
             tracing::warn!("{e}");
         }

@@ -138,37 +138,49 @@ fn created_task(tmp: &Path) -> (TaskService, Events, mpsc::Receiver<String>) {
             changed: Condvar::new(),
             events: Mutex::new(ev_tx),
             exit: Arc::new(ExitSignal::default()),
-            id: "c1".into(),
         }),
     };
     let (stdin_stream, outputs) = task
         .inner
-        .connect_stdio(&sandbox, "", false, "", fifo.to_str().unwrap(), "")
+        .connect_stdio(
+            &sandbox,
+            CONTAINER,
+            "",
+            false,
+            "",
+            fifo.to_str().unwrap(),
+            "",
+        )
         .unwrap();
-    task.inner.lock().container = Some(Container {
-        bundle: tmp.to_path_buf(),
-        pid: std::process::id(),
-        spec: Spec::default(),
-        net: None,
-        mounted_rootfs: None,
-        sandbox,
-        procs: HashMap::from([(
-            String::new(),
-            Proc {
-                guest_exec: None,
-                status: Status::CREATED,
-                exit: None,
-                stdin: String::new(),
-                stdout: fifo.display().to_string(),
-                stderr: String::new(),
-                terminal: false,
-                stdin_stream,
-                outputs,
-                watched: false,
-            },
-        )]),
-        next_exec: 1,
-    });
+    task.inner.lock().containers.insert(
+        "c1".into(),
+        Container {
+            guest: CONTAINER.into(),
+            bundle: tmp.to_path_buf(),
+            pid: std::process::id(),
+            spec: Spec::default(),
+            net: None,
+            mounted_rootfs: None,
+            sandbox,
+            procs: HashMap::from([(
+                String::new(),
+                Proc {
+                    guest_exec: None,
+                    status: Status::CREATED,
+                    exit: None,
+                    stdin: String::new(),
+                    stdout: fifo.display().to_string(),
+                    stderr: String::new(),
+                    terminal: false,
+                    stdin_stream,
+                    outputs,
+                    watched: false,
+                },
+            )]),
+            next_exec: 1,
+            pod_binds: Vec::new(),
+        },
+    );
     (task, ev_rx, got)
 }
 

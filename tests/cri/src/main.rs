@@ -5,7 +5,8 @@
 //! RunPodSandbox (runtime handler H) → CreateContainer + StartContainer `web` (busybox httpd on
 //! :80) → CreateContainer + StartContainer `client` (fetches `http://127.0.0.1:80/` over the
 //! pod's shared network, up to 10 s) → ContainerStatus until `client` exited → ExecSync in
-//! `web` → the containers' CRI log files → StopPodSandbox → RemovePodSandbox → what is left.
+//! `web` → a container whose entrypoint is missing (its error) → the containers' CRI log files
+//! → StopPodSandbox → RemovePodSandbox → what is left.
 //! Every call has a deadline. It prints one JSON object (also `DIR/result.json`) with what it
 //! saw and the times (ms): `pod_ready_ms` (RunPodSandbox), `first_running_ms` (RunPodSandbox
 //! start → `web` started). The caller decides what is right (a test, or runc as the anchor).
@@ -103,6 +104,20 @@ fn parse() -> Result<Option<Args>> {
         out: out.context(usage())?,
         name,
     }))
+}
+
+/// Processes whose name starts with `containerd-shim` (comm is cut at 15 bytes).
+fn shim_processes() -> usize {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("containerd-shim"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn read_log(dir: &Path, name: &str) -> String {
@@ -244,7 +259,8 @@ async fn pod_flow(
         }
         ids.push(id);
     }
-    // The client's exit (bounded).
+    // One shim process serves the pod (runc's v2 shim and Skiff's group a pod's containers).
+    result["shims_running"] = json!(shim_processes());
     let deadline = Instant::now() + Duration::from_secs(120);
     let client_status = loop {
         let s = rt
@@ -266,6 +282,39 @@ async fn pod_flow(
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     result["client_exit"] = json!(client_status.exit_code);
+    // A third container whose entrypoint is missing: a clear error at Create or Start, and the
+    // pod's first container keeps running.
+    let mut broken = container_config("broken", &a.image, "", "broken.log");
+    broken.command = vec!["/no/such/entrypoint".into()];
+    let created = rt
+        .create_container(req(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(broken),
+            sandbox_config: Some(pod_config.clone()),
+        }))
+        .await;
+    let broken_error = match created {
+        Err(e) => e.message().to_string(),
+        Ok(r) => {
+            let id = r.into_inner().container_id;
+            let started = rt
+                .start_container(req(cri::StartContainerRequest {
+                    container_id: id.clone(),
+                }))
+                .await;
+            let _ = rt
+                .remove_container(req(cri::RemoveContainerRequest {
+                    container_id: id.clone(),
+                }))
+                .await;
+            started
+                .err()
+                .map(|e| e.message().to_string())
+                .unwrap_or_default()
+        }
+    };
+    eprintln!("skiff-cri: missing entrypoint: {broken_error}");
+    result["broken_error"] = json!(broken_error);
     let web = rt
         .container_status(req(cri::ContainerStatusRequest {
             container_id: ids[0].clone(),
