@@ -145,9 +145,11 @@ fn cleanup_after_crash(bundle: &Path, id: &str) -> Option<u32> {
     remove_tap(bundle);
     if let Ok(addr) = std::fs::read_to_string(bundle.join("address")) {
         let path = addr.trim().trim_start_matches("unix://");
+        // A pod container's address is its pod's server, which may well be alive.
         if std::fs::symlink_metadata(path)
             .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
             .unwrap_or(false)
+            && std::os::unix::net::UnixStream::connect(path).is_err()
         {
             let _ = std::fs::remove_file(path);
         }
@@ -164,8 +166,12 @@ fn remove_tap(bundle: &Path) {
     let Ok(spec) = serde_json::from_str::<Spec>(&text) else {
         return;
     };
+    // Only the container that wired the namespace recorded it (a pod's other containers
+    // name the same namespace but never touch its tap).
+    let Ok(recorded) = std::fs::read_to_string(bundle.join(NET_FILE)) else {
+        return;
+    };
     if let netns::Plan::Path(p) = netns::plan(&spec) {
-        let recorded = std::fs::read_to_string(bundle.join(NET_FILE)).unwrap_or_default();
         let iface = recorded.lines().nth(1).map(str::to_owned);
         if p.exists() {
             netns::unwire(&p, netns::TAP, iface.as_deref());

@@ -4,6 +4,7 @@
 //! containerd: RunPodSandbox → an httpd container and a client fetching from it on the pod's
 //! localhost → a container whose entrypoint is missing → ExecSync → CRI logs →
 //! StopPodSandbox → RemovePodSandbox, then what is left on the host.
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 

@@ -10,9 +10,7 @@ impl Inner {
         guest: &str,
         guest_exec: &str,
         terminal: bool,
-        stdin: &str,
-        stdout: &str,
-        stderr: &str,
+        [stdin, stdout, stderr]: [&str; 3],
     ) -> TtrpcResult<(Option<Stdin>, Vec<JoinHandle<()>>)> {
         let take = |kind| {
             sandbox
@@ -94,9 +92,7 @@ impl TaskService {
                     &guest,
                     &guest_exec,
                     req.terminal,
-                    &req.stdin,
-                    &req.stdout,
-                    &req.stderr,
+                    [&req.stdin, &req.stdout, &req.stderr],
                 )
             });
         let mut st = self.inner.lock();

@@ -131,11 +131,17 @@ impl TaskService {
             netns::strip_network_namespace(&mut spec);
         }
         let net_path = net.as_ref().map(|n| n.path.clone());
+        if let Some(n) = net.as_ref().filter(|n| !n.owned) {
+            // The tap goes into a namespace that outlives us: recorded for `shim delete`
+            // after a crash (Start adds the interface it joined).
+            let _ = std::fs::write(bundle.join(NET_FILE), format!("{}\n", n.path.display()));
+        }
         let created_tap = |net_path: &Option<PathBuf>| {
             // A namespace that outlives the task (a path) must not keep our tap.
             if let (Some(p), Some(n)) = (net_path, net.as_ref()) {
                 if !n.owned {
                     netns::unwire(p, netns::TAP, None);
+                    let _ = std::fs::remove_file(bundle.join(NET_FILE));
                 }
             }
         };
@@ -213,9 +219,7 @@ impl TaskService {
                 CONTAINER,
                 "",
                 req.terminal,
-                &req.stdin,
-                &req.stdout,
-                &req.stderr,
+                [&req.stdin, &req.stdout, &req.stderr],
             )
             .map_err(boot_fail)?;
         run_create_hooks(&hook_spec, &req.id, task_pid, &bundle).map_err(boot_fail)?;

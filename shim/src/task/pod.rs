@@ -170,8 +170,9 @@ fn adapt_namespaces(spec: &mut Spec, hostname: Option<&str>) {
         let nss = nss
             .into_iter()
             .filter(|n| {
-                !matches!(n.typ(), LinuxNamespaceType::Network)
-                    && !(n.typ() == LinuxNamespaceType::Ipc && n.path().is_some())
+                let pods = n.typ() == LinuxNamespaceType::Network
+                    || (n.typ() == LinuxNamespaceType::Ipc && n.path().is_some());
+                !pods
             })
             .map(|mut n| {
                 if n.path().is_some() {
@@ -304,9 +305,7 @@ impl TaskService {
                 &guest,
                 "",
                 req.terminal,
-                &req.stdin,
-                &req.stdout,
-                &req.stderr,
+                [&req.stdin, &req.stdout, &req.stderr],
             )
             .map_err(|e| gone(&binds, e))?;
         lifecycle::run_create_hooks(&hook_spec, &req.id, pid, &bundle)

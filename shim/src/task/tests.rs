@@ -147,9 +147,7 @@ fn created_task(tmp: &Path) -> (TaskService, Events, mpsc::Receiver<String>) {
             CONTAINER,
             "",
             false,
-            "",
-            fifo.to_str().unwrap(),
-            "",
+            ["", fifo.to_str().unwrap(), ""],
         )
         .unwrap();
     task.inner.lock().containers.insert(
