@@ -27,6 +27,9 @@ pub struct ProcPlan {
     pub terminal: bool,
     /// Initial terminal size (rows, cols) from `process.consoleSize`.
     pub console_size: Option<(u16, u16)>,
+    /// Check at create that the program exists (runc's create does; see
+    /// `Request::CreateContainer`).
+    pub check_entrypoint: bool,
 }
 
 /// Capability sets as bit masks.
@@ -102,6 +105,7 @@ pub fn proc_plan(p: &Process, terminal: bool) -> io::Result<ProcPlan> {
                 u16::try_from(b.width()).unwrap_or(u16::MAX),
             )
         }),
+        check_entrypoint: false,
     })
 }
 
@@ -361,6 +365,12 @@ pub fn child_main(root: Option<&RootPlan>, proc_: &ProcPlan, fds: ChildFds) -> !
     if let Err(e) = setup {
         let _ = write!(ready, "E{} {e}", e.raw_os_error().unwrap_or(libc::EIO));
         sys::exit_now(1);
+    }
+    if proc_.check_entrypoint {
+        if let Some(msg) = missing_program(proc_) {
+            let _ = write!(ready, "E{} {msg}", libc::ENOENT);
+            sys::exit_now(1);
+        }
     }
     // "OK" and where the time went (the agent reports it to the host).
     if write!(ready, "OK{}", t.words()).is_err() {
@@ -660,6 +670,37 @@ fn setup_process(p: &ProcPlan) -> io::Result<()> {
 
 fn to_c(v: &[String]) -> Option<Vec<CString>> {
     v.iter().map(|s| CString::new(s.as_bytes()).ok()).collect()
+}
+
+/// runc's create-time check: the message when the program (absolute, or found on the
+/// process's PATH) does not exist in the container's root (already entered). A relative path
+/// or a relative PATH entry depends on the cwd, set at Start: not checked here.
+fn missing_program(p: &ProcPlan) -> Option<String> {
+    let prog = p.args.first()?;
+    if prog.starts_with('/') {
+        return match std::fs::metadata(prog) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Some(format!(
+                "exec: {prog:?}: stat {prog}: no such file or directory"
+            )),
+            _ => None,
+        };
+    }
+    if prog.contains('/') {
+        return None;
+    }
+    let path = p
+        .env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
+    let dirs: Vec<&str> = path.split(':').collect();
+    if dirs.iter().any(|d| !d.starts_with('/')) {
+        return None;
+    }
+    let found = dirs
+        .iter()
+        .any(|d| std::fs::metadata(format!("{}/{prog}", d.trim_end_matches('/'))).is_ok());
+    (!found).then(|| format!("exec: {prog:?}: executable file not found in $PATH"))
 }
 
 /// Execs the program with PATH lookup. runc conventions: not found → 127, found but not

@@ -458,6 +458,7 @@ impl Agent {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn create(
         &self,
         id: &str,
@@ -465,6 +466,7 @@ impl Agent {
         rootfs: &str,
         terminal: bool,
         stdio: Stdio,
+        check_entrypoint: bool,
         out: &Outbox,
     ) -> Reply {
         if lock(&self.containers).contains_key(id) {
@@ -482,7 +484,8 @@ impl Agent {
             .as_ref()
             .ok_or_else(|| err(libc::EINVAL, "spec has no process"))?;
         let mut steps = Steps::new();
-        let pplan = container::proc_plan(process, terminal).map_err(ErrorReply::from)?;
+        let mut pplan = container::proc_plan(process, terminal).map_err(ErrorReply::from)?;
+        pplan.check_entrypoint = check_entrypoint;
         let network = lock(&self.network).clone();
         let mut rplan =
             container::root_plan(spec, rootfs, network.is_some()).map_err(ErrorReply::from)?;
@@ -1072,7 +1075,8 @@ impl Handler for Agent {
                 rootfs,
                 terminal,
                 stdio,
-            } => self.create(&id, &spec, &rootfs, terminal, stdio, &out),
+                check_entrypoint,
+            } => self.create(&id, &spec, &rootfs, terminal, stdio, check_entrypoint, &out),
             Request::Start { id, exec_id } => self.start(&id, exec_id.as_deref()),
             Request::Exec {
                 container,

@@ -12,11 +12,17 @@
 //! VMM. Medians (and min/max) go to stdout and `--out`/results.txt.
 //!
 //! usage: ctrbench --kernel VMLINUX --initrd CPIO --out DIR [--runs N] [--shim-dir DIR]
-//!                 [--memory-mib N] [--cni]
+//!                 [--memory-mib N] [--cni] [--tcp MIB]
 //!
 //! `--cni` runs `ctr run --cni --rm` instead: each container gets a CNI network from the
 //! config in `/etc/cni/net.d` (ctr has no other place for it), with the plugins in
 //! `/opt/cni/bin`; Skiff joins it to the VM's card (tc redirect), runc uses the veth as is.
+//!
+//! `--tcp MIB` (with `--cni`) also measures TCP throughput through the CNI path, per runtime:
+//! host → container (the host sends MIB MiB to busybox `nc -l` at the container's CNI
+//! address; timed at the sender, the container counts the bytes) and container → host (the
+//! container's `nc` sends to the bridge gateway, where ctrbench listens and times the bytes).
+//! Skiff: tap + tc redirect + virtio-net; runc: the veth.
 //!
 //! Needs real KVM: on a PVM host run it inside tools/kvm-vm, e.g.
 //!   tools/kvm-vm --rw /work/rw/ctrbench --timeout 1200 -- target/release/ctrbench \
@@ -47,7 +53,8 @@ const PHASES: &[(&str, &str)] = &[
 ];
 
 fn usage() -> &'static str {
-    "usage: ctrbench --kernel VMLINUX --initrd CPIO --out DIR [--runs N] [--shim-dir DIR] [--memory-mib N] [--cni]\n\
+    "usage: ctrbench --kernel VMLINUX --initrd CPIO --out DIR [--runs N] [--shim-dir DIR] [--memory-mib N] [--cni [--tcp MIB]]\n\
+     --tcp MIB: also TCP throughput host<->container through the CNI path (MIB MiB each way).\n\
      Needs real KVM (inside tools/kvm-vm on a PVM host) and containerd + ctr + runc\n\
      (tools/setup installs them). See the module doc in benches/ctr/main.rs."
 }
@@ -182,6 +189,7 @@ fn main() -> Result<()> {
     let mut runs = 10usize;
     let mut memory = 256u64;
     let mut cni = false;
+    let mut tcp_mib: Option<u64> = None;
     let mut shim_dir = std::env::current_exe()?
         .parent()
         .map(Path::to_path_buf)
@@ -197,6 +205,7 @@ fn main() -> Result<()> {
             "--memory-mib" => memory = val()?.parse().context("--memory-mib N")?,
             "--shim-dir" => shim_dir = val()?.into(),
             "--cni" => cni = true,
+            "--tcp" => tcp_mib = Some(val()?.parse::<u64>().context("--tcp MIB")?),
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -211,6 +220,9 @@ fn main() -> Result<()> {
     );
     if runs == 0 {
         bail!("--runs must be > 0");
+    }
+    if tcp_mib.is_some() && !cni {
+        bail!("--tcp measures the CNI path: it needs --cni");
     }
     if Path::new("/sys/module/kvm_pvm").exists() {
         bail!(
@@ -328,7 +340,220 @@ fn main() -> Result<()> {
             s - rn
         );
     }
+    if let Some(mib) = tcp_mib {
+        let _ = writeln!(
+            r,
+            "\nTCP through the CNI path ({mib} MiB each way, MiB/s; Skiff: tap + tc redirect + virtio-net, runc: veth)"
+        );
+        let _ = writeln!(
+            r,
+            "{:<10} {:>16} {:>16}",
+            "", "host->container", "container->host"
+        );
+        for rt in ["io.containerd.runc.v2", "io.containerd.skiff.v2"] {
+            let name = if rt.contains("skiff") {
+                "skiff"
+            } else {
+                "runc"
+            };
+            let fmt = |x: Result<f64>| match x {
+                Ok(v) => format!("{v:.1}"),
+                Err(e) => {
+                    eprintln!("ctrbench: {name} tcp: {e:#}");
+                    "failed".into()
+                }
+            };
+            let (down, gw) = match tcp_in(&c, rt, img, mib) {
+                Ok((v, gw)) => (Ok(v), gw),
+                Err(e) => (Err(e), None),
+            };
+            let up = match gw {
+                Some(gw) => tcp_out(&c, rt, img, mib, gw),
+                None => Err(anyhow::anyhow!(
+                    "no gateway known (host -> container failed)"
+                )),
+            };
+            let _ = writeln!(r, "{name:<10} {:>16} {:>16}", fmt(down), fmt(up));
+        }
+    }
     print!("{r}");
     std::fs::write(out.join("results.txt"), &r)?;
     Ok(())
+}
+
+/// Waits for `child` up to `limit` (killed after), returning its stdout.
+fn wait_output(mut child: Child, limit: Duration) -> Result<String> {
+    let t0 = Instant::now();
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("ctr run did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut s = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        use std::io::Read;
+        let _ = o.read_to_string(&mut s);
+    }
+    Ok(s)
+}
+
+fn ctr_run_bg(c: &Containerd, rt: &str, img: &str, id: &str, script: &str) -> Result<Child> {
+    Command::new("ctr")
+        .arg("-a")
+        .arg(c.dir.join("containerd.sock"))
+        .args([
+            "run",
+            "--cni",
+            "--rm",
+            "--runtime",
+            rt,
+            img,
+            id,
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("running ctr")
+}
+
+/// The container's CNI address (`eth0`), polled with `ctr task exec` (bounded).
+fn container_ip(c: &Containerd, id: &str) -> Result<std::net::Ipv4Addr> {
+    let t0 = Instant::now();
+    for n in 0.. {
+        if t0.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        let exec = format!("ip{n}");
+        if let Ok((true, text)) = ctr(
+            c,
+            &[
+                "task",
+                "exec",
+                "--exec-id",
+                &exec,
+                id,
+                "ip",
+                "-4",
+                "-o",
+                "addr",
+                "show",
+                "eth0",
+            ],
+        ) {
+            if let Some(a) = text
+                .split_whitespace()
+                .skip_while(|w| *w != "inet")
+                .nth(1)
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse().ok())
+            {
+                return Ok(a);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    bail!("no eth0 address in {id} within 120 s")
+}
+
+/// Host -> container: MiB/s at the sender, and the gateway (the address's .1).
+fn tcp_in(
+    c: &Containerd,
+    rt: &str,
+    img: &str,
+    mib: u64,
+) -> Result<(f64, Option<std::net::Ipv4Addr>)> {
+    use std::io::Write;
+    let id = format!("tcp-in-{}", if rt.contains("skiff") { "s" } else { "r" });
+    let child = ctr_run_bg(c, rt, img, &id, "nc -l -p 5001 | wc -c")?;
+    let ip = match container_ip(c, &id) {
+        Ok(ip) => ip,
+        Err(e) => {
+            let _ = wait_output(child, Duration::from_secs(1));
+            return Err(e);
+        }
+    };
+    let addr = std::net::SocketAddr::from((ip, 5001));
+    let t0 = Instant::now();
+    let mut s = loop {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => break s,
+            Err(e) if t0.elapsed() > Duration::from_secs(60) => {
+                let _ = wait_output(child, Duration::from_secs(1));
+                bail!("connecting to {addr}: {e}");
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let buf = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    for _ in 0..mib {
+        s.write_all(&buf)?;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let secs = t.elapsed().as_secs_f64();
+    let got = wait_output(child, Duration::from_secs(120))?;
+    let n: u64 = got.trim().parse().unwrap_or(0);
+    if n != mib << 20 {
+        bail!("the container counted {n} bytes of {}", mib << 20);
+    }
+    let o = ip.octets();
+    Ok((
+        mib as f64 / secs,
+        Some(std::net::Ipv4Addr::new(o[0], o[1], o[2], 1)),
+    ))
+}
+
+/// Container -> host: MiB/s at the receiver (on the bridge gateway).
+fn tcp_out(c: &Containerd, rt: &str, img: &str, mib: u64, gw: std::net::Ipv4Addr) -> Result<f64> {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind((gw, 5002))
+        .with_context(|| format!("listening on {gw}:5002"))?;
+    l.set_nonblocking(true)?;
+    let id = format!("tcp-out-{}", if rt.contains("skiff") { "s" } else { "r" });
+    let script = format!(
+        "for i in $(seq 100); do dd if=/dev/zero bs=1048576 count={mib} 2>/dev/null | nc {gw} 5002 && exit 0; sleep 0.3; done; exit 1"
+    );
+    let child = ctr_run_bg(c, rt, img, &id, &script)?;
+    let t0 = Instant::now();
+    let mut s = loop {
+        match l.accept() {
+            Ok((s, _)) => break s,
+            Err(_) if t0.elapsed() < Duration::from_secs(120) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => {
+                let _ = wait_output(child, Duration::from_secs(1));
+                bail!("no connection from {id} within 120 s: {e}");
+            }
+        }
+    };
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let want = mib << 20;
+    let mut n = 0u64;
+    let t = Instant::now();
+    while n < want {
+        match s.read(&mut buf)? {
+            0 => break,
+            k => n += k as u64,
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    drop(s);
+    let _ = wait_output(child, Duration::from_secs(60));
+    if n != want {
+        bail!("received {n} bytes of {want}");
+    }
+    Ok(mib as f64 / secs)
 }

@@ -312,12 +312,27 @@ impl<W: Write + Send> Client<W> {
         terminal: bool,
         stdio: Stdio,
     ) -> Result<(u32, Vec<(String, u64)>), ClientError> {
+        self.create_container_opts(id, spec, rootfs, terminal, stdio, false)
+    }
+
+    /// [`Client::create_container_steps`]; with `check_entrypoint` a missing program fails
+    /// the create, as under runc (see [`Request::CreateContainer`]).
+    pub fn create_container_opts(
+        &self,
+        id: &str,
+        spec: OciSpec,
+        rootfs: &str,
+        terminal: bool,
+        stdio: Stdio,
+        check_entrypoint: bool,
+    ) -> Result<(u32, Vec<(String, u64)>), ClientError> {
         match self.call(Request::CreateContainer {
             id: id.into(),
             spec: Box::new(spec),
             rootfs: rootfs.into(),
             terminal,
             stdio,
+            check_entrypoint,
         })? {
             Response::Created { pid, steps } => Ok((pid, steps)),
             other => Err(unexpected(other)),

@@ -96,6 +96,11 @@ pub enum Request {
         terminal: bool,
         #[serde(default)]
         stdio: Stdio,
+        /// Fail the create (ENOENT, with runc's message) when the process's program does not
+        /// exist, as runc's create does; without it the process exits 127 at Start (`vmm run`,
+        /// like docker's CLI).
+        #[serde(default)]
+        check_entrypoint: bool,
     },
     /// Starts the init process (`exec_id` None) or a created exec. Replies [`Response::Started`].
     Start {

@@ -52,6 +52,7 @@ fn all_messages() -> Vec<Message> {
             rootfs: "/run/c1/rootfs".into(),
             terminal: false,
             stdio: Stdio { stdin: true },
+            check_entrypoint: true,
         }),
         req(Request::Start {
             id: "c1".into(),

@@ -129,6 +129,8 @@ pub fn strip_network_namespace(spec: &mut Spec) {
 /// [`Holder::spawn`] under `unshare --net`): says it is ready, then waits for EOF on stdin
 /// (the shim closes it, or dies) and exits.
 pub fn holder_main() -> ! {
+    // Named apart from the shim server in `ps` and /proc/<pid>/comm (one shim per pod).
+    let _ = rustix::thread::set_name(c"skiff-netns");
     println!("ready");
     let _ = std::io::stdout().flush();
     let mut sink = [0u8; 64];

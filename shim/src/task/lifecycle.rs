@@ -210,7 +210,7 @@ impl TaskService {
             fail(&pod_dir, e)
         };
         client
-            .create_container(CONTAINER, spec, GUEST_ROOTFS, req.terminal, stdio)
+            .create_container_opts(CONTAINER, spec, GUEST_ROOTFS, req.terminal, stdio, true)
             .map_err(|e| boot_fail(agent_err("creating the container")(e)))?;
         let (stdin_stream, outputs) = self
             .inner

@@ -269,7 +269,7 @@ impl TaskService {
         let rootfs_guest = format!("{GUEST_POD}/{guest}");
         let client = sandbox.client().clone();
         client
-            .create_container(
+            .create_container_opts(
                 &guest,
                 spec,
                 &rootfs_guest,
@@ -277,6 +277,7 @@ impl TaskService {
                 skiff_protocol::Stdio {
                     stdin: !req.stdin.is_empty(),
                 },
+                true,
             )
             .map_err(|e| undo(&binds, agent_err("creating the container")(e)))?;
         let gone = |binds: &[PathBuf], e: ttrpc::Error| {
