@@ -758,3 +758,33 @@ fn exec_program(p: &ProcPlan) -> ! {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn plan(args: &[&str], path: Option<&str>) -> ProcPlan {
+        let mut p = oci_spec::runtime::Process::default();
+        p.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
+        p.set_env(path.map(|v| vec![format!("PATH={v}")]));
+        proc_plan(&p, false).unwrap()
+    }
+
+    #[test]
+    fn a_missing_program_is_named_as_runc_names_it() {
+        assert_eq!(
+            missing_program(&plan(&["/no/such/entrypoint"], None)).as_deref(),
+            Some("exec: \"/no/such/entrypoint\": stat /no/such/entrypoint: no such file or directory")
+        );
+        assert_eq!(missing_program(&plan(&["/bin/sh"], None)), None);
+        assert_eq!(missing_program(&plan(&["sh"], Some("/nowhere:/bin"))), None);
+        assert_eq!(
+            missing_program(&plan(&["no-such-program-x"], Some("/bin:/usr/bin"))).as_deref(),
+            Some("exec: \"no-such-program-x\": executable file not found in $PATH")
+        );
+        // Depends on the cwd (set at Start): left to exec time.
+        assert_eq!(missing_program(&plan(&["./x"], None)), None);
+        assert_eq!(missing_program(&plan(&["x"], Some("bin:/bin"))), None);
+    }
+}
