@@ -35,6 +35,28 @@ impl TaskService {
     }
 }
 
+/// The shortest interval between two TaskOOM events of one container.
+const OOM_EVERY: Duration = Duration::from_millis(100);
+
+/// When each container last had a TaskOOM published.
+#[derive(Debug, Default)]
+struct OomThrottle {
+    last: HashMap<String, std::time::Instant>,
+}
+
+impl OomThrottle {
+    fn allow(&mut self, id: &str, now: std::time::Instant) -> bool {
+        match self.last.get(id) {
+            Some(t) if now.saturating_duration_since(*t) < OOM_EVERY => false,
+            _ => {
+                // Only ids of live containers get here: the map stays as small as the pod.
+                self.last.insert(id.to_owned(), now);
+                true
+            }
+        }
+    }
+}
+
 impl Inner {
     pub(super) fn publish<E: Event + Send + 'static>(&self, e: E) {
         let topic = e.topic();
@@ -50,6 +72,8 @@ impl Inner {
         };
         let inner = self.clone();
         std::thread::spawn(move || {
+            let mut throttle = OomThrottle::default();
+            let mut dropped = 0u64;
             for e in rx {
                 if let skiff_protocol::Event::Oom { id: guest } = e {
                     let id = inner
@@ -62,10 +86,21 @@ impl Inner {
                         container = id.as_deref().unwrap_or("?"),
                         "the guest kernel's OOM killer killed a process of the container"
                     );
-                    if let Some(id) = id {
+                    let Some(id) = id else { continue };
+                    // The guest decides how often this arrives: at most one TaskOOM per
+                    // container per OOM_EVERY reaches containerd (the rest are counted).
+                    if throttle.allow(&id, std::time::Instant::now()) {
                         let mut ev = TaskOOM::new();
                         ev.container_id = id;
                         inner.publish(ev);
+                    } else {
+                        dropped += 1;
+                        if dropped.is_power_of_two() {
+                            tracing::warn!(
+                                dropped,
+                                "OOM events coalesced (more than one per {OOM_EVERY:?})"
+                            );
+                        }
                     }
                 }
             }
@@ -127,5 +162,25 @@ impl Inner {
             ev.exited_at = MessageField::some(at);
             inner.publish(ev);
         });
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+
+    #[test]
+    fn oom_events_are_coalesced_per_container() {
+        let mut t = OomThrottle::default();
+        let t0 = std::time::Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let got: Vec<bool> = [0, 10, 50, 99, 100, 150, 250]
+            .iter()
+            .map(|ms| t.allow("a", at(*ms)))
+            .collect();
+        assert_eq!(got, [true, false, false, false, true, false, true]);
+        // Another container has its own interval.
+        assert!(t.allow("b", at(10)));
+        assert!(!t.allow("b", at(20)));
     }
 }
