@@ -118,9 +118,10 @@ fn cri_pod_one_vm_per_pod() {
         if n("exec_exit") != 5
             || !s("exec_stdout").contains("hello-from-the-pod")
             || !s("exec_stdout").contains(&format!("pod-{h}"))
+            || !s("exec_stdout").contains(&(64u64 << 20).to_string())
         {
             bad.push(format!(
-                "ExecSync: exit {} stdout {:?} (want 5, the page and the pod's host name)",
+                "ExecSync: exit {} stdout {:?} (want 5, the page, the pod's host name and web's own 64 MiB memory.max)",
                 n("exec_exit"),
                 s("exec_stdout")
             ));

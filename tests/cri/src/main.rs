@@ -21,6 +21,9 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// The `web` container's memory limit (64 MiB).
+const WEB_MEMORY_LIMIT: i64 = 64 << 20;
+
 /// Deadline of one CRI call (RunPodSandbox boots a VM in a nested, emulated host).
 const CALL: Duration = Duration::from_secs(180);
 
@@ -237,10 +240,21 @@ async fn pod_flow(
              [ -n \"$r\" ] && { echo \"got: $r\"; exit 0; }; sleep 0.2; done; echo 'no answer on localhost:80' >&2; exit 3",
         ),
     ] {
+        let mut config = container_config(name, &a.image, script, &format!("{name}.log"));
+        if name == "web" {
+            // Its own limit, applied to its own cgroup (read back through ExecSync).
+            config.linux = Some(cri::LinuxContainerConfig {
+                resources: Some(cri::LinuxContainerResources {
+                    memory_limit_in_bytes: WEB_MEMORY_LIMIT,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
         let id = rt
             .create_container(req(cri::CreateContainerRequest {
                 pod_sandbox_id: pod.into(),
-                config: Some(container_config(name, &a.image, script, &format!("{name}.log"))),
+                config: Some(config),
                 sandbox_config: Some(pod_config.clone()),
             }))
             .await
@@ -334,7 +348,7 @@ async fn pod_flow(
             cmd: vec![
                 "sh".into(),
                 "-c".into(),
-                "cat /www/index.html; hostname; exit 5".into(),
+                "cat /www/index.html; hostname; cat /sys/fs/cgroup/memory.max; exit 5".into(),
             ],
             timeout: 60,
         }))
