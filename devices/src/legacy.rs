@@ -65,6 +65,12 @@ impl SerialConsole {
         }
     }
 
+    /// Queues console input for the guest (as much as the receive FIFO takes; the rest is the
+    /// caller's to offer again once the guest has read); returns how many bytes were taken.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.inner.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
     /// Flushes buffered output to the host.
     pub fn flush(&mut self) {
         let _ = self.inner.writer_mut().flush();

@@ -439,3 +439,97 @@ fn no_permission_on_kvm_device() {
     assert_eq!(e.lines().count(), 1, "{e:?}");
     assert!(e.contains("no permission"), "{e}");
 }
+
+/// The interactive console from a pipe: the guest's UART gets the VMM's stdin.
+#[test]
+fn console_input_from_a_pipe_reaches_the_uart() {
+    use std::io::Write;
+    assert_ne!(kvm_kind(), KvmKind::Missing, "this test needs /dev/kvm");
+    let elf = build_guest("echo.S", &[]);
+    let mut child = Command::new("timeout")
+        .arg("60")
+        .arg(vmm_binary())
+        .args(["--kernel", elf.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // More than the UART's 64-byte FIFO (and no "q", which ends the guest): the VMM offers
+    // the rest as the guest reads.
+    let line = "the lazy brown fox jumps over the dog, 0123456789 ".repeat(4);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{line}q").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (o, e) = text(&out);
+    assert_eq!(
+        o,
+        format!("ready>{}<bye\n", line.to_uppercase()),
+        "stderr: {e}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{e}");
+}
+
+fn console_on_a_pty(mode: &str, guest: &std::path::Path) -> serde_json::Value {
+    let script = skiff_tests::repo_root().join("tests/scripts/console_pty.py");
+    let out = Command::new("timeout")
+        .arg("90")
+        .arg("python3")
+        .arg(&script)
+        .arg(mode)
+        .arg(vmm_binary())
+        .arg(guest)
+        .output()
+        .unwrap();
+    let (o, e) = text(&out);
+    serde_json::from_str(o.trim()).unwrap_or_else(|err| panic!("{err}: {o:?} {e}"))
+}
+
+/// On a terminal: raw mode while the VM runs (Ctrl-C is a byte for the guest), Ctrl-A x
+/// stops the VM with status 0, and the terminal's settings come back exactly.
+#[test]
+fn console_on_a_terminal_is_raw_and_ctrl_a_x_quits() {
+    assert_ne!(kvm_kind(), KvmKind::Missing, "this test needs /dev/kvm");
+    let r = console_on_a_pty("echo", &build_guest("echo.S", &[]));
+    assert_eq!(r["steps_ok"], true, "{r}");
+    assert_eq!(r["raw_while_running"], true, "{r}");
+    assert_eq!(r["alive_after_ctrl_c"], true, "{r}");
+    assert_eq!(r["status"], 0, "{r}");
+    assert_eq!(r["restored"], true, "{r}");
+    assert!(
+        r["output"].as_str().unwrap_or("").contains("Ctrl-A x"),
+        "{r}"
+    );
+}
+
+/// The terminal is restored when the guest panics (status 3).
+#[test]
+fn console_terminal_restored_after_a_guest_panic() {
+    assert_ne!(kvm_kind(), KvmKind::Missing, "this test needs /dev/kvm");
+    let r = console_on_a_pty("panic", &build_guest("pvh.S", &["ACTION=1"]));
+    assert_eq!(r["status"], 3, "{r}");
+    assert_eq!(r["restored"], true, "{r}");
+}
+
+/// Bad input: a rootfs that is not a directory is one clear line and status 2.
+#[test]
+fn rootfs_that_is_not_a_directory_is_refused() {
+    let elf = build_guest("echo.S", &[]);
+    let out = vmm(&[
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--no-input",
+        "--rootfs",
+        "/etc/passwd",
+    ]);
+    let (_, e) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert_eq!(
+        e.trim(),
+        "vmm: error: --rootfs /etc/passwd: not a directory"
+    );
+}

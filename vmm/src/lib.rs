@@ -4,6 +4,7 @@
 pub mod arch;
 pub mod artifacts;
 pub mod boot_slots;
+pub mod console;
 pub mod console_log;
 pub mod fs_device;
 pub mod hypervisor;

@@ -11,6 +11,7 @@ use skiff_vmm::run::{self, RunOptions};
 use skiff_vmm::seccomp;
 use skiff_vmm::timings::Timings;
 use skiff_vmm::vm::{self, PitMode, SerialOut, SnapshotAt, VmConfig, DEFAULT_CMDLINE};
+use skiff_vmm::vm_control::VmControl;
 
 const AFTER_HELP: &str = "\
 Exit status:
@@ -77,9 +78,23 @@ struct Cli {
     /// Initial ramdisk (cpio, optionally compressed as the kernel supports).
     #[arg(long, value_name = "I")]
     initrd: Option<PathBuf>,
-    /// Kernel command line (replaces the default).
-    #[arg(long, value_name = "S", default_value = DEFAULT_CMDLINE)]
-    cmdline: String,
+    /// Kernel command line (replaces the default: `console=ttyS0 quiet reboot=k,panic_warm
+    /// panic=-1 pci=off nomodules`, plus `root=rootfs rootfstype=virtiofs rw|ro` with
+    /// --rootfs).
+    #[arg(long, value_name = "S")]
+    cmdline: Option<String>,
+    /// Boot on host directory DIR as the guest's root filesystem: virtio-fs with tag
+    /// `rootfs`, named on the default command line (`root=rootfs rootfstype=virtiofs rw`;
+    /// `:ro` mounts it read-only and refuses writes). No --initrd is needed with a kernel that
+    /// has virtio-fs built in (Skiff's has); the kernel runs DIR's /sbin/init (or
+    /// `init=/bin/sh` on --cmdline).
+    #[arg(long, value_name = "DIR[:ro]")]
+    rootfs: Option<String>,
+    /// Do not read stdin. By default the guest's serial console reads the VMM's stdin: on a
+    /// terminal in raw mode (Ctrl-A x stops the VM, Ctrl-A Ctrl-A sends Ctrl-A; the
+    /// terminal is restored however the VM ends), from a pipe as it comes.
+    #[arg(long)]
+    no_input: bool,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
@@ -494,10 +509,37 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let rootfs = match cli.rootfs.as_deref().map(parse_rootfs).transpose() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cmdline = cli.cmdline.unwrap_or_else(|| match &rootfs {
+        Some(r) => format!(
+            "{DEFAULT_CMDLINE} root=rootfs rootfstype=virtiofs {}",
+            if r.read_only { "ro" } else { "rw" }
+        ),
+        None => DEFAULT_CMDLINE.to_string(),
+    });
+    let control = VmControl::new();
+    let (serial_in, terminal) = if cli.no_input {
+        (None, None)
+    } else {
+        let (i, t) = skiff_vmm::console::start(control.clone());
+        (Some(i), Some(t))
+    };
+    let restore_terminal = || {
+        if let Some(t) = &terminal {
+            t.restore();
+        }
+    };
     let cfg = VmConfig {
         kernel,
         initrd: cli.initrd,
-        cmdline: cli.cmdline,
+        cmdline,
+        serial_in,
         cpus: cli.cpus,
         memory_mib: cli.memory,
         serial: cli.serial.map(SerialOut::File).unwrap_or(SerialOut::Stdout),
@@ -514,10 +556,21 @@ fn main() -> ExitCode {
     };
     let mut devices = Vec::new();
     let budget = fs_device::FdBudget::default();
+    if let Some(r) = &rootfs {
+        match fs_device::create(r, &budget) {
+            Ok(d) => devices.push(d),
+            Err(e) => {
+                restore_terminal();
+                eprintln!("vmm: error: --rootfs: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     for s in &cli.share {
         match fs_device::parse_share(s).and_then(|s| fs_device::create(&s, &budget)) {
             Ok(d) => devices.push(d),
             Err(e) => {
+                restore_terminal();
                 eprintln!("vmm: error: {e}");
                 return ExitCode::from(2);
             }
@@ -533,11 +586,14 @@ fn main() -> ExitCode {
         }
         Ok(None) => None,
         Err(e) => {
+            restore_terminal();
             eprintln!("vmm: error: {e}");
             return ExitCode::from(2);
         }
     };
-    match vm::run_with_devices(&cfg, Timings::new(start), devices) {
+    let result = vm::run_controlled(&cfg, Timings::new(start), devices, &control);
+    restore_terminal();
+    match result {
         Ok(res) => {
             if cli.timings {
                 eprint!("{}", res.timings.report());
@@ -555,4 +611,25 @@ fn main() -> ExitCode {
             ExitCode::from(if e.is_user_error() { 2 } else { 1 })
         }
     }
+}
+
+/// `--rootfs DIR[:ro]`: the root share (tag `rootfs`, the rootfs ownership policy). DIR must
+/// be a directory.
+fn parse_rootfs(s: &str) -> Result<fs_device::Share, String> {
+    let (dir, read_only) = match s.strip_suffix(":ro") {
+        Some(d) => (d, true),
+        None => (s.strip_suffix(":rw").unwrap_or(s), false),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("--rootfs {dir}: not a directory")),
+        Err(e) => return Err(format!("--rootfs {dir}: {e}")),
+    }
+    Ok(fs_device::Share {
+        tag: "rootfs".into(),
+        host: dir.into(),
+        read_only,
+        xattr_ownership: false,
+        policy: fs_device::SharePolicy::Rootfs,
+    })
 }

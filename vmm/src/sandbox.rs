@@ -345,6 +345,7 @@ impl Sandbox {
             pit: vm::PitMode::Auto,
             snapshot: None,
             restore: restore.map(vm::RestoreFrom::Loaded),
+            serial_in: None,
         };
         let (factory, events) = crate::vsock_device::create(&uds).map_err(Error::Vm)?;
         let mut devices = vec![factory];

@@ -321,6 +321,7 @@ pub fn make(spec: &TemplateSpec, dir: &Path, timeout: Duration) -> Result<(), Er
             stamp: TEMPLATE_STAMP,
         }),
         restore: None,
+        serial_in: None,
     };
     let control = VmControl::new();
     let ctl = control.clone();

@@ -78,6 +78,8 @@ pub struct VmConfig {
     /// Restore this snapshot instead of booting `kernel` (`kernel`, `initrd`, `cmdline`,
     /// `cpus`, `memory_mib` and `pit` then come from the snapshot).
     pub restore: Option<RestoreFrom>,
+    /// Input for the guest's UART (the interactive console, see [`crate::console`]).
+    pub serial_in: Option<crate::console::SerialIn>,
 }
 
 /// The snapshot a VM is restored from.
@@ -492,6 +494,13 @@ pub fn run_controlled(
     let serial_state = restore.as_ref().and_then(|l| l.state.device(DEV_SERIAL));
     let (pio, mmio, serial) =
         platform_devices(&vm, create_pit, serial_state, serial_out, sink.clone())?;
+    if let Some(rx) = cfg.serial_in.as_ref().and_then(|s| s.take()) {
+        let (serial, control) = (serial.clone(), control.clone());
+        std::thread::Builder::new()
+            .name("serial-in".into())
+            .spawn(move || feed_serial(rx, &serial, &control))
+            .map_err(|e| Error::Vmm(format!("cannot start the console input thread: {e}")))?;
+    }
     let mut mmio = mmio;
     let mut virtio: Vec<Arc<Mutex<dyn BusDevice>>> = Vec::new();
     for (slot, factory) in slots_used.iter().zip(devices) {
@@ -829,6 +838,31 @@ fn is_linux(boot: &arch::current::BootInfo) -> bool {
 #[cfg(target_arch = "aarch64")]
 fn is_linux(_boot: &arch::current::BootInfo) -> bool {
     true
+}
+
+/// Moves console input into the UART as the guest makes room in its receive FIFO, until the
+/// input ends or the VM stops. Only locks and sleeps (it runs under the VM's allowlist).
+fn feed_serial(
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    serial: &Mutex<SerialConsole>,
+    control: &VmControl,
+) {
+    for chunk in rx {
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            if control.is_stopped() {
+                return;
+            }
+            let n = serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(rest);
+            rest = &rest[n..];
+            if !rest.is_empty() {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
 }
 
 /// The serial console: new, or as a snapshot saved it.

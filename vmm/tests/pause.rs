@@ -75,6 +75,7 @@ fn boot_counter_guest(cpus: u32) -> (VmControl, Mem, VmThread) {
         pit: PitMode::Off,
         snapshot: None,
         restore: None,
+        serial_in: None,
     };
     let control = VmControl::new();
     let mem: Mem = Arc::new(Mutex::new(None));
@@ -172,6 +173,7 @@ fn a_failed_boot_leaves_the_control_stopped() {
         pit: PitMode::Off,
         snapshot: None,
         restore: None,
+        serial_in: None,
     };
     let e =
         vm::run_controlled(&cfg, Timings::new(Instant::now()), Vec::new(), &control).unwrap_err();
