@@ -138,7 +138,7 @@ fn build_image(out: &Path) -> Result<PathBuf> {
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox"))
         .context("/bin/busybox (busybox-static) is needed for the image")?;
-    for a in ["sh", "true"] {
+    for a in ["sh", "true", "ip", "nc", "wc", "dd", "seq", "sleep"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(a))?;
     }
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
