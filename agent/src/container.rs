@@ -54,6 +54,10 @@ pub struct RootPlan {
     pub readonly_root: bool,
     pub masked_paths: Vec<String>,
     pub readonly_paths: Vec<String>,
+    /// The container's cgroup (v2 directory), joined by the child itself before it unshares
+    /// its namespaces: a new cgroup namespace is then rooted at the container's own cgroup
+    /// (its `/sys/fs/cgroup` shows its own `memory.max`), as under runc.
+    pub cgroup: Option<PathBuf>,
 }
 
 fn einval(msg: impl Into<String>) -> io::Error {
@@ -155,6 +159,7 @@ pub fn root_plan(spec: &Spec, rootfs: &Path, vm_network: bool) -> io::Result<Roo
         readonly_root: root.and_then(|r| r.readonly()).unwrap_or(false),
         masked_paths: masked,
         readonly_paths: ro,
+        cgroup: None,
     })
 }
 
@@ -398,6 +403,10 @@ fn ctx(e: io::Error, what: &str) -> io::Error {
 }
 
 fn setup_root(r: &RootPlan, t: &mut crate::runtime::Steps) -> io::Result<()> {
+    if let Some(cg) = &r.cgroup {
+        // "0": the writing process itself.
+        std::fs::write(cg.join("cgroup.procs"), "0").map_err(|e| ctx(e, "joining the cgroup"))?;
+    }
     sys::unshare(r.unshare).map_err(|e| ctx(e, "unshare"))?;
     t.done("unshare");
     let root = &r.rootfs;

@@ -503,6 +503,7 @@ impl Agent {
                 return Err(e);
             }
         };
+        rplan.cgroup = cgroup.clone();
         let pidns = if rplan.new_pid_ns {
             sys::PidNs::New
         } else {
