@@ -167,3 +167,18 @@ put("fuse_requests", "getattr-root", bytes([8 | 4]) + fuse_req(3, 1, bytes(16)))
 put("fuse_requests", "mkdir-ro-and-rw", bytes([8 | 4]) + fuse_req(9, 1, u32(0o755) + u32(0o22) + b"newdir\0"))
 put("fuse_requests", "opendir-root", bytes([8 | 4]) + fuse_req(27, 1, u32(0) + u32(0)))
 put("fuse_requests", "getxattr-small-out", bytes([8 | 1]) + fuse_req(22, 1, u32(64) + u32(0) + b"user.a\0"))
+
+# ---- gdb_page_walk: CR0, CR3, CR4, EFER, virtual address, then guest memory from 0 ----
+def walk_seed(cr0, cr3, cr4, efer, va, entries):
+    mem = bytearray(0x6000)
+    for addr, value in entries:
+        mem[addr:addr + 8] = u64(value)
+    return u64(cr0) + u64(cr3) + u64(cr4) + u64(efer) + u64(va) + bytes(mem)
+LONG = (0x80000011, 0x1000, 0x20, 0x500)
+# PML4 at 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000 -> page 0x5000; and a 2 MiB page.
+tables = [(0x1000, 0x2003), (0x2000, 0x3003), (0x3000, 0x4003), (0x4008, 0x5003), (0x3008, 0x200083)]
+put("gdb_page_walk", "long-4k", walk_seed(*LONG, 0x1008, tables))
+put("gdb_page_walk", "long-2m", walk_seed(*LONG, 0x200010, tables))
+put("gdb_page_walk", "kernel-text-before-paging", walk_seed(0x11, 0, 0, 0, 0xffffffff81000000, []))
+put("gdb_page_walk", "pae", walk_seed(0x80000011, 0x1000, 0x20, 0, 0x40000010, [(0x1008, 0x2001), (0x2000, 0x400081)]))
+put("gdb_page_walk", "la57", walk_seed(0x80000011, 0x1000, 0x1020, 0x500, 0x1008, tables + [(0x1000, 0x1003)]))

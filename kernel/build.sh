@@ -3,10 +3,11 @@
 #
 #   kernel/build.sh [--arch x86_64|arm64] [--check-config] [--print-path]
 #
-# x86_64 (default): builds vmlinux (PVH entry) and bzImage from `tinyconfig` + config-x86_64.fragment.
+# x86_64 (default): builds vmlinux (PVH entry) and bzImage from `tinyconfig` + config-x86_64.fragment,
+# plus vmlinux.sym: the same vmlinux with its symbol table, for GDB (`vmm --gdb`).
 # arm64 --check-config: only runs tinyconfig + fragment + olddefconfig and verifies the options.
 # Output is cached outside the checkout, keyed by the hash of every input:
-#   ${SKIFF_CACHE:-~/.cache/skiff}/kernel/<arch>-<hash>/{vmlinux,bzImage,config}
+#   ${SKIFF_CACHE:-~/.cache/skiff}/kernel/<arch>-<hash>/{vmlinux,vmlinux.sym,bzImage,config}
 # A second run with the same inputs is instant. --print-path prints the output dir only.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -82,6 +83,7 @@ if [ "$CHECK_ONLY" = 0 ]; then
   mk -j"$(nproc)" vmlinux bzImage >"$B/build.log" 2>&1 || { kill $ticker; tail -30 "$B/build.log" >&2; echo "kernel/build.sh: build failed, log in $B/build.log" >&2; exit 1; }
   kill $ticker 2>/dev/null || true
   strip -o "$OUT.tmp/vmlinux" "$B/vmlinux" 2>/dev/null || cp "$B/vmlinux" "$OUT.tmp/vmlinux"
+  cp "$B/vmlinux" "$OUT.tmp/vmlinux.sym"
   cp "$B/arch/x86/boot/bzImage" "$OUT.tmp/bzImage"
   log "built in $(( $(date +%s) - start )) s"
 fi

@@ -7,6 +7,7 @@ pub mod boot_slots;
 pub mod console;
 pub mod console_log;
 pub mod fs_device;
+pub mod gdb;
 pub mod hypervisor;
 pub mod net_device;
 pub mod passt;

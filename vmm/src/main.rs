@@ -31,8 +31,10 @@ SKIFF_SECCOMP=on|off|log sets the seccomp mode when --seccomp is not given. A sy
 outside a VMM thread's allowlist ends the VMM with status 159 and one `skiff-vmm: seccomp:`
 line naming it on stderr.
 
-Example:
-  vmm --kernel vmlinux --initrd initramfs.cpio --timings";
+Examples:
+  vmm --kernel vmlinux --initrd initramfs.cpio --timings
+  vmm --kernel vmlinux --rootfs ./rootfs --cmdline 'console=ttyS0 root=rootfs rootfstype=virtiofs rw init=/bin/sh'
+  vmm --kernel vmlinux --initrd initramfs.cpio --gdb 127.0.0.1:1234   (then: gdb vmlinux -ex 'target remote :1234')";
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Seccomp {
@@ -98,6 +100,13 @@ struct Cli {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
+    /// Wait for GDB on ADDR (`HOST:PORT`, or a Unix socket path containing `/`) before the
+    /// guest's first instruction: `gdb vmlinux -ex 'target remote ADDR'`. vCPUs are GDB
+    /// threads; software and hardware breakpoints, single steps, registers, memory by virtual
+    /// address (through the guest's page tables), Ctrl-C. Detaching lets the guest run on.
+    /// x86_64 (KVM) only.
+    #[arg(long, value_name = "ADDR")]
+    gdb: Option<String>,
     /// Share host directory DIR with the guest over virtio-fs under mount tag TAG (the guest
     /// runs `mount -t virtiofs TAG /mnt`); `:ro` refuses writes. Repeatable, up to 10.
     #[arg(long, value_name = "TAG=DIR[:ro]")]
@@ -516,6 +525,30 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // GDB first: a busy port fails before anything else starts, and the terminal is not in
+    // raw mode yet while vmm waits (Ctrl-C still ends it).
+    let (gdb, _gdb_listener) = match cli.gdb.as_deref().map(skiff_vmm::gdb::listen) {
+        None => (None, None),
+        Some(Err(e)) => {
+            eprintln!("vmm: error: {e}");
+            return ExitCode::from(2);
+        }
+        Some(Ok(l)) => {
+            let a = l.address();
+            eprintln!(
+                "vmm: waiting for GDB on {a} before the first instruction \
+                 (gdb {} -ex 'target remote {a}')",
+                kernel.display()
+            );
+            match l.accept() {
+                Ok(c) => (Some(c), Some(l)),
+                Err(e) => {
+                    eprintln!("vmm: error: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
     let cmdline = cli.cmdline.unwrap_or_else(|| match &rootfs {
         Some(r) => format!(
             "{DEFAULT_CMDLINE} root=rootfs rootfstype=virtiofs {}",
@@ -553,6 +586,7 @@ fn main() -> ExitCode {
             stamp: cli.snapshot_on_stamp,
         }),
         restore: cli.restore.map(vm::RestoreFrom::Dir),
+        gdb,
     };
     let mut devices = Vec::new();
     let budget = fs_device::FdBudget::default();

@@ -346,6 +346,7 @@ impl Sandbox {
             snapshot: None,
             restore: restore.map(vm::RestoreFrom::Loaded),
             serial_in: None,
+            gdb: None,
         };
         let (factory, events) = crate::vsock_device::create(&uds).map_err(Error::Vm)?;
         let mut devices = vec![factory];

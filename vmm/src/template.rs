@@ -322,6 +322,7 @@ pub fn make(spec: &TemplateSpec, dir: &Path, timeout: Duration) -> Result<(), Er
         }),
         restore: None,
         serial_in: None,
+        gdb: None,
     };
     let control = VmControl::new();
     let ctl = control.clone();

@@ -22,6 +22,8 @@ pub use crate::vm_control::{ControlError, VmControl};
 
 type Hv = hypervisor::Backend;
 type HvVm = <Hv as Hypervisor>::Vm;
+type HvVcpu = <HvVm as Vm>::Vcpu;
+type Debugger = crate::gdb::DebugControl<HvVcpu>;
 
 /// Default kernel command line for Linux guests: serial console, quiet, reboot through the
 /// i8042 (so the VMM sees it), a panic reboots at once and marks the reboot "warm" so the VMM
@@ -80,6 +82,9 @@ pub struct VmConfig {
     pub restore: Option<RestoreFrom>,
     /// Input for the guest's UART (the interactive console, see [`crate::console`]).
     pub serial_in: Option<crate::console::SerialIn>,
+    /// GDB's connection: the vCPUs wait for it before their first instruction (see
+    /// [`crate::gdb`]).
+    pub gdb: Option<crate::gdb::GdbConnection>,
 }
 
 /// The snapshot a VM is restored from.
@@ -539,6 +544,13 @@ pub fn run_controlled(
         ),
         None => None,
     };
+    let (debugger, gdb_thread) = match cfg.gdb.as_ref().and_then(|g| g.take()) {
+        Some(conn) => {
+            let (d, t) = start_gdb(conn, cfg.cpus, control, &mem)?;
+            (Some(d), Some(t))
+        }
+        None => (None, None),
+    };
     // From here on this thread, the vCPU threads and what they spawn (virtio-fs workers, at
     // the guest's device activation) run under the `vmm` seccomp allowlist; the guest has not
     // run yet. The memory thread above ends before it does.
@@ -551,13 +563,14 @@ pub fn run_controlled(
     let ready = Arc::new(std::sync::Barrier::new(cfg.cpus as usize + 1));
     let mut threads = Vec::new();
     for id in 0..cfg.cpus {
-        let (vm, pio, mmio, control, tx, ready) = (
+        let (vm, pio, mmio, control, tx, ready, debugger) = (
             vm.clone(),
             pio.clone(),
             mmio.clone(),
             control.clone(),
             tx.clone(),
             ready.clone(),
+            debugger.clone(),
         );
         let cpus = cfg.cpus;
         let saved = vcpu_states.get(id as usize).cloned();
@@ -583,9 +596,13 @@ pub fn run_controlled(
                     pio: &pio,
                     mmio: &mmio,
                     control: &control,
+                    debugger: debugger.as_deref(),
                 };
                 if let Err(e) = vcpu_thread(&vm, &ctx, &sink, &ready) {
                     sink.send(Event::VcpuFailed(id, e.to_string()));
+                }
+                if let Some(d) = &debugger {
+                    d.vcpu_gone(id);
                 }
             })
             .map_err(|e| Error::Vmm(format!("cannot start vCPU thread: {e}")))?;
@@ -669,11 +686,50 @@ pub fn run_controlled(
         timings.mark_at(p, at);
     }
     stop_vcpus(control, threads);
+    if let (Some(d), Some(t)) = (&debugger, gdb_thread) {
+        // GDB hears how the guest ended (up to 1 s; a stub blocked on a silent GDB is left).
+        d.vm_ended(exit.exit_code());
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     if let Ok(mut s) = serial.lock() {
         s.flush();
     }
     tracing::info!(?exit, "guest ended");
     Ok(RunResult { exit, timings })
+}
+
+/// Starts the GDB stub's thread (before the seccomp allowlist: it serves GDB's socket).
+#[cfg(target_arch = "x86_64")]
+fn start_gdb(
+    conn: crate::gdb::Connection,
+    cpus: u32,
+    control: &VmControl,
+    mem: &GuestMemoryMmap,
+) -> Result<(Arc<Debugger>, std::thread::JoinHandle<()>), Error> {
+    let d = Arc::new(Debugger::new(cpus, control.clone()));
+    let (dt, mem) = (d.clone(), mem.clone());
+    let t = std::thread::Builder::new()
+        .name("gdb".into())
+        .spawn(move || crate::gdb::serve(conn, dt, mem))
+        .map_err(|e| Error::Vmm(format!("cannot start the GDB stub's thread: {e}")))?;
+    Ok((d, t))
+}
+
+/// The GDB stub needs guest debugging, which this backend lacks.
+#[cfg(not(target_arch = "x86_64"))]
+fn start_gdb(
+    _conn: crate::gdb::Connection,
+    _cpus: u32,
+    _control: &VmControl,
+    _mem: &GuestMemoryMmap,
+) -> Result<(Arc<Debugger>, std::thread::JoinHandle<()>), Error> {
+    Err(Error::Input(format!(
+        "--gdb: {}",
+        hypervisor::GUEST_DEBUG_UNSUPPORTED
+    )))
 }
 
 /// Linux writes 0x1234 at 0x472 (the BIOS warm-boot flag) before an i8042 reset when the reboot
@@ -716,6 +772,7 @@ struct VcpuContext<'a> {
     pio: &'a Bus,
     mmio: &'a Bus,
     control: &'a VmControl,
+    debugger: Option<&'a Debugger>,
 }
 
 fn vcpu_thread(
@@ -731,6 +788,7 @@ fn vcpu_thread(
         pio,
         mmio,
         control,
+        debugger,
     } = *ctx;
     let created = vm.create_vcpu(id).and_then(|mut v| {
         match init {
@@ -758,6 +816,11 @@ fn vcpu_thread(
         }
     };
     while gate.may_run_or_save(id, &mut || vcpu_save(&mut vcpu)) {
+        if let Some(d) = debugger {
+            if !d.gate(id, &mut vcpu, &mut |v, g| v.set_guest_debug(g))? {
+                continue;
+            }
+        }
         match vcpu.run()? {
             VcpuExit::Io => vcpu.handle_io(&mut |a| bus_access(pio, a))?,
             VcpuExit::Mmio => vcpu.handle_mmio(&mut |a| bus_access(mmio, a))?,
@@ -775,8 +838,26 @@ fn vcpu_thread(
                 }));
                 break;
             }
+            VcpuExit::Debug(exit) => match debugger {
+                Some(d) => {
+                    tracing::debug!(vcpu = id, ?exit, "debug exit");
+                    if d.on_debug_exit(id, exit) {
+                        vcpu.reinject_breakpoint(&d.current_debug())?;
+                    }
+                }
+                None => {
+                    skiff_devices::warn_limited!(vcpu = id, ?exit, "debug exit without a debugger")
+                }
+            },
             VcpuExit::InternalError(code) => {
                 tracing::error!(vcpu = id, code, "hypervisor internal error");
+                if debugger.is_some_and(|d| d.current_debug().sw_breakpoints) {
+                    // PVM's /dev/kvm fails an int3 it should hand to the VMM this way.
+                    eprintln!(
+                        "vmm: the hypervisor failed while GDB software breakpoints were set; \
+                         it may not support them: use hardware breakpoints (GDB's hbreak)"
+                    );
+                }
                 sink.send(Event::Exit(GuestExit::HypervisorError(code)));
                 break;
             }

@@ -76,6 +76,7 @@ fn boot_counter_guest(cpus: u32) -> (VmControl, Mem, VmThread) {
         snapshot: None,
         restore: None,
         serial_in: None,
+        gdb: None,
     };
     let control = VmControl::new();
     let mem: Mem = Arc::new(Mutex::new(None));
@@ -174,6 +175,7 @@ fn a_failed_boot_leaves_the_control_stopped() {
         snapshot: None,
         restore: None,
         serial_in: None,
+        gdb: None,
     };
     let e =
         vm::run_controlled(&cfg, Timings::new(Instant::now()), Vec::new(), &control).unwrap_err();

@@ -797,6 +797,14 @@ impl Vcpu for HvfVcpu {
     fn restore_state(&mut self, _state: &[u8]) -> Result<()> {
         Err(Error::Unsupported(SNAPSHOT_UNSUPPORTED.into()))
     }
+
+    fn set_guest_debug(&mut self, _debug: &super::GuestDebug) -> Result<()> {
+        Err(Error::Unsupported(super::GUEST_DEBUG_UNSUPPORTED.into()))
+    }
+
+    fn reinject_breakpoint(&mut self, _debug: &super::GuestDebug) -> Result<()> {
+        Err(Error::Unsupported(super::GUEST_DEBUG_UNSUPPORTED.into()))
+    }
 }
 
 impl VcpuAarch64 for HvfVcpu {

@@ -4,11 +4,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
-    kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_run, kvm_segment,
-    kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
-    KVM_EXIT_IO_OUT, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debug_exit_arch, kvm_debugregs, kvm_fpu, kvm_guest_debug,
+    kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2,
+    kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_EXIT_IO_OUT, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm as KvmFd, VcpuExit as KvmExit, VcpuFd, VmFd};
 use zerocopy::{FromBytes, IntoBytes};
@@ -16,7 +17,8 @@ use zerocopy::{FromBytes, IntoBytes};
 use super::state::{StateReader, StateWriter};
 use super::x86_64::{CpuidEntry, DescriptorTable, Regs, Segment, Sregs, VcpuX86_64, VmX86_64};
 use super::{
-    Access, Error, Hypervisor, MemoryRegion, Result, SystemEvent, Vcpu, VcpuExit, VcpuKicker, Vm,
+    Access, DebugExit, DebugKind, Error, GuestDebug, Hypervisor, MemoryRegion, Result, SystemEvent,
+    Vcpu, VcpuExit, VcpuKicker, Vm,
 };
 
 const KVM_PATH: &str = "/dev/kvm";
@@ -397,6 +399,7 @@ impl Vcpu for KvmVcpu {
                     VcpuExit::InternalError(u64::from(suberror))
                 }
                 KvmExit::FailEntry(reason, _) => VcpuExit::InternalError(reason),
+                KvmExit::Debug(d) => VcpuExit::Debug(debug_exit(&d)),
                 _ => VcpuExit::Other(self.fd.get_kvm_run().exit_reason),
             }),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -537,6 +540,14 @@ impl Vcpu for KvmVcpu {
         Ok(w.finish())
     }
 
+    fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<()> {
+        self.apply_guest_debug(debug, 0)
+    }
+
+    fn reinject_breakpoint(&mut self, debug: &GuestDebug) -> Result<()> {
+        self.apply_guest_debug(debug, kvm_bindings::KVM_GUESTDBG_INJECT_BP)
+    }
+
     fn restore_state(&mut self, state: &[u8]) -> Result<()> {
         self.check_xsave_fits()?;
         let r = StateReader::parse(state)?;
@@ -621,6 +632,52 @@ const OPTIONAL_PV_MSRS: [u32; 6] = [
     0x4b56_4d07,
 ];
 
+/// Decodes an x86 debug exit: `#BP` (3) is a breakpoint instruction; `#DB` (1) is a single
+/// step (DR6.BS) or hardware breakpoint n (DR6.Bn).
+fn debug_exit(d: &kvm_debug_exit_arch) -> DebugExit {
+    let kind = match d.exception {
+        3 => DebugKind::SwBreakpoint,
+        1 if d.dr6 & (1 << 14) != 0 => DebugKind::Step,
+        1 if d.dr6 & 0xf != 0 => DebugKind::HwBreakpoint(d.dr6.trailing_zeros() as u8),
+        _ => DebugKind::Other,
+    };
+    DebugExit { kind, pc: d.pc }
+}
+
+/// `KVM_GUESTDBG_*` flags and debug registers for `debug` (DR7: the global enable bit of each
+/// breakpoint used, type "execute", length 1; plus GE and the reserved bit 10, as QEMU sets).
+fn guest_debug_struct(debug: &GuestDebug, extra: u32) -> kvm_guest_debug {
+    use kvm_bindings::{
+        KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
+        KVM_GUESTDBG_USE_SW_BP,
+    };
+    let mut g = kvm_guest_debug::default();
+    if !debug.enabled {
+        // KVM honours INJECT_BP without ENABLE (and then turns debugging off).
+        g.control = extra;
+        return g;
+    }
+    g.control = KVM_GUESTDBG_ENABLE | extra;
+    if debug.single_step {
+        g.control |= KVM_GUESTDBG_SINGLESTEP;
+    }
+    if debug.sw_breakpoints {
+        g.control |= KVM_GUESTDBG_USE_SW_BP;
+    }
+    let mut dr7 = 0x600u64;
+    for (n, addr) in debug.hw_breakpoints.iter().enumerate() {
+        if let Some(a) = addr {
+            g.arch.debugreg[n] = *a;
+            dr7 |= 2 << (n * 2);
+        }
+    }
+    if dr7 != 0x600 {
+        g.control |= KVM_GUESTDBG_USE_HW_BP;
+        g.arch.debugreg[7] = dr7;
+    }
+    g
+}
+
 impl KvmVcpu {
     /// Snapshots use the 4 KiB `kvm_xsave`; a host whose XSAVE area is larger (AMX) would need
     /// KVM_GET_XSAVE2, which this backend does not use yet.
@@ -677,6 +734,29 @@ impl Drop for KvmVcpu {
 }
 
 impl KvmVcpu {
+    fn apply_guest_debug(&mut self, debug: &GuestDebug, extra: u32) -> Result<()> {
+        let mut extra = extra;
+        if debug.enabled && debug.single_step {
+            // Keep interrupts out of a single step where the host can (Linux 5.16+): a step
+            // otherwise lands in whichever interrupt handler is pending.
+            let caps = self
+                .kvm
+                .check_extension_raw(u64::from(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG2));
+            if caps > 0 && (caps as u32) & kvm_bindings::KVM_GUESTDBG_BLOCKIRQ != 0 {
+                extra |= kvm_bindings::KVM_GUESTDBG_BLOCKIRQ;
+            }
+        }
+        let g = guest_debug_struct(debug, extra);
+        tracing::debug!(
+            control = format!("{:#x}", g.control),
+            dr7 = format!("{:#x}", g.arch.debugreg[7]),
+            "KVM_SET_GUEST_DEBUG"
+        );
+        self.fd
+            .set_guest_debug(&g)
+            .map_err(|e| Error::call("KVM_SET_GUEST_DEBUG", errno(e)))
+    }
+
     /// Whether this vCPU has been kicked (a stop was requested).
     pub fn was_kicked(&self) -> bool {
         self.kicker.kicked.load(Ordering::SeqCst)

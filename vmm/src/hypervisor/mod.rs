@@ -43,6 +43,15 @@ pub const BACKEND_NAME: &str = "kvm-aarch64";
 #[cfg(target_os = "macos")]
 pub const BACKEND_NAME: &str = "hvf-aarch64";
 
+/// Why `--gdb` is refused on a backend without guest debugging (HVF: its debug exceptions and
+/// `hv_vcpu_set_trap_debug_exceptions` are not wired up yet).
+pub const GUEST_DEBUG_UNSUPPORTED: &str =
+    "the GDB stub is not supported on this backend (Hypervisor.framework) yet";
+
+/// Whether this build's backend supports guest debugging ([`Vcpu::set_guest_debug`]) and the
+/// GDB stub's architecture (x86_64 KVM only, for now).
+pub const GUEST_DEBUG_SUPPORTED: bool = cfg!(all(target_os = "linux", target_arch = "x86_64"));
+
 /// Errors of the hypervisor layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -117,8 +126,49 @@ pub enum VcpuExit {
     Interrupted,
     /// The hypervisor failed to run the guest (emulation failure, bad state).
     InternalError(u64),
+    /// A debug exit while guest debugging is on ([`Vcpu::set_guest_debug`]).
+    Debug(DebugExit),
     /// Any other exit, with the backend's raw reason code. Logged and retried by the caller.
     Other(u32),
+}
+
+/// How many hardware breakpoints [`GuestDebug`] can hold (x86 DR0-DR3; the backend may allow
+/// fewer, see [`Vcpu::set_guest_debug`]).
+pub const MAX_HW_BREAKPOINTS: usize = 4;
+
+/// Guest debugging settings of one vCPU (the GDB stub's). The default turns debugging off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestDebug {
+    /// Debugging on at all (breakpoint instructions and the settings below exit to the VMM).
+    pub enabled: bool,
+    /// Exit after every guest instruction.
+    pub single_step: bool,
+    /// Breakpoint instructions (x86 `int3`) exit to the VMM instead of reaching the guest.
+    pub sw_breakpoints: bool,
+    /// Instruction breakpoints on these guest virtual addresses.
+    pub hw_breakpoints: [Option<u64>; MAX_HW_BREAKPOINTS],
+}
+
+/// What a [`VcpuExit::Debug`] was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebugKind {
+    /// A breakpoint instruction; `pc` is its address.
+    SwBreakpoint,
+    /// Hardware breakpoint `n` of [`GuestDebug::hw_breakpoints`].
+    HwBreakpoint(u8),
+    /// One instruction done under [`GuestDebug::single_step`].
+    Step,
+    /// Any other debug exception.
+    Other,
+}
+
+/// A debug exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebugExit {
+    /// Why.
+    pub kind: DebugKind,
+    /// The guest's program counter (a virtual address).
+    pub pc: u64,
 }
 
 /// One guest access, handed to the bus by [`Vcpu::handle_io`] / [`Vcpu::handle_mmio`].
@@ -207,4 +257,11 @@ pub trait Vcpu: Send {
     /// Restores a blob from [`Vcpu::save_state`] into a new vCPU that has not run yet (instead
     /// of the boot configuration), after [`Vm::restore_state`].
     fn restore_state(&mut self, state: &[u8]) -> Result<()>;
+    /// Sets up guest debugging (the GDB stub): breakpoints, single step. Call it on the
+    /// vCPU's own thread, outside the guest. A backend without guest debugging answers
+    /// [`Error::Unsupported`]; one with fewer hardware breakpoints than asked for, too.
+    fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<()>;
+    /// Hands the breakpoint exception of the last [`DebugKind::SwBreakpoint`] exit to the
+    /// guest (its own `int3`, not one the debugger placed), keeping `debug` on.
+    fn reinject_breakpoint(&mut self, debug: &GuestDebug) -> Result<()>;
 }
