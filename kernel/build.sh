@@ -5,9 +5,12 @@
 #
 # x86_64 (default): builds vmlinux (PVH entry) and bzImage from `tinyconfig` + config-x86_64.fragment,
 # plus vmlinux.sym: the same vmlinux with its symbol table, for GDB (`vmm --gdb`).
-# arm64 --check-config: only runs tinyconfig + fragment + olddefconfig and verifies the options.
+# arm64: builds Image (and vmlinux.sym) from `tinyconfig` + config-arm64.fragment, with Debian's
+# aarch64-linux-gnu- cross compiler on an x86_64 host.
+# --check-config: only runs tinyconfig + fragment + olddefconfig and verifies the options.
 # Output is cached outside the checkout, keyed by the hash of every input:
 #   ${SKIFF_CACHE:-~/.cache/skiff}/kernel/<arch>-<hash>/{vmlinux,vmlinux.sym,bzImage,config}
+#   (arm64: {Image,vmlinux.sym,config})
 # A second run with the same inputs is instant. --print-path prints the output dir only.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -56,6 +59,10 @@ B=$CACHE/kernel/build-$ARCH
 mkdir -p "$B"
 cross=()
 if [ "$ARCH" = arm64 ] && [ "$(uname -m)" != aarch64 ]; then
+  if ! command -v aarch64-linux-gnu-gcc >/dev/null && [ "$CHECK_ONLY" = 0 ]; then
+    log "installing Debian's aarch64 cross compiler (one time)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu >&2
+  fi
   if command -v aarch64-linux-gnu-gcc >/dev/null; then cross=(CROSS_COMPILE=aarch64-linux-gnu-); fi
 fi
 mk() { make -s -C "$WORK" O="$B" ARCH=$ARCH "${cross[@]}" "$@"; }
@@ -76,15 +83,20 @@ mkdir -p "$OUT.tmp"
 cp "$B/.config" "$OUT.tmp/config"
 if [ "$CHECK_ONLY" = 0 ]; then
   start=$(date +%s)
-  log "building vmlinux + bzImage with $(nproc) jobs (6-11 minutes on 2 cores; progress every 30 s)"
+  case $ARCH in x86_64) targets=(vmlinux bzImage) ;; arm64) targets=(Image) ;; esac
+  log "building ${targets[*]} with $(nproc) jobs (6-11 minutes on 2 cores; progress every 30 s)"
   ( while sleep 30; do log "  still building... $(( $(date +%s) - start )) s, $(find "$B" -name '*.o' | wc -l) objects"; done ) &
   ticker=$!
   trap 'kill $ticker 2>/dev/null || true' EXIT
-  mk -j"$(nproc)" vmlinux bzImage >"$B/build.log" 2>&1 || { kill $ticker; tail -30 "$B/build.log" >&2; echo "kernel/build.sh: build failed, log in $B/build.log" >&2; exit 1; }
+  mk -j"$(nproc)" "${targets[@]}" >"$B/build.log" 2>&1 || { kill $ticker; tail -30 "$B/build.log" >&2; echo "kernel/build.sh: build failed, log in $B/build.log" >&2; exit 1; }
   kill $ticker 2>/dev/null || true
-  strip -o "$OUT.tmp/vmlinux" "$B/vmlinux" 2>/dev/null || cp "$B/vmlinux" "$OUT.tmp/vmlinux"
   cp "$B/vmlinux" "$OUT.tmp/vmlinux.sym"
-  cp "$B/arch/x86/boot/bzImage" "$OUT.tmp/bzImage"
+  if [ "$ARCH" = x86_64 ]; then
+    strip -o "$OUT.tmp/vmlinux" "$B/vmlinux" 2>/dev/null || cp "$B/vmlinux" "$OUT.tmp/vmlinux"
+    cp "$B/arch/x86/boot/bzImage" "$OUT.tmp/bzImage"
+  else
+    cp "$B/arch/arm64/boot/Image" "$OUT.tmp/Image"
+  fi
   log "built in $(( $(date +%s) - start )) s"
 fi
 rm -rf "$OUT"; mv "$OUT.tmp" "$OUT"; touch "$OUT/done"

@@ -59,8 +59,45 @@ pub fn boot_timer_stamp(value: u8) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes `value` to the VMM's boot-timer register (aarch64: MMIO, not wired yet).
-#[cfg(not(target_arch = "x86_64"))]
+/// Writes `value` to the VMM's boot-timer register: on arm64 an MMIO byte at 0x0901_0000
+/// (`firmware_free_boot::aarch64::layout::BOOT_TIMER_ADDR`), written through /dev/mem.
+#[cfg(target_arch = "aarch64")]
+pub fn boot_timer_stamp(value: u8) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    const BOOT_TIMER: libc::off_t = 0x0901_0000;
+    const PAGE: usize = 4096;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_SYNC)
+        .open("/dev/mem")?;
+    // SAFETY: maps one page of the VMM's boot-timer MMIO window (not RAM), shared, for this
+    // function only; nothing else in the process aliases it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            BOOT_TIMER,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `p` is the live one-page mapping made above; a volatile byte store is the MMIO
+    // write the device expects; the mapping is not used after munmap.
+    unsafe {
+        std::ptr::write_volatile(p.cast::<u8>(), value);
+        libc::munmap(p, PAGE);
+    }
+    Ok(())
+}
+
+/// Writes `value` to the VMM's boot-timer register (not wired on this arch).
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 pub fn boot_timer_stamp(_value: u8) -> io::Result<()> {
     Err(io::Error::new(
         io::ErrorKind::Unsupported,

@@ -236,6 +236,8 @@ mod imp {
         SYS_sigaltstack,
         SYS_rt_sigaction,
         SYS_tgkill,
+        // musl's pthread_kill (the static arm64 build) sends with tkill, glibc's with tgkill.
+        SYS_tkill,
         SYS_write,
         SYS_writev,
     ];
@@ -511,13 +513,18 @@ mod imp {
             libc::SYS_seccomp => one_of(0, &[libc::SECCOMP_SET_MODE_FILTER as u64])?,
             // abort() after a panic everywhere; the vCPU kick signal (its handler is installed
             // on the first vCPU thread, the VM thread sends it) on the vmm list.
-            libc::SYS_tgkill | libc::SYS_rt_sigaction => {
-                let arg = if nr == libc::SYS_tgkill { 2 } else { 0 };
+            libc::SYS_tgkill | libc::SYS_tkill | libc::SYS_rt_sigaction => {
+                // The signal: tgkill(tgid, tid, sig), tkill(tid, sig), rt_sigaction(sig, ..).
+                let arg = match nr {
+                    libc::SYS_tgkill => 2,
+                    libc::SYS_tkill => 1,
+                    _ => 0,
+                };
                 match kind {
                     Kind::Vmm => one_of(
                         arg,
                         &[
-                            crate::hypervisor::kvm::kick_signal() as u64,
+                            crate::hypervisor::kvm_common::kick_signal() as u64,
                             libc::SIGABRT as u64,
                         ],
                     )?,

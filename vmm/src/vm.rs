@@ -615,6 +615,20 @@ pub fn run_controlled(
         control.stop_vcpus();
     }
     ready.wait();
+    // Every vCPU exists now (or failed to): the VM's last setup before any of them runs (the
+    // in-kernel GIC on arm64), then the second round of the barrier lets them go.
+    let created = match mapped {
+        Ok(Ok(_)) => vm.vcpus_created(),
+        _ => Ok(()),
+    };
+    if created.is_err() {
+        control.stop_vcpus();
+    }
+    ready.wait();
+    if let Err(e) = created {
+        stop_vcpus(control, threads);
+        return Err(e.into());
+    }
     match mapped {
         Ok(Ok(at)) => timings.mark_at(Phase::MemoryMapped, at),
         Ok(Err(e)) => {
@@ -797,7 +811,10 @@ fn vcpu_thread(
         }
         Ok(v)
     });
-    // Wait for the others even on failure, so no thread blocks forever on the barrier.
+    // Wait for the others even on failure, so no thread blocks forever on the barrier; then
+    // for the VM's setup that needs every vCPU (`Vm::vcpus_created`, the barrier's second
+    // round).
+    ready.wait();
     ready.wait();
     let mut vcpu = created?;
     // Registered before the first entry: from here on a pause waits for this vCPU to park,

@@ -1,33 +1,28 @@
-//! KVM backend (Linux). The only module that names `kvm-ioctls`/`kvm-bindings` types.
+//! KVM backend on x86_64 Linux. With `kvm_aarch64.rs` (arm64) and `kvm_common.rs` (what both
+//! share), the only modules that name `kvm-ioctls`/`kvm-bindings` types.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debug_exit_arch, kvm_debugregs, kvm_fpu, kvm_guest_debug,
     kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2,
-    kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_EXIT_IO_OUT, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    KVM_EXIT_IO_OUT, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm as KvmFd, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm as KvmFd, VcpuFd, VmFd};
 use zerocopy::{FromBytes, IntoBytes};
 
+use super::kvm_common::{self, errno, KvmKicker};
 use super::state::{StateReader, StateWriter};
 use super::x86_64::{CpuidEntry, DescriptorTable, Regs, Segment, Sregs, VcpuX86_64, VmX86_64};
 use super::{
-    Access, DebugExit, DebugKind, Error, GuestDebug, Hypervisor, MemoryRegion, Result, SystemEvent,
-    Vcpu, VcpuExit, VcpuKicker, Vm,
+    Access, DebugExit, DebugKind, Error, GuestDebug, Hypervisor, MemoryRegion, Result, Vcpu,
+    VcpuExit, VcpuKicker, Vm,
 };
 
-const KVM_PATH: &str = "/dev/kvm";
 /// Where KVM puts the three pages of the TSS on Intel (below 4 GiB, outside RAM and devices).
 const TSS_ADDRESS: usize = 0xfffb_d000;
-
-fn errno(e: kvm_ioctls::Error) -> std::io::Error {
-    std::io::Error::from_raw_os_error(e.errno())
-}
 
 /// The opened `/dev/kvm`.
 #[derive(Debug)]
@@ -39,25 +34,13 @@ impl Hypervisor for Kvm {
     type Vm = KvmVm;
 
     fn new() -> Result<Self> {
-        // SKIFF_KVM_DEVICE overrides the device path (tests use it to show the errors).
-        let path = std::env::var("SKIFF_KVM_DEVICE").unwrap_or_else(|_| KVM_PATH.to_string());
-        let cpath =
-            std::ffi::CString::new(path.clone()).map_err(|_| Error::NoDevice(path.clone()))?;
-        match KvmFd::new_with_path(&cpath) {
-            Ok(kvm) => Ok(Kvm { kvm: Arc::new(kvm) }),
-            Err(e) if e.errno() == libc::ENOENT => Err(Error::NoDevice(path)),
-            Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
-                Err(Error::NoPermission(path))
-            }
-            Err(e) if e.errno() == libc::ENOTTY || e.errno() == libc::EINVAL => {
-                Err(Error::Unsupported(format!("{path} is not a KVM device")))
-            }
-            Err(e) => Err(Error::call("open the KVM device", errno(e))),
-        }
+        Ok(Kvm {
+            kvm: kvm_common::open()?,
+        })
     }
 
     fn max_vcpus(&self) -> u32 {
-        u32::try_from(self.kvm.get_max_vcpus()).unwrap_or(u32::MAX)
+        kvm_common::max_vcpus(&self.kvm)
     }
 
     fn create_vm(&self, vcpus: u32) -> Result<KvmVm> {
@@ -142,34 +125,15 @@ impl Vm for KvmVm {
     type Vcpu = KvmVcpu;
 
     fn add_memory_region(&self, r: MemoryRegion) -> Result<()> {
-        let region = kvm_userspace_memory_region {
-            slot: r.slot,
-            flags: 0,
-            guest_phys_addr: r.guest_addr,
-            memory_size: r.size,
-            userspace_addr: r.host_addr,
-        };
-        // SAFETY: the caller of `add_memory_region` guarantees (trait contract) that the host
-        // range stays mapped for the VM's lifetime; KVM only reads and writes inside it.
-        unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(|e| Error::call("KVM_SET_USER_MEMORY_REGION", errno(e)))
+        kvm_common::add_memory_region(&self.vm, r)
     }
 
     fn create_vcpu(&self, id: u32) -> Result<KvmVcpu> {
-        install_kick_handler();
         let mut fd = self
             .vm
             .create_vcpu(u64::from(id))
             .map_err(|e| Error::call("KVM_CREATE_VCPU", errno(e)))?;
-        let run_ptr = fd.get_kvm_run() as *mut kvm_run as usize;
-        // SAFETY: pthread_self has no preconditions.
-        let thread = unsafe { libc::pthread_self() };
-        let kicker = Arc::new(KvmKicker {
-            thread,
-            run_ptr,
-            kicked: AtomicBool::new(false),
-            alive: std::sync::Mutex::new(true),
-        });
+        let kicker = KvmKicker::for_this_thread(&mut fd);
         Ok(KvmVcpu {
             fd,
             kicker,
@@ -297,73 +261,6 @@ impl VmX86_64 for KvmVm {
     }
 }
 
-/// Signal used to kick a vCPU thread out of `KVM_RUN`.
-pub fn kick_signal() -> libc::c_int {
-    libc::SIGRTMIN() + 1
-}
-
-extern "C" fn kick_handler(_: libc::c_int) {}
-
-fn install_kick_handler() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value.
-        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-        action.sa_sigaction = kick_handler as *const () as usize;
-        // No SA_RESTART: KVM_RUN must return EINTR.
-        action.sa_flags = 0;
-        // SAFETY: installs an async-signal-safe no-op handler for a real-time signal that
-        // nothing else in the process uses.
-        unsafe {
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(kick_signal(), &action, std::ptr::null_mut());
-        }
-    });
-}
-
-/// Kicks a KVM vCPU: sets `immediate_exit` and signals its thread.
-#[derive(Debug)]
-pub struct KvmKicker {
-    thread: libc::pthread_t,
-    /// Address of the vCPU's mmapped `kvm_run`, which lives as long as the vCPU fd.
-    run_ptr: usize,
-    kicked: AtomicBool,
-    /// False once the vCPU (its thread, fd and kvm_run mapping) is gone; guarded so that a
-    /// kick never races with the vCPU's drop.
-    alive: std::sync::Mutex<bool>,
-}
-
-impl VcpuKicker for KvmKicker {
-    fn kick(&self) {
-        self.kicked.store(true, Ordering::SeqCst);
-        let alive = match self.alive.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if !*alive {
-            return;
-        }
-        // SAFETY: run_ptr points to the vCPU's kvm_run mapping, which is still mapped: `alive`
-        // is held, and the vCPU's Drop clears it (under the same lock) before unmapping. A volatile byte store
-        // to `immediate_exit` is the documented way to make the next KVM_RUN return at once.
-        unsafe {
-            let run = self.run_ptr as *mut kvm_run;
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1);
-        }
-        // SAFETY: the vCPU still exists (see above) and lives on this thread, so the thread
-        // has not exited; the signal has a no-op handler installed before any vCPU exists.
-        unsafe {
-            libc::pthread_kill(self.thread, kick_signal());
-        }
-    }
-}
-
-// SAFETY: the raw address is only used for a single volatile byte store (see `kick`), and
-// pthread_t is a plain thread id.
-unsafe impl Send for KvmKicker {}
-// SAFETY: as above; all other state is atomic.
-unsafe impl Sync for KvmKicker {}
-
 /// A KVM vCPU.
 #[derive(Debug)]
 pub struct KvmVcpu {
@@ -378,36 +275,7 @@ pub struct KvmVcpu {
 
 impl Vcpu for KvmVcpu {
     fn run(&mut self) -> Result<VcpuExit> {
-        match self.fd.run() {
-            Ok(exit) => Ok(match exit {
-                KvmExit::IoIn(..) | KvmExit::IoOut(..) => VcpuExit::Io,
-                KvmExit::MmioRead(..) | KvmExit::MmioWrite(..) => VcpuExit::Mmio,
-                KvmExit::Hlt => VcpuExit::Halt,
-                KvmExit::Shutdown => VcpuExit::Shutdown,
-                KvmExit::SystemEvent(kind, _) => match kind {
-                    KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::SystemEvent(SystemEvent::PowerOff),
-                    KVM_SYSTEM_EVENT_RESET => VcpuExit::SystemEvent(SystemEvent::Reset),
-                    KVM_SYSTEM_EVENT_CRASH => VcpuExit::SystemEvent(SystemEvent::Crash),
-                    other => VcpuExit::Other(other),
-                },
-                KvmExit::Intr => VcpuExit::Interrupted,
-                KvmExit::InternalError => {
-                    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
-                    // active union member.
-                    let suberror =
-                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    VcpuExit::InternalError(u64::from(suberror))
-                }
-                KvmExit::FailEntry(reason, _) => VcpuExit::InternalError(reason),
-                KvmExit::Debug(d) => VcpuExit::Debug(debug_exit(&d)),
-                _ => VcpuExit::Other(self.fd.get_kvm_run().exit_reason),
-            }),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                self.fd.set_kvm_immediate_exit(0);
-                Ok(VcpuExit::Interrupted)
-            }
-            Err(e) => Err(Error::call("KVM_RUN", errno(e))),
-        }
+        kvm_common::run(&mut self.fd, |d| VcpuExit::Debug(debug_exit(d)))
     }
 
     fn handle_io(&mut self, f: &mut dyn FnMut(Access<'_>)) -> Result<()> {
@@ -447,21 +315,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn handle_mmio(&mut self, f: &mut dyn FnMut(Access<'_>)) -> Result<()> {
-        let run = self.fd.get_kvm_run();
-        if run.exit_reason != kvm_bindings::KVM_EXIT_MMIO {
-            return Err(Error::Unsupported(
-                "handle_mmio without a pending MMIO exit".into(),
-            ));
-        }
-        // SAFETY: exit_reason is KVM_EXIT_MMIO, so `mmio` is the active union member.
-        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
-        let len = (mmio.len as usize).min(mmio.data.len());
-        f(Access {
-            addr: mmio.phys_addr,
-            data: &mut mmio.data[..len],
-            is_write: mmio.is_write != 0,
-        });
-        Ok(())
+        kvm_common::handle_mmio(&mut self.fd, f)
     }
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
@@ -726,10 +580,7 @@ impl KvmVcpu {
 
 impl Drop for KvmVcpu {
     fn drop(&mut self) {
-        match self.kicker.alive.lock() {
-            Ok(mut g) => *g = false,
-            Err(p) => *p.into_inner() = false,
-        }
+        self.kicker.vcpu_gone();
     }
 }
 
@@ -755,11 +606,6 @@ impl KvmVcpu {
         self.fd
             .set_guest_debug(&g)
             .map_err(|e| Error::call("KVM_SET_GUEST_DEBUG", errno(e)))
-    }
-
-    /// Whether this vCPU has been kicked (a stop was requested).
-    pub fn was_kicked(&self) -> bool {
-        self.kicker.kicked.load(Ordering::SeqCst)
     }
 }
 

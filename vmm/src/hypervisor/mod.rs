@@ -19,15 +19,22 @@ pub mod x86_64;
 
 #[cfg(target_os = "macos")]
 pub mod hvf;
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+pub mod kvm_aarch64;
+#[cfg(target_os = "linux")]
+pub mod kvm_common;
 
 pub use aarch64::VcpuAarch64;
 pub use x86_64::{VcpuX86_64, VmX86_64};
 
 /// The backend for this target OS.
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub type Backend = kvm::Kvm;
+/// The backend for this target OS.
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+pub type Backend = kvm_aarch64::Kvm;
 /// The backend for this target OS.
 #[cfg(target_os = "macos")]
 pub type Backend = hvf::Hvf;
@@ -43,10 +50,11 @@ pub const BACKEND_NAME: &str = "kvm-aarch64";
 #[cfg(target_os = "macos")]
 pub const BACKEND_NAME: &str = "hvf-aarch64";
 
-/// Why `--gdb` is refused on a backend without guest debugging (HVF: its debug exceptions and
-/// `hv_vcpu_set_trap_debug_exceptions` are not wired up yet).
+/// Why `--gdb` is refused on a backend without guest debugging (arm64: HVF's debug exceptions
+/// and `hv_vcpu_set_trap_debug_exceptions`, KVM's arm64 `KVM_SET_GUEST_DEBUG`, and an arm64
+/// target for the stub are not wired up yet).
 pub const GUEST_DEBUG_UNSUPPORTED: &str =
-    "the GDB stub is not supported on this backend (Hypervisor.framework) yet";
+    "the GDB stub is not supported on this backend yet (x86_64 KVM only)";
 
 /// Whether this build's backend supports guest debugging ([`Vcpu::set_guest_debug`]) and the
 /// GDB stub's architecture (x86_64 KVM only, for now).
@@ -224,6 +232,11 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     fn add_memory_region(&self, region: MemoryRegion) -> Result<()>;
     /// Creates vCPU `id`. Call this on the thread that will run the vCPU.
     fn create_vcpu(&self, id: u32) -> Result<Self::Vcpu>;
+    /// Called once every vCPU exists and before any runs (arm64 KVM initialises its in-kernel
+    /// GIC here).
+    fn vcpus_created(&self) -> Result<()> {
+        Ok(())
+    }
     /// Sets an interrupt line (GSI on x86, SPI number on aarch64) high or low.
     fn set_irq_line(&self, irq: u32, high: bool) -> Result<()>;
     /// Pulses an edge-triggered interrupt line.

@@ -44,6 +44,36 @@ pub enum SysReg {
     MpidrEl1,
 }
 
+/// KVM's ONE_REG id of a core register (`KVM_REG_ARM64 | KVM_REG_SIZE_U64 |
+/// KVM_REG_ARM_CORE | offset in struct kvm_regs / 4`): X0..X30, then SP, PC, PSTATE in
+/// `user_pt_regs`. Plain numbers (the KVM backend uses them; tested on any host).
+pub fn kvm_core_reg_id(reg: Reg) -> u64 {
+    const CORE: u64 = 0x6030_0000_0010_0000;
+    let index = match reg {
+        Reg::X(n) => u64::from(n),
+        Reg::Pc => 32,
+        Reg::Pstate => 33,
+    };
+    // 8 bytes per register, counted in 32-bit words.
+    CORE | (index * 2)
+}
+
+/// KVM's ONE_REG id of a system register (`KVM_REG_ARM64 | KVM_REG_SIZE_U64 |
+/// KVM_REG_ARM64_SYSREG | op0:op1:CRn:CRm:op2`).
+pub fn kvm_sys_reg_id(reg: SysReg) -> u64 {
+    const SYSREG: u64 = 0x6030_0000_0013_0000;
+    let (op0, op1, crn, crm, op2): (u64, u64, u64, u64, u64) = match reg {
+        SysReg::MpidrEl1 => (3, 0, 0, 0, 5),
+    };
+    SYSREG | (op0 << 14) | (op1 << 11) | (crn << 7) | (crm << 3) | op2
+}
+
+/// KVM_IRQ_LINE's `irq` for shared peripheral interrupt `spi` (the FDT's `GIC_SPI n`):
+/// type SPI (1) in bits 24..28, the GIC interrupt id (32 + n) below.
+pub fn kvm_spi_irq_line(spi: u32) -> u32 {
+    (1 << 24) | (32 + spi)
+}
+
 /// PSTATE.M = EL1h (EL1, SP_EL1).
 pub const PSTATE_MODE_EL1H: u64 = 0b0101;
 /// PSTATE D, A, I, F mask bits.
@@ -72,6 +102,17 @@ mod tests {
         assert_eq!(Reg::from_rt(31), None);
         assert!(Reg::X(30).is_valid());
         assert!(!Reg::X(31).is_valid());
+    }
+
+    #[test]
+    fn kvm_register_ids_match_the_kernel_abi() {
+        // Values as Firecracker and QEMU use them (arm64 KVM ABI).
+        assert_eq!(kvm_core_reg_id(Reg::X(0)), 0x6030_0000_0010_0000);
+        assert_eq!(kvm_core_reg_id(Reg::X(1)), 0x6030_0000_0010_0002);
+        assert_eq!(kvm_core_reg_id(Reg::Pc), 0x6030_0000_0010_0040);
+        assert_eq!(kvm_core_reg_id(Reg::Pstate), 0x6030_0000_0010_0042);
+        assert_eq!(kvm_sys_reg_id(SysReg::MpidrEl1), 0x6030_0000_0013_c005);
+        assert_eq!(kvm_spi_irq_line(1), 0x0100_0021);
     }
 
     #[test]
