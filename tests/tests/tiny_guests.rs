@@ -169,12 +169,9 @@ fn snapshot_then_restore_goes_on_counting_where_it_stopped() {
     assert!(err.contains("snapshot saved"), "{err}");
     assert!(err.contains("Snapshotted"), "{err}");
     let full = snapcount_full_output();
-    // The guest asked after printing 5; the VMM stops it moments later, mid-line or not.
-    assert!(first.starts_with("1\n2\n3\n4\n5\n"), "{first:?}");
-    assert!(
-        full.starts_with(&first) && first.len() < full.len(),
-        "{first:?}"
-    );
+    // The guest asked after printing 5: the vCPU that wrote the stamp parks before its next
+    // instruction, so the snapshot is exactly there.
+    assert_eq!(first, "1\n2\n3\n4\n5\n", "{err}");
     for round in 0..2 {
         // Restored twice from the same files: memory is mapped copy-on-write, so the second
         // restore starts from the same point as the first.
@@ -216,6 +213,34 @@ fn snapshot_then_restore_goes_on_counting_where_it_stopped() {
     let (_, e) = text(&out);
     assert_eq!(out.status.code(), Some(2), "{e}");
     assert!(e.contains("memory file has"), "{e}");
+}
+
+/// A guest that runs on fast after asking for its snapshot (no delay between lines, two lines
+/// in all) is still saved where it asked, every time: found by the boot benchmark, whose
+/// restored counter hung in 8 of 12 tries when the VM thread took the snapshot late (after
+/// the guest had finished and reset, so the restored guest sat in its final `hlt`).
+#[test]
+fn a_snapshot_is_taken_where_the_guest_asks_even_when_it_runs_on_fast() {
+    let elf = build_guest(
+        "snapcount.S",
+        &["SNAP_AT=1", "LIMIT=2", "DELAY=1000", "SSE=0"],
+    );
+    let base = skiff_tests::temp_dir("snapshot-fast");
+    for round in 0..6 {
+        let dir = base.join(format!("snap{round}"));
+        let d = dir.to_str().unwrap();
+        let out = vmm(&["--kernel", elf.to_str().unwrap(), "--snapshot-to", d]);
+        let (first, err) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "round {round}: {err}");
+        assert_eq!(
+            first, "1\n",
+            "round {round}: saved right after its first line: {err}"
+        );
+        let out = vmm(&["--no-input", "--restore", d]);
+        let (rest, err) = text(&out);
+        assert_eq!(rest, "2\nsum=3 xmm=3\n", "round {round}: {err}");
+        assert_eq!(out.status.code(), Some(0), "round {round}: {err}");
+    }
 }
 
 #[test]

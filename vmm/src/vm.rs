@@ -573,6 +573,7 @@ pub fn run_controlled(
             debugger.clone(),
         );
         let cpus = cfg.cpus;
+        let snapshot_stamp = cfg.snapshot.as_ref().map(|s| s.stamp);
         let saved = vcpu_states.get(id as usize).cloned();
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
@@ -597,6 +598,7 @@ pub fn run_controlled(
                     mmio: &mmio,
                     control: &control,
                     debugger: debugger.as_deref(),
+                    snapshot_stamp,
                 };
                 if let Err(e) = vcpu_thread(&vm, &ctx, &sink, &ready) {
                     sink.send(Event::VcpuFailed(id, e.to_string()));
@@ -787,6 +789,8 @@ struct VcpuContext<'a> {
     mmio: &'a Bus,
     control: &'a VmControl,
     debugger: Option<&'a Debugger>,
+    /// The boot-timer value that asks for a snapshot (`VmConfig::snapshot`).
+    snapshot_stamp: Option<u8>,
 }
 
 fn vcpu_thread(
@@ -803,6 +807,7 @@ fn vcpu_thread(
         mmio,
         control,
         debugger,
+        snapshot_stamp,
     } = *ctx;
     let created = vm.create_vcpu(id).and_then(|mut v| {
         match init {
@@ -827,6 +832,14 @@ fn vcpu_thread(
     let mut unknown_exits = 0u32;
     let bus_access = |bus: &Bus, a: Access<'_>| {
         if a.is_write {
+            // The snapshot is taken where the guest asks: this vCPU (and every other) parks
+            // before it runs on, instead of racing the VM thread that takes it.
+            if snapshot_stamp.is_some()
+                && a.addr == arch::current::BOOT_TIMER_ADDR
+                && a.data.first().copied() == snapshot_stamp
+            {
+                control.request_pause();
+            }
             bus.write(a.addr, a.data);
         } else {
             bus.read(a.addr, a.data);

@@ -180,6 +180,24 @@ impl VmControl {
         }
     }
 
+    /// Asks for a pause without waiting for it (a vCPU thread asks for its own VM's pause this
+    /// way: each vCPU, itself included, parks at its next gate check). Kicks the vCPUs in the
+    /// guest. [`VmControl::pause`] then waits for them.
+    pub(crate) fn request_pause(&self) {
+        let inner = &*self.inner;
+        let mut s = inner.lock();
+        if s.stopped {
+            return;
+        }
+        s.pause_requested = true;
+        inner.update_attention(&s);
+        let kickers = s.unparked_kickers();
+        drop(s);
+        for k in &kickers {
+            k.kick();
+        }
+    }
+
     /// Lets parked vCPUs re-enter the guest. Idempotent; returns without waiting for them.
     /// Fails only when the VM has stopped.
     pub fn resume(&self) -> Result<(), ControlError> {

@@ -9,6 +9,9 @@ use crate::hypervisor::x86_64::{CpuidEntry, DescriptorTable, Regs, Segment, Sreg
 use crate::hypervisor::VcpuX86_64;
 
 /// Most vCPUs the boot tables describe.
+/// The boot timer's I/O port (the guest writes a phase number there).
+pub const BOOT_TIMER_ADDR: u64 = skiff_devices::legacy::BOOT_TIMER_PORT;
+
 pub const MAX_CPUS: u32 = fw::MAX_CPUS;
 
 /// RAM layout `(guest address, size)`.
