@@ -14,6 +14,9 @@ use super::{Access, Error, MemoryRegion, Result, SystemEvent, VcpuExit, VcpuKick
 
 const KVM_PATH: &str = "/dev/kvm";
 
+/// `KVM_SYSTEM_EVENT_RESET_FLAG_PSCI_RESET2` (arm64 uapi; the x86 bindings lack the name).
+const PSCI_RESET2: u64 = 1;
+
 /// The OS error of a failed KVM call.
 pub(super) fn errno(e: kvm_ioctls::Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.errno())
@@ -68,8 +71,18 @@ pub(super) fn run(
             KvmExit::MmioRead(..) | KvmExit::MmioWrite(..) => VcpuExit::Mmio,
             KvmExit::Hlt => VcpuExit::Halt,
             KvmExit::Shutdown => VcpuExit::Shutdown,
-            KvmExit::SystemEvent(kind, _) => match kind {
+            KvmExit::SystemEvent(kind, data) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::SystemEvent(SystemEvent::PowerOff),
+                // arm64: a PSCI SYSTEM_RESET2 (a warm reset) is how a Linux guest with the
+                // default `reboot=panic_warm` reboots after a panic; a clean reboot is a
+                // plain SYSTEM_RESET. (x86 reports no flags here: its panics are told by
+                // the BIOS warm-boot flag, see `vm::warm_reset_flag`.)
+                KVM_SYSTEM_EVENT_RESET
+                    if data.first().is_some_and(|d| d & PSCI_RESET2 != 0)
+                        && cfg!(target_arch = "aarch64") =>
+                {
+                    VcpuExit::SystemEvent(SystemEvent::Crash)
+                }
                 KVM_SYSTEM_EVENT_RESET => VcpuExit::SystemEvent(SystemEvent::Reset),
                 KVM_SYSTEM_EVENT_CRASH => VcpuExit::SystemEvent(SystemEvent::Crash),
                 other => VcpuExit::Other(other),
