@@ -302,7 +302,9 @@ impl Sandbox {
                 mtu: *mtu,
             }),
         };
-        let restore = if cfg.warm_start {
+        // Warm start needs snapshots, which not every backend has (arm64 KVM and HVF do not
+        // yet): there every VM boots cold, as with --cold.
+        let restore = if cfg.warm_start && crate::hypervisor::SNAPSHOTS_SUPPORTED {
             let spec = template_spec(
                 &cfg.kernel,
                 &cfg.initrd,

@@ -60,6 +60,10 @@ pub const GUEST_DEBUG_UNSUPPORTED: &str =
 /// GDB stub's architecture (x86_64 KVM only, for now).
 pub const GUEST_DEBUG_SUPPORTED: bool = cfg!(all(target_os = "linux", target_arch = "x86_64"));
 
+/// Whether this build's backend saves and restores VMs (`Vm::save_state`, `Vcpu::save_state`):
+/// x86_64 KVM only so far. Without it, warm start (templates) is off and VMs boot cold.
+pub const SNAPSHOTS_SUPPORTED: bool = cfg!(all(target_os = "linux", target_arch = "x86_64"));
+
 /// Errors of the hypervisor layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
