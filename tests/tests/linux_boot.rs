@@ -166,7 +166,7 @@ fn gdb_value(text: &str, what: &str) -> Option<u64> {
 ///
 /// Breakpoints are tested on this host's /dev/kvm instead (the next test, and tiny_guests.rs):
 /// in tools/kvm-vm's L1 (QEMU TCG emulating SVM) hardware breakpoints never fire in an L2
-/// guest (DR7 is not armed at VMRUN), and an `int3` reaches the L2 guest instead of KVM.
+/// guest, and an `int3` reaches the L2 guest instead of KVM (both measured).
 #[test]
 fn skiff_kernel_under_gdb_steps_reads_memory_and_stops_on_ctrl_c() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());

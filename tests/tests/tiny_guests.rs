@@ -578,8 +578,8 @@ fn vmm_under_gdb(elf: &std::path::Path, socket: &std::path::Path) -> std::proces
 /// tables), a single step, and a detach after which the guest completes (printing the
 /// register GDB changed). PVM's /dev/kvm here supports hardware breakpoints and single steps;
 /// software breakpoints (`int3`) end in a KVM emulation error there, so this uses `hbreak`.
-/// Not run inside tools/kvm-vm: QEMU TCG's nested SVM does not load DR7 at VMRUN, so hardware
-/// breakpoints never fire in its L2 guests (see tools/test).
+/// Not run inside tools/kvm-vm: there (QEMU TCG's nested SVM) hardware breakpoints never fire
+/// in L2 guests, as measured (see tools/test).
 #[test]
 fn gdb_hardware_breakpoints_steps_and_register_writes() {
     let elf = build_guest("debugme.S", &[]);
