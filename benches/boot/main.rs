@@ -7,6 +7,14 @@
 //!            snapshot taken after its first line (`vmm --snapshot-to`, `vmm --restore`)
 //!   --linux: the Skiff kernel + initramfs; QEMU `-M microvm,rtc=on`; marker = agent line.
 //!            Needs real KVM: run it inside tools/kvm-vm on a PVM host.
+//!   built for aarch64, --linux only: the Skiff arm64 Image + initramfs under `vmm` against
+//!            `qemu-system-aarch64 -M virt -accel kvm` (console on its PL011), plus `vmm run --
+//!            true` for the phases up to agent ready. Run by `benches/arm64.sh` in the arm64 L1.
+//!
+//! Phases: `vmm --timings` lines (first vCPU entry, boot-timer stamp, agent ready, ...) for the
+//! vmm cases; for every case that prints the agent line, the guest's own uptime at userspace
+//! (`/proc/uptime`, counted from the kernel's timekeeping start) and "kernel entry" estimated
+//! as launch->marker minus that uptime (what the VMM, or QEMU, spent before the kernel ran).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -20,7 +28,9 @@ mod sys;
 struct Case {
     name: &'static str,
     argv: Vec<String>,
-    marker: &'static str,
+    /// Text whose arrival on stdout is timed; `None`: only the exit (and `--timings`) count.
+    marker: Option<&'static str>,
+    env: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -30,12 +40,37 @@ struct Sample {
     exit: Duration,
     rss_kib: i64,
     setup_ms: Option<f64>,
+    /// The guest's uptime (s) in the agent's "userspace reached (uptime X s" line.
+    uptime_s: Option<f64>,
+    /// `vmm --timings` phases: (label, ms since VMM start).
+    phases: Vec<(String, f64)>,
+}
+
+/// `vmm --timings` report lines: `  <label>   <ms> ms  (+<delta>)`.
+fn parse_timings(stderr: &str) -> Vec<(String, f64)> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let (head, _) = l.split_once(" ms  (+")?;
+            let head = head.trim_end();
+            let at = head.rfind(' ')?;
+            let ms = head[at + 1..].parse().ok()?;
+            Some((head[..at].trim().to_string(), ms))
+        })
+        .collect()
+}
+
+/// The uptime in `SKIFF-AGENT: userspace reached (uptime 0.60 s, pid 1)`.
+fn parse_uptime(stdout: &str) -> Option<f64> {
+    let rest = stdout.split("userspace reached (uptime ").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 fn run_once(case: &Case, timeout: Duration) -> Result<Sample> {
     let start = Instant::now();
     let mut child = Command::new(&case.argv[0])
         .args(&case.argv[1..])
+        .envs(case.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -76,15 +111,18 @@ fn run_once(case: &Case, timeout: Duration) -> Result<Sample> {
         let now = start.elapsed();
         s.first_byte.get_or_insert(now);
         seen.extend_from_slice(&buf[..n]);
-        if s.marker.is_none() && String::from_utf8_lossy(&seen).contains(case.marker) {
-            s.marker = Some(now);
+        if let Some(m) = case.marker {
+            if s.marker.is_none() && String::from_utf8_lossy(&seen).contains(m) {
+                s.marker = Some(now);
+            }
         }
     }
-    let rss = sys::wait_rss_kib(pid);
+    let reaped = sys::wait_rss_kib(pid);
     s.exit = start.elapsed();
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let timed_out = watchdog.join().unwrap_or(false);
-    s.rss_kib = rss.with_context(|| format!("wait4 for {}", case.name))?;
+    let (rss, status) = reaped.with_context(|| format!("wait4 for {}", case.name))?;
+    s.rss_kib = rss;
     let err = err_thread.join().unwrap_or_default();
     s.setup_ms = err
         .lines()
@@ -101,7 +139,12 @@ fn run_once(case: &Case, timeout: Duration) -> Result<Sample> {
             case.name
         );
     }
-    if s.marker.is_none() {
+    s.phases = parse_timings(&err);
+    s.uptime_s = parse_uptime(&String::from_utf8_lossy(&seen));
+    if case.marker.is_none() && status != 0 {
+        bail!("{}: wait status {status:#x}; stderr {err:?}", case.name);
+    }
+    if case.marker.is_some() && s.marker.is_none() {
         bail!(
             "{}: marker {:?} never seen; stdout {:?} stderr {:?}",
             case.name,
@@ -161,7 +204,11 @@ fn main() -> Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut runs = 20usize;
     let mut vmm = root.join("target/release/vmm");
-    let mut qemu = PathBuf::from("qemu-system-x86_64");
+    let mut qemu = PathBuf::from(if cfg!(target_arch = "aarch64") {
+        "qemu-system-aarch64"
+    } else {
+        "qemu-system-x86_64"
+    });
     let mut linux: Option<(String, String)> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -217,6 +264,9 @@ fn main() -> Result<()> {
         "isa-debug-exit,iobase=0xf4,iosize=0x04",
     ]);
     let cases = match &linux {
+        None if cfg!(target_arch = "aarch64") => {
+            bail!("on aarch64 only --linux KERNEL INITRD is measured (the tiny guests are x86)")
+        }
         None => {
             let tiny = build_tiny_guest(&root, "pvh.S", &["-DACTION=0"])?
                 .to_string_lossy()
@@ -253,22 +303,94 @@ fn main() -> Result<()> {
                 Case {
                     name: "vmm",
                     argv: s(&[&vmm, "--kernel", &tiny, "--memory", "128", "--timings"]),
-                    marker: "PVH magic=ok",
+                    marker: Some("PVH magic=ok"),
+                    env: vec![],
                 },
                 Case {
                     name: "qemu microvm (lean)",
                     argv: q,
-                    marker: "PVH magic=ok",
+                    marker: Some("PVH magic=ok"),
+                    env: vec![],
                 },
                 Case {
                     name: "vmm counter, cold",
                     argv: s(&[&vmm, "--kernel", &counter, "--memory", "128", "--timings"]),
-                    marker: "sum=",
+                    marker: Some("sum="),
+                    env: vec![],
                 },
                 Case {
                     name: "vmm counter, restored",
                     argv: s(&[&vmm, "--restore", &snap, "--timings"]),
-                    marker: "sum=",
+                    marker: Some("sum="),
+                    env: vec![],
+                },
+            ]
+        }
+        Some((k, i)) if cfg!(target_arch = "aarch64") => {
+            // Same kernel and initramfs; QEMU's -M virt console is its PL011 (ttyAMA0),
+            // Skiff's the 16550 in its device tree (ttyS0). Both end on the agent's reboot.
+            let cmdline = "quiet panic=-1 nomodules";
+            let mut q = vec![
+                qemu.clone(),
+                "-M".into(),
+                "virt,gic-version=3".into(),
+                "-accel".into(),
+                "kvm".into(),
+                "-cpu".into(),
+                "host".into(),
+            ];
+            q.extend(s(&[
+                "-m",
+                "128",
+                "-smp",
+                "1",
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+                "-kernel",
+                k,
+                "-initrd",
+                i,
+                "-append",
+                &format!("console=ttyAMA0 {cmdline}"),
+            ]));
+            let skiff_cmdline = format!("console=ttyS0 {cmdline}");
+            vec![
+                Case {
+                    name: "vmm",
+                    argv: s(&[
+                        &vmm,
+                        "--no-input",
+                        "--kernel",
+                        k,
+                        "--initrd",
+                        i,
+                        "--memory",
+                        "128",
+                        "--cmdline",
+                        &skiff_cmdline,
+                        "--timings",
+                    ]),
+                    marker: Some("SKIFF-AGENT: userspace reached"),
+                    env: vec![],
+                },
+                Case {
+                    name: "qemu virt (kvm)",
+                    argv: q,
+                    marker: Some("SKIFF-AGENT: userspace reached"),
+                    env: vec![],
+                },
+                Case {
+                    name: "vmm run -- true",
+                    argv: s(&[&vmm, "run", "--timings", "--", "true"]),
+                    marker: None,
+                    env: vec![
+                        ("SKIFF_KERNEL".into(), k.clone()),
+                        ("SKIFF_INITRD".into(), i.clone()),
+                    ],
                 },
             ]
         }
@@ -294,12 +416,14 @@ fn main() -> Result<()> {
                         cmdline,
                         "--timings",
                     ]),
-                    marker: "SKIFF-AGENT: userspace reached",
+                    marker: Some("SKIFF-AGENT: userspace reached"),
+                    env: vec![],
                 },
                 Case {
                     name: "qemu microvm,rtc=on",
                     argv: q,
-                    marker: "SKIFF-AGENT: userspace reached",
+                    marker: Some("SKIFF-AGENT: userspace reached"),
+                    env: vec![],
                 },
             ]
         }
@@ -326,7 +450,9 @@ fn main() -> Result<()> {
     }
     println!(
         "boot benchmark: {} ({} interleaved runs each, ms min / median / max)",
-        if linux.is_some() {
+        if linux.is_some() && cfg!(target_arch = "aarch64") {
+            "Skiff arm64 Linux kernel + agent initramfs"
+        } else if linux.is_some() {
             "Skiff Linux kernel + agent initramfs"
         } else {
             "tiny PVH guest"
@@ -360,6 +486,50 @@ fn main() -> Result<()> {
                 "{}: {n} of {runs} runs failed or hung (not in the figures)",
                 c.name
             );
+        }
+    }
+    println!("phases (ms, min / median / max):");
+    for (c, r) in cases.iter().zip(results.iter()) {
+        let f = |t: (f64, f64, f64)| format!("{:.1} / {:.1} / {:.1}", t.0, t.1, t.2);
+        let up = stats(
+            r.iter()
+                .filter_map(|x| x.uptime_s.map(|u| u * 1e3))
+                .collect(),
+        );
+        if !up.1.is_nan() {
+            let entry = stats(
+                r.iter()
+                    .filter_map(|x| Some(ms(x.marker?) - x.uptime_s? * 1e3))
+                    .collect(),
+            );
+            println!(
+                "  {:<22} {:<40} {:>26}",
+                c.name,
+                "kernel entry (launch->marker - uptime)",
+                f(entry)
+            );
+            println!(
+                "  {:<22} {:<40} {:>26}",
+                c.name,
+                "guest uptime at userspace (its clock)",
+                f(up)
+            );
+        }
+        let mut labels: Vec<&str> = Vec::new();
+        for x in r {
+            for (l, _) in &x.phases {
+                if !labels.contains(&l.as_str()) {
+                    labels.push(l);
+                }
+            }
+        }
+        for l in labels {
+            let v = stats(
+                r.iter()
+                    .filter_map(|x| x.phases.iter().find(|(p, _)| p == l).map(|(_, ms)| *ms))
+                    .collect(),
+            );
+            println!("  {:<22} {:<40} {:>26}", c.name, l, f(v));
         }
     }
     let setup = stats(results[0].iter().filter_map(|x| x.setup_ms).collect());

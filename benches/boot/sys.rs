@@ -1,8 +1,8 @@
 //! The benchmark's only `unsafe`: reaping a child with its resource usage.
 
 /// Waits for child `pid` and returns its peak RSS in KiB (`wait4`'s `ru_maxrss`: the child's
-/// own, unlike `/usr/bin/time` run from a large parent).
-pub fn wait_rss_kib(pid: libc::pid_t) -> std::io::Result<i64> {
+/// own, unlike `/usr/bin/time` run from a large parent) and its raw wait status.
+pub fn wait_rss_kib(pid: libc::pid_t) -> std::io::Result<(i64, i32)> {
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid out-parameter.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -11,7 +11,7 @@ pub fn wait_rss_kib(pid: libc::pid_t) -> std::io::Result<i64> {
     if r != pid {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(ru.ru_maxrss)
+    Ok((ru.ru_maxrss, status))
 }
 
 /// Sends SIGKILL to `pid` (the benchmark's own child).

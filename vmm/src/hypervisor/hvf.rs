@@ -6,11 +6,14 @@
 //! - Guest RAM is mapped with `hv_vm_map` straight from the VMM's `GuestMemoryMmap`.
 //! - A vCPU belongs to the thread that created it: [`Vm::create_vcpu`] must run on the vCPU's
 //!   own thread, and the returned [`HvfVcpu`] must stay there (checked at run time).
-//! - Exits are decoded from ESR_EL2 with the pure decoders in [`super::aarch64`]: data aborts
-//!   become [`VcpuExit::Mmio`]; HVC/SMC are PSCI (answered here: power off/reset become
-//!   [`VcpuExit::SystemEvent`]); trapped system registers follow [`super::aarch64::sysreg`];
-//!   WFI parks the thread until the virtual timer's deadline, an interrupt line change or a
-//!   kick; the virtual timer's PPI is injected on `VTIMER_ACTIVATED`.
+//! - Exits go through the plain logic in [`super::aarch64`], unit-tested on Linux with
+//!   synthetic exits: [`super::aarch64::exit::handle_exception`] decodes ESR_EL2 (data aborts
+//!   become [`VcpuExit::Mmio`], completed by [`super::aarch64::exit::complete_mmio`]; HVC/SMC
+//!   are PSCI, answered by [`super::aarch64::power::PowerStates`]: power off/reset become
+//!   [`VcpuExit::SystemEvent`], a warm `SYSTEM_RESET2` a crash as on KVM; trapped system
+//!   registers follow [`super::aarch64::sysreg`]). WFI parks the thread until the virtual
+//!   timer's deadline ([`super::aarch64::vtimer`]), an interrupt line change or a kick; the
+//!   virtual timer's PPI is injected on `VTIMER_ACTIVATED`.
 //!
 //! # Secondary CPUs
 //!
@@ -21,7 +24,7 @@
 //! powered-off vCPU's `run` returns [`VcpuExit::Interrupted`] now and then so its thread can
 //! check for stop.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::c_void;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::ThreadId;
@@ -30,13 +33,15 @@ use std::time::{Duration, Instant};
 use applevisor::prelude as av;
 use firmware_free_boot::aarch64::layout;
 
-use super::aarch64::esr::{self, Exception, MmioAccess};
-use super::aarch64::psci::{self, PsciAction, PsciCall};
-use super::aarch64::sysreg::{self, SysRegAction};
+use super::aarch64::esr::MmioAccess;
+use super::aarch64::exit::{self, Fatal, Regs, Step};
+pub use super::aarch64::power::CpuOnRequest;
+use super::aarch64::power::PowerStates;
+use super::aarch64::psci;
+use super::aarch64::vtimer;
 use super::aarch64::{Reg, SysReg, BOOT_PSTATE};
 use super::{
-    Access, Error, Hypervisor, MemoryRegion, Result, SystemEvent, Vcpu, VcpuAarch64, VcpuExit,
-    VcpuKicker, Vm,
+    Access, Error, Hypervisor, MemoryRegion, Result, Vcpu, VcpuAarch64, VcpuExit, VcpuKicker, Vm,
 };
 
 // `hv_vm_map` with a caller-owned host buffer: `applevisor` only maps memory it allocates
@@ -66,10 +71,6 @@ const HV_MEMORY_EXEC: u64 = 1 << 2;
 const SPI_INTID_BASE: u32 = 32;
 /// INTID of the EL1 virtual timer PPI.
 const VTIMER_INTID: u32 = 27;
-/// CNTV_CTL_EL0 bits.
-const CNTV_ENABLE: u64 = 1;
-const CNTV_IMASK: u64 = 1 << 1;
-const CNTV_ISTATUS: u64 = 1 << 2;
 /// Longest a WFI or a powered-off vCPU parks before re-checking.
 const MAX_PARK: Duration = Duration::from_millis(20);
 /// Slice of a WFI park between checks for pending SGIs/PPIs (IPIs from other vCPUs land in
@@ -169,28 +170,10 @@ impl Hypervisor for Hvf {
     }
 }
 
-/// A guest `CPU_ON` request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CpuOnRequest {
-    /// Target MPIDR affinity.
-    pub target_mpidr: u64,
-    /// Entry point (guest physical).
-    pub entry: u64,
-    /// X0 for the target.
-    pub context_id: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Power {
-    Off,
-    OnPending(CpuOnRequest),
-    On,
-}
-
 #[derive(Debug, Default)]
 struct PsciState {
-    /// Power state by MPIDR affinity.
-    cpus: HashMap<u64, Power>,
+    /// The vCPUs' PSCI power states.
+    power: PowerStates,
     /// vCPU ids kicked since their last check.
     kicked: HashSet<u32>,
     /// Bumped on every interrupt line change, so a parked vCPU re-enters the guest.
@@ -210,40 +193,8 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn cpu_on(&self, req: CpuOnRequest) -> i32 {
-        let mut s = self.lock();
-        let code = match s.cpus.get(&req.target_mpidr).copied() {
-            None => psci::ret::INVALID_PARAMETERS,
-            Some(Power::On) => psci::ret::ALREADY_ON,
-            Some(Power::OnPending(_)) => psci::ret::ON_PENDING,
-            Some(Power::Off) => {
-                s.cpus.insert(req.target_mpidr, Power::OnPending(req));
-                psci::ret::SUCCESS
-            }
-        };
-        drop(s);
-        self.cv.notify_all();
-        code
-    }
-
-    fn affinity_info(&self, mpidr: u64) -> i32 {
-        match self.lock().cpus.get(&mpidr) {
-            None => psci::ret::INVALID_PARAMETERS,
-            Some(Power::On) => psci::affinity::ON,
-            Some(Power::OnPending(_)) => psci::affinity::ON_PENDING,
-            Some(Power::Off) => psci::affinity::OFF,
-        }
-    }
-
     fn take_cpu_on(&self, mpidr: u64) -> Option<CpuOnRequest> {
-        let mut s = self.lock();
-        match s.cpus.get(&mpidr).copied() {
-            Some(Power::OnPending(req)) => {
-                s.cpus.insert(mpidr, Power::On);
-                Some(req)
-            }
-            _ => None,
-        }
+        self.lock().power.take_cpu_on(mpidr)
     }
 
     fn kick(&self, id: u32) {
@@ -271,7 +222,7 @@ impl HvfVm {
     /// on. A vCPU created by this VM does this itself inside [`Vcpu::run`]; a VMM only calls it
     /// to inspect or start CPUs its own way.
     pub fn take_cpu_on_request(&self, mpidr: u64) -> Option<CpuOnRequest> {
-        self.shared.take_cpu_on(psci::mpidr_affinity(mpidr))
+        self.shared.take_cpu_on(mpidr)
     }
 }
 
@@ -468,11 +419,6 @@ impl HvfVcpu {
             .map_err(hv("hv_vcpu_get_sys_reg"))
     }
 
-    fn advance_pc(&self) -> Result<()> {
-        let pc = self.get(Reg::Pc)?;
-        self.put(Reg::Pc, pc.wrapping_add(4))
-    }
-
     /// Starts this vCPU at a `CPU_ON` entry: EL1h, DAIF masked, MMU off, X0 = context id.
     fn start_at(&mut self, req: CpuOnRequest) -> Result<()> {
         self.vcpu
@@ -494,8 +440,7 @@ impl HvfVcpu {
                 return None;
             }
             if let Some(mpidr) = self.mpidr {
-                if let Some(Power::OnPending(req)) = s.cpus.get(&mpidr).copied() {
-                    s.cpus.insert(mpidr, Power::On);
+                if let Some(req) = s.power.take_cpu_on(mpidr) {
                     return Some(req);
                 }
             }
@@ -510,22 +455,9 @@ impl HvfVcpu {
         }
     }
 
-    /// Host ticks to a duration.
-    fn ticks(&self, t: u64) -> Duration {
-        let (n, d) = self.timebase;
-        let ns = u128::from(t) * u128::from(n) / u128::from(d.max(1));
-        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
-    }
-
     /// How long until the virtual timer fires: `None` when it is off or masked, zero when due.
     fn vtimer_remaining(&self) -> Result<Option<Duration>> {
         let ctl = self.sys(av::SysReg::CNTV_CTL_EL0)?;
-        if ctl & CNTV_ENABLE == 0 || ctl & CNTV_IMASK != 0 {
-            return Ok(None);
-        }
-        if ctl & CNTV_ISTATUS != 0 {
-            return Ok(Some(Duration::ZERO));
-        }
         let cval = self.sys(av::SysReg::CNTV_CVAL_EL0)?;
         let offset = self
             .vcpu
@@ -533,7 +465,7 @@ impl HvfVcpu {
             .map_err(hv("hv_vcpu_get_vtimer_offset"))?;
         // SAFETY: `mach_absolute_time` has no preconditions.
         let now = unsafe { mach_absolute_time() }.wrapping_sub(offset);
-        Ok(Some(self.ticks(cval.saturating_sub(now))))
+        Ok(vtimer::remaining(ctl, cval, now, self.timebase))
     }
 
     /// Unmasks the virtual timer once the guest has dealt with its interrupt (the framework
@@ -543,8 +475,7 @@ impl HvfVcpu {
             return Ok(());
         }
         let ctl = self.sys(av::SysReg::CNTV_CTL_EL0)?;
-        let asserted = ctl & CNTV_ENABLE != 0 && ctl & CNTV_ISTATUS != 0 && ctl & CNTV_IMASK == 0;
-        if !asserted {
+        if !vtimer::asserted(ctl) {
             self.vcpu
                 .set_vtimer_mask(false)
                 .map_err(hv("hv_vcpu_set_vtimer_mask"))?;
@@ -607,112 +538,69 @@ impl HvfVcpu {
         }
     }
 
-    fn handle_psci(&mut self) -> Result<Next> {
-        let x = [
-            self.get(Reg::X(0))?,
-            self.get(Reg::X(1))?,
-            self.get(Reg::X(2))?,
-            self.get(Reg::X(3))?,
-        ];
-        let call = psci::decode(x);
-        let ret = match call.action() {
-            PsciAction::Return(v) => v,
-            PsciAction::SystemOff => {
-                return Ok(Next::Exit(VcpuExit::SystemEvent(SystemEvent::PowerOff)))
+    fn handle_exception(&mut self, e: av::VcpuExitException, irq_gen: u64) -> Result<Next> {
+        let shared = self.shared.clone();
+        let me = self.mpidr;
+        let step = exit::handle_exception(self, e.syndrome, e.physical_address, |call| {
+            let out = shared.lock().power.handle(call, me);
+            shared.cv.notify_all();
+            out
+        })?;
+        Ok(match step {
+            Step::Resume => Next::Resume,
+            Step::Yield => {
+                std::thread::yield_now();
+                Next::Resume
             }
-            PsciAction::SystemReset => {
-                return Ok(Next::Exit(VcpuExit::SystemEvent(SystemEvent::Reset)))
-            }
-            PsciAction::Platform => match call {
-                PsciCall::CpuOn {
-                    target_mpidr,
-                    entry,
-                    context_id,
-                } => psci::ret_x0(self.shared.cpu_on(CpuOnRequest {
-                    target_mpidr: psci::mpidr_affinity(target_mpidr),
-                    entry,
-                    context_id,
-                })),
-                PsciCall::AffinityInfo {
-                    target_affinity,
-                    lowest_level,
-                } => psci::ret_x0(if lowest_level != 0 {
-                    psci::ret::INVALID_PARAMETERS
+            Step::Wfi => {
+                if self.park(irq_gen)? {
+                    Next::Exit(VcpuExit::Interrupted)
                 } else {
-                    self.shared
-                        .affinity_info(psci::mpidr_affinity(target_affinity))
-                }),
-                PsciCall::CpuOff => {
-                    if let Some(mpidr) = self.mpidr {
-                        self.shared.lock().cpus.insert(mpidr, Power::Off);
-                    }
-                    self.powered = false;
-                    return Ok(Next::Resume);
+                    Next::Resume
                 }
-                _ => psci::ret_x0(psci::ret::NOT_SUPPORTED),
-            },
-        };
-        self.put(Reg::X(0), ret)?;
-        Ok(Next::Resume)
+            }
+            Step::Mmio(access) => {
+                self.pending_mmio = Some(access);
+                Next::Exit(VcpuExit::Mmio)
+            }
+            Step::CpuOff => {
+                self.powered = false;
+                Next::Resume
+            }
+            Step::SystemEvent(ev) => Next::Exit(VcpuExit::SystemEvent(ev)),
+            Step::Fatal(f) => {
+                match f {
+                    Fatal::InstructionAbort(addr) => {
+                        tracing::error!(vcpu = self.id, addr, "guest executed from unmapped memory")
+                    }
+                    Fatal::DataAbortWithoutSyndrome(addr) => tracing::error!(
+                        vcpu = self.id,
+                        addr,
+                        "guest MMIO access without a syndrome (cannot be emulated)"
+                    ),
+                    Fatal::Unhandled => {
+                        tracing::error!(
+                            vcpu = self.id,
+                            esr = e.syndrome,
+                            "unhandled guest exception"
+                        )
+                    }
+                }
+                Next::Exit(VcpuExit::InternalError(e.syndrome))
+            }
+        })
+    }
+}
+
+impl Regs for HvfVcpu {
+    type Error = Error;
+
+    fn get(&self, reg: Reg) -> Result<u64> {
+        HvfVcpu::get(self, reg)
     }
 
-    fn handle_exception(&mut self, e: av::VcpuExitException, irq_gen: u64) -> Result<Next> {
-        let esr = e.syndrome;
-        match esr::decode(esr) {
-            Exception::DataAbort(_) => {
-                let access = MmioAccess::from_data_abort(esr, e.physical_address)
-                    .map_err(|err| Error::Unsupported(err.to_string()))?;
-                self.pending_mmio = Some(access);
-                Ok(Next::Exit(VcpuExit::Mmio))
-            }
-            Exception::Hvc(_) => self.handle_psci(),
-            Exception::Smc(_) => {
-                // SMC leaves PC on the instruction.
-                self.advance_pc()?;
-                self.handle_psci()
-            }
-            Exception::Wfx { wfe } => {
-                self.advance_pc()?;
-                if wfe {
-                    std::thread::yield_now();
-                    return Ok(Next::Resume);
-                }
-                if self.park(irq_gen)? {
-                    return Ok(Next::Exit(VcpuExit::Interrupted));
-                }
-                Ok(Next::Resume)
-            }
-            Exception::SysReg(access) => {
-                let action = sysreg::action(access.id());
-                if action == SysRegAction::UnknownRazWi {
-                    tracing::debug!(
-                        vcpu = self.id,
-                        reg = %access.id(),
-                        read = access.is_read,
-                        "unhandled system register access: read as zero, write ignored"
-                    );
-                }
-                if access.is_read {
-                    if let Some(rt) = Reg::from_rt(access.rt) {
-                        self.put(rt, action.read_value())?;
-                    }
-                }
-                self.advance_pc()?;
-                Ok(Next::Resume)
-            }
-            Exception::InstructionAbort => {
-                tracing::error!(
-                    vcpu = self.id,
-                    addr = e.physical_address,
-                    "guest executed from unmapped memory"
-                );
-                Ok(Next::Exit(VcpuExit::InternalError(esr)))
-            }
-            Exception::Breakpoint(_) | Exception::Other { .. } => {
-                tracing::error!(vcpu = self.id, esr, "unhandled guest exception");
-                Ok(Next::Exit(VcpuExit::InternalError(esr)))
-            }
-        }
+    fn set(&mut self, reg: Reg, value: u64) -> Result<()> {
+        self.put(reg, value)
     }
 }
 
@@ -759,27 +647,7 @@ impl Vcpu for HvfVcpu {
         let a = self.pending_mmio.take().ok_or_else(|| {
             Error::Unsupported("handle_mmio called without a pending MMIO exit".into())
         })?;
-        let n = usize::from(a.size).min(8);
-        let mut buf = [0u8; 8];
-        if a.is_write {
-            let value = match Reg::from_rt(a.srt) {
-                Some(r) => self.get(r)?,
-                None => 0,
-            };
-            let (bytes, len) = a.store_bytes(value);
-            buf[..len].copy_from_slice(&bytes[..len]);
-        }
-        f(Access {
-            addr: a.addr,
-            data: &mut buf[..n],
-            is_write: a.is_write,
-        });
-        if !a.is_write {
-            if let Some(r) = Reg::from_rt(a.srt) {
-                self.put(r, a.load_value(&buf[..n]))?;
-            }
-        }
-        self.advance_pc()
+        exit::complete_mmio(self, &a, f)
     }
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
@@ -827,13 +695,8 @@ impl VcpuAarch64 for HvfVcpu {
                     .map_err(hv("hv_vcpu_set_sys_reg(MPIDR_EL1)"))?;
                 // Re-key this vCPU's PSCI power state under its new affinity.
                 let new = psci::mpidr_affinity(value);
-                let mut s = self.shared.lock();
-                if let Some(old) = self.mpidr.take() {
-                    s.cpus.remove(&old);
-                }
-                let power = if self.powered { Power::On } else { Power::Off };
-                s.cpus.insert(new, power);
-                self.mpidr = Some(new);
+                let old = self.mpidr.replace(new);
+                self.shared.lock().power.register(old, new, self.powered);
                 Ok(())
             }
         }

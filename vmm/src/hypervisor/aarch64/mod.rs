@@ -1,12 +1,17 @@
 //! aarch64 extension trait and register names (no backend types here).
 //!
-//! The submodules are pure decoders shared by every aarch64 backend and unit-tested on any
-//! host: [`esr`] (exception syndromes, MMIO accesses), [`psci`] (PSCI/SMCCC calls) and
-//! [`sysreg`] (trapped system register accesses).
+//! The submodules are plain logic shared by the aarch64 backends and unit-tested on any host:
+//! [`esr`] (exception syndromes, MMIO accesses), [`psci`] (PSCI/SMCCC calls), [`sysreg`]
+//! (trapped system register accesses), and for backends that see raw exits
+//! (Hypervisor.framework) [`exit`] (what each exception exit does to the registers),
+//! [`power`] (PSCI CPU power states) and [`vtimer`] (the virtual timer's deadline and mask).
 
 pub mod esr;
+pub mod exit;
+pub mod power;
 pub mod psci;
 pub mod sysreg;
+pub mod vtimer;
 
 use super::{Result, Vcpu};
 

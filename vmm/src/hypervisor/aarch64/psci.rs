@@ -33,8 +33,8 @@ pub const SMCCC_ARCH_FEATURES: u32 = 0x8000_0001;
 /// The SMC64 flag in a function ID.
 pub const SMC64: u32 = 1 << 30;
 
-/// The PSCI version Skiff implements: 1.0.
-pub const VERSION_1_0: u32 = 0x0001_0000;
+/// The PSCI version Skiff implements: 1.1 (`SYSTEM_RESET2`), as KVM reports it.
+pub const VERSION_1_1: u32 = 0x0001_0001;
 /// The SMCCC version reported: 1.1.
 pub const SMCCC_VERSION_1_1: u32 = 0x0001_0001;
 
@@ -130,6 +130,9 @@ pub enum PsciAction {
     SystemOff,
     /// Reset the VM.
     SystemReset,
+    /// `SYSTEM_RESET2` with `SYSTEM_WARM_RESET`: Linux's reboot after a panic
+    /// (`reboot=panic_warm`, its arm64 default). Backends report it as a crash, as KVM does.
+    WarmReset,
     /// Needs the backend's CPU state (`CPU_ON`, `CPU_OFF`, `AFFINITY_INFO`).
     Platform,
 }
@@ -183,7 +186,7 @@ pub fn decode(x: [u64; 4]) -> PsciCall {
 
 /// Whether `PSCI_FEATURES` reports `fid` as implemented.
 pub fn is_implemented(fid: u32) -> bool {
-    const IMPLEMENTED: [u32; 11] = [
+    const IMPLEMENTED: [u32; 13] = [
         PSCI_VERSION,
         CPU_OFF,
         CPU_ON,
@@ -193,6 +196,8 @@ pub fn is_implemented(fid: u32) -> bool {
         MIGRATE_INFO_TYPE,
         SYSTEM_OFF,
         SYSTEM_RESET,
+        SYSTEM_RESET2,
+        SYSTEM_RESET2 | SMC64,
         PSCI_FEATURES,
         SMCCC_VERSION,
     ];
@@ -203,13 +208,17 @@ impl PsciCall {
     /// The answer for calls that need no per-VM state.
     pub fn action(&self) -> PsciAction {
         match *self {
-            PsciCall::Version => PsciAction::Return(u64::from(VERSION_1_0)),
+            PsciCall::Version => PsciAction::Return(u64::from(VERSION_1_1)),
             PsciCall::MigrateInfoType => {
                 // 2: no Trusted OS, migration not needed.
                 PsciAction::Return(2)
             }
             PsciCall::SystemOff => PsciAction::SystemOff,
-            PsciCall::SystemReset | PsciCall::SystemReset2 { .. } => PsciAction::SystemReset,
+            PsciCall::SystemReset => PsciAction::SystemReset,
+            // Type 0 is SYSTEM_WARM_RESET; other architectural types are reserved and
+            // vendor types (bit 31) are not Skiff's.
+            PsciCall::SystemReset2 { reset_type: 0, .. } => PsciAction::WarmReset,
+            PsciCall::SystemReset2 { .. } => PsciAction::Return(ret_x0(ret::INVALID_PARAMETERS)),
             PsciCall::Features(fid) => PsciAction::Return(if is_implemented(fid) {
                 ret_x0(ret::SUCCESS)
             } else {
@@ -277,7 +286,20 @@ mod tests {
 
     #[test]
     fn actions() {
-        assert_eq!(PsciCall::Version.action(), PsciAction::Return(0x1_0000));
+        assert_eq!(PsciCall::Version.action(), PsciAction::Return(0x1_0001));
+        // Linux looks for SYSTEM_RESET2 through PSCI_FEATURES (SMC64 ID on arm64).
+        assert_eq!(
+            PsciCall::Features(SYSTEM_RESET2 | SMC64).action(),
+            PsciAction::Return(0)
+        );
+        assert_eq!(
+            PsciCall::SystemReset2 {
+                reset_type: 0,
+                cookie: 0
+            }
+            .action(),
+            PsciAction::WarmReset
+        );
         assert_eq!(PsciCall::SystemOff.action(), PsciAction::SystemOff);
         assert_eq!(PsciCall::SystemReset.action(), PsciAction::SystemReset);
         assert_eq!(PsciCall::Features(CPU_ON).action(), PsciAction::Return(0));
