@@ -441,3 +441,85 @@ mod file_bytes_tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// Alignment of guest RAM in the VMM's address space: a 2 MiB transparent huge page. KVM backs
+/// guest memory with 2 MiB stage-2 (arm64) or EPT/NPT (x86) blocks only where the host page
+/// is huge *and* the host address and the guest address agree modulo 2 MiB; a plain `mmap`
+/// (Linux before 6.7) gives no such alignment, so every 4 KiB guest page then costs a fault.
+pub const GUEST_RAM_ALIGN: usize = 2 << 20;
+
+/// Guest RAM: anonymous private memory, [`GUEST_RAM_ALIGN`]-aligned, with `MADV_HUGEPAGE` (as
+/// QEMU and Cloud Hypervisor do), one mapping per `(guest address, size)` range.
+///
+/// The mappings are never unmapped: device threads hold `GuestMemoryMmap` clones, and one that
+/// outlives the VM (a virtio-fs worker the guest left busy, a stub thread) must never touch an
+/// unmapped page. When the returned [`GuestRamPages`] drops (the VM has ended) the pages go
+/// back to the host (`MADV_DONTNEED`: a late access reads zeros), so only address space stays.
+#[cfg(target_os = "linux")]
+pub fn guest_ram(
+    ranges: &[(vm_memory::GuestAddress, usize)],
+) -> io::Result<(vm_memory::GuestMemoryMmap, GuestRamPages)> {
+    use vm_memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    let mut regions = Vec::new();
+    let mut pages = GuestRamPages(Vec::new());
+    for &(guest, size) in ranges {
+        let len = size
+            .checked_add(GUEST_RAM_ALIGN)
+            .ok_or_else(|| io::Error::other("guest memory size overflows"))?;
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing; nothing
+        // else refers to it yet.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, -1, 0) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let start = p as usize;
+        let aligned = start.next_multiple_of(GUEST_RAM_ALIGN);
+        let head = aligned - start;
+        let tail = len - head - size;
+        // SAFETY: both ranges lie inside the mapping made above and outside the aligned part
+        // that is kept; nothing refers to them.
+        unsafe {
+            if head > 0 {
+                libc::munmap(p, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + size) as *mut libc::c_void, tail);
+            }
+            // Advice only: without THP support the memory is simply 4 KiB pages.
+            libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
+        }
+        pages.0.push((aligned, size));
+        // SAFETY: `aligned .. aligned + size` is a present mapping of this process with exactly
+        // these protections and flags, and it is never unmapped (see above), so it outlives
+        // the region.
+        let region = unsafe { MmapRegion::build_raw(aligned as *mut u8, size, prot, flags) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        regions.push(
+            GuestRegionMmap::new(region, guest)
+                .ok_or_else(|| io::Error::other("a guest memory region wraps around"))?,
+        );
+    }
+    let mem =
+        GuestMemoryMmap::from_regions(regions).map_err(|e| io::Error::other(e.to_string()))?;
+    Ok((mem, pages))
+}
+
+/// The pages of a VM's guest RAM ([`guest_ram`]): handed back to the host when dropped.
+#[cfg(target_os = "linux")]
+#[derive(Debug)]
+pub struct GuestRamPages(Vec<(usize, usize)>);
+
+#[cfg(target_os = "linux")]
+impl Drop for GuestRamPages {
+    fn drop(&mut self) {
+        for &(addr, size) in &self.0 {
+            // SAFETY: a mapping made by `guest_ram` and never unmapped; MADV_DONTNEED on
+            // private anonymous memory only drops its pages (later reads see zeros).
+            unsafe {
+                libc::madvise(addr as *mut libc::c_void, size, libc::MADV_DONTNEED);
+            }
+        }
+    }
+}
