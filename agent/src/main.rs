@@ -74,7 +74,7 @@ fn serve(agent_start: u64) {
         serve_template(agent_start);
         return;
     }
-    let conn = match sys::vsock_connect(HOST_CID, CONTROL_PORT) {
+    let conn = match sys::vsock_connect(HOST_CID, CONTROL_PORT, true) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("SKIFF-AGENT: cannot reach the host on vsock port {CONTROL_PORT}: {e}");
@@ -85,7 +85,7 @@ fn serve(agent_start: u64) {
         ("agent_start".to_string(), agent_start),
         ("control_connected".to_string(), sys::boottime_us()),
     ];
-    let dialer = Box::new(|port: u32| sys::vsock_connect(HOST_CID, port));
+    let dialer = Box::new(|port: u32| sys::vsock_connect(HOST_CID, port, true));
     match skiff_agent::serve_connection(conn, dialer, skiff_agent::Config::detect(true), stamps) {
         Ok(end) => println!("SKIFF-AGENT: control connection ended ({end:?})"),
         Err(e) => eprintln!("SKIFF-AGENT: control connection failed: {e}"),
@@ -103,7 +103,8 @@ fn serve_template(agent_start: u64) {
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
     for _ in 0..1_000_000 {
-        let conn = match sys::vsock_connect(HOST_CID, CONTROL_PORT) {
+        // The kernel's 2 s default here: this loop dials until a host listens.
+        let conn = match sys::vsock_connect(HOST_CID, CONTROL_PORT, false) {
             Ok(c) => c,
             Err(e) if std::time::Instant::now() >= deadline => {
                 eprintln!("SKIFF-AGENT: no host on vsock port {CONTROL_PORT} in 10 min: {e}");
@@ -118,7 +119,7 @@ fn serve_template(agent_start: u64) {
             ("agent_start".to_string(), agent_start),
             ("control_connected".to_string(), sys::boottime_us()),
         ];
-        let dialer = Box::new(|port: u32| sys::vsock_connect(HOST_CID, port));
+        let dialer = Box::new(|port: u32| sys::vsock_connect(HOST_CID, port, true));
         let served = skiff_agent::serve_connection_tracked(
             conn,
             dialer,

@@ -584,9 +584,17 @@ pub fn waitpid(pid: i32) -> io::Result<(i32, i32)> {
     }
 }
 
+/// `SO_VM_SOCKETS_CONNECT_TIMEOUT` (`_OLD`, a `struct timeval`; level `AF_VSOCK`), from
+/// `<linux/vm_sockets.h>` (not in the `libc` crate).
+const SO_VM_SOCKETS_CONNECT_TIMEOUT: libc::c_int = 6;
+/// How long the agent's vsock connects to the host may take.
+const VSOCK_CONNECT_TIMEOUT_S: libc::time_t = 10;
+
 /// Connects an AF_VSOCK stream socket to (cid, port). The fd is returned as a `UnixStream`:
-/// read, write and shutdown are socket-family independent.
-pub fn vsock_connect(cid: u32, port: u32) -> io::Result<UnixStream> {
+/// read, write and shutdown are socket-family independent. `patient`: wait up to
+/// [`VSOCK_CONNECT_TIMEOUT_S`] for the host's answer instead of the kernel's 2 s (for dials
+/// the host is known to be listening for; a retry loop keeps the default).
+pub fn vsock_connect(cid: u32, port: u32, patient: bool) -> io::Result<UnixStream> {
     // SAFETY: socket takes integer arguments.
     let fd =
         check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
@@ -597,6 +605,27 @@ pub fn vsock_connect(cid: u32, port: u32) -> io::Result<UnixStream> {
     addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
     addr.svm_cid = cid;
     addr.svm_port = port;
+    // Linux gives a vsock connect 2 s by default. A host under load (measured: a busy nested
+    // CI VM, where a pod's stdout stream timed out) can take longer to answer; the host's
+    // own deadline on the agent is far longer (the shim's agent_timeout, 60 s by default).
+    let timeout = libc::timeval {
+        tv_sec: VSOCK_CONNECT_TIMEOUT_S,
+        tv_usec: 0,
+    };
+    if patient {
+        // SAFETY: fd is a valid socket; the option value is a valid timeval of the given size
+        // (SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD takes a `struct timeval` where time_t is a long,
+        // as on x86_64 and aarch64). A kernel without the option leaves the default.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::AF_VSOCK,
+                SO_VM_SOCKETS_CONNECT_TIMEOUT,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+        }
+    }
     loop {
         // SAFETY: addr is a valid sockaddr_vm and the length matches it.
         let rc = unsafe {
