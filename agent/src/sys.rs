@@ -588,7 +588,7 @@ pub fn waitpid(pid: i32) -> io::Result<(i32, i32)> {
 /// `<linux/vm_sockets.h>` (not in the `libc` crate).
 const SO_VM_SOCKETS_CONNECT_TIMEOUT: libc::c_int = 6;
 /// How long the agent's vsock connects to the host may take.
-const VSOCK_CONNECT_TIMEOUT_S: libc::time_t = 10;
+const VSOCK_CONNECT_TIMEOUT_S: u32 = 10;
 
 /// Connects an AF_VSOCK stream socket to (cid, port). The fd is returned as a `UnixStream`:
 /// read, write and shutdown are socket-family independent. `patient`: wait up to
@@ -609,7 +609,7 @@ pub fn vsock_connect(cid: u32, port: u32, patient: bool) -> io::Result<UnixStrea
     // CI VM, where a pod's stdout stream timed out) can take longer to answer; the host's
     // own deadline on the agent is far longer (the shim's agent_timeout, 60 s by default).
     let timeout = libc::timeval {
-        tv_sec: VSOCK_CONNECT_TIMEOUT_S,
+        tv_sec: VSOCK_CONNECT_TIMEOUT_S.into(),
         tv_usec: 0,
     };
     if patient {
