@@ -414,15 +414,13 @@ pub fn run_controlled(
     let vm = Arc::new(hv.create_vm(cfg.cpus)?);
     timings.mark(Phase::VmCreated);
 
-    // Guest RAM's pages go back to the host when `_ram_pages` drops, at the end of this
-    // function, whichever way it returns.
-    let (mem, _ram_pages) = match &restore {
+    let mem = match &restore {
         Some(l) => {
             let m = l.map_memory().map_err(|e| Error::Vmm(e.to_string()))?;
             // The VM-wide state (clock, interrupt controllers, PIT) goes in before any vCPU
             // exists.
             vm.restore_state(&l.state.vm)?;
-            (m, None)
+            m
         }
         None => {
             let regions = arch::current::memory_regions(mem_bytes);
@@ -430,21 +428,12 @@ pub fn run_controlled(
                 .iter()
                 .map(|&(a, s)| (GuestAddress(a), s as usize))
                 .collect();
-            let cannot = |e: &dyn std::fmt::Display| {
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| {
                 Error::Vmm(format!(
                     "cannot allocate {} MiB of guest memory: {e}",
                     cfg.memory_mib
                 ))
-            };
-            // Linux: 2 MiB-aligned with MADV_HUGEPAGE, so KVM can map the guest in 2 MiB blocks.
-            #[cfg(target_os = "linux")]
-            let (m, pages) = crate::sys::guest_ram(&ranges).map_err(|e| cannot(&e))?;
-            #[cfg(not(target_os = "linux"))]
-            let (m, pages) = (
-                GuestMemoryMmap::from_ranges(&ranges).map_err(|e| cannot(&e))?,
-                (),
-            );
-            (m, Some(pages))
+            })?
         }
     };
     let mut slots = Vec::new();
