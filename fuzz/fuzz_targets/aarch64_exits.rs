@@ -1,10 +1,38 @@
 //! Guest-reachable on aarch64 (HVF): the exception syndrome, fault address, register values
 //! and PSCI arguments of a trapped access are all chosen by the guest. Decoding must never
-//! panic, and a decoded MMIO access must stay within 8 bytes.
+//! panic, and a decoded MMIO access must stay within 8 bytes. The whole exit path the HVF
+//! backend runs (`exit::handle_exception`, PSCI power states, `complete_mmio`) over a fake
+//! register file: no panic, and no general-purpose register but X0 or Rt changes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use skiff_vmm::hypervisor::aarch64::{esr, psci, sysreg};
+use skiff_vmm::hypervisor::aarch64::exit::{self, Regs, Step};
+use skiff_vmm::hypervisor::aarch64::power::PowerStates;
+use skiff_vmm::hypervisor::aarch64::{esr, psci, sysreg, Reg};
+
+struct Fake {
+    x: [u64; 31],
+    pc: u64,
+}
+
+impl Regs for Fake {
+    type Error = ();
+    fn get(&self, reg: Reg) -> Result<u64, ()> {
+        match reg {
+            Reg::X(n) => self.x.get(usize::from(n)).copied().ok_or(()),
+            Reg::Pc => Ok(self.pc),
+            Reg::Pstate => Ok(0),
+        }
+    }
+    fn set(&mut self, reg: Reg, value: u64) -> Result<(), ()> {
+        match reg {
+            Reg::X(n) => *self.x.get_mut(usize::from(n)).ok_or(())? = value,
+            Reg::Pc => self.pc = value,
+            Reg::Pstate => {}
+        }
+        Ok(())
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let mut w = [0u64; 6];
@@ -25,4 +53,24 @@ fuzz_target!(|data: &[u8]| {
     let call = psci::decode([w[2], w[3], w[4], w[5]]);
     let _ = call.action();
     let _ = psci::mpidr_affinity(w[1]);
+
+    let mut power = PowerStates::default();
+    power.register(None, 0, true);
+    power.register(None, 1, false);
+    let mut r = Fake {
+        x: [0; 31],
+        pc: w[1],
+    };
+    for (i, x) in r.x.iter_mut().enumerate() {
+        *x = w[2 + i % 4].rotate_left(i as u32);
+    }
+    let before = r.x;
+    if let Ok(Step::Mmio(a)) =
+        exit::handle_exception(&mut r, w[0], w[1], |c| power.handle(c, Some(0)))
+    {
+        let fill = data.first().copied().unwrap_or(0);
+        let _ = exit::complete_mmio(&mut r, &a, &mut |acc| acc.data.fill(fill));
+    }
+    let changed = (0..31).filter(|&i| r.x[i] != before[i]).count();
+    assert!(changed <= 1);
 });
