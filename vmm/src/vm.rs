@@ -451,8 +451,16 @@ pub fn run_controlled(
     // Registering memory waits for an RCU grace period in the host kernel (0.2-12 ms here):
     // do it in the background while the kernel is loaded and the vCPUs are created. `mem`
     // outlives the VM (it is dropped after the vCPU threads stop), as add_memory_region needs.
+    // A restored vCPU's state names guest memory (the paravirtual MSRs: steal time, PV EOI,
+    // async page faults), which KVM refuses while the memory is not registered yet, so a
+    // restoring vCPU waits for `mem_ready`; a booting one needs no memory to be configured.
     let mem_vm = vm.clone();
+    let mem_ready = Arc::new(MemoryGate::default());
+    let mem_done = mem_ready.clone();
     let mem_thread = std::thread::spawn(move || -> Result<Instant, hypervisor::Error> {
+        // Opens the gate however this thread ends (an error or a panic included): the main
+        // thread sees the outcome through `join` and stops the vCPUs.
+        let _open = mem_done.opener();
         for r in slots {
             mem_vm.add_memory_region(r)?;
         }
@@ -575,6 +583,7 @@ pub fn run_controlled(
         let cpus = cfg.cpus;
         let snapshot_stamp = cfg.snapshot.as_ref().map(|s| s.stamp);
         let saved = vcpu_states.get(id as usize).cloned();
+        let mem_ready = mem_ready.clone();
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
@@ -599,6 +608,7 @@ pub fn run_controlled(
                     control: &control,
                     debugger: debugger.as_deref(),
                     snapshot_stamp,
+                    mem_ready: &mem_ready,
                 };
                 if let Err(e) = vcpu_thread(&vm, &ctx, &sink, &ready) {
                     sink.send(Event::VcpuFailed(id, e.to_string()));
@@ -791,6 +801,36 @@ struct VcpuContext<'a> {
     debugger: Option<&'a Debugger>,
     /// The boot-timer value that asks for a snapshot (`VmConfig::snapshot`).
     snapshot_stamp: Option<u8>,
+    /// Opens once guest memory is registered (or failed to be).
+    mem_ready: &'a MemoryGate,
+}
+
+/// Opens once, when the thread that registers guest memory ends; restoring vCPUs wait for it.
+#[derive(Default)]
+struct MemoryGate {
+    open: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl MemoryGate {
+    /// A guard that opens the gate when dropped (on return and on unwind alike).
+    fn opener(&self) -> impl Drop + '_ {
+        struct Opener<'a>(&'a MemoryGate);
+        impl Drop for Opener<'_> {
+            fn drop(&mut self) {
+                *self.0.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                self.0.cv.notify_all();
+            }
+        }
+        Opener(self)
+    }
+
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        while !*open {
+            open = self.cv.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 fn vcpu_thread(
@@ -808,11 +848,15 @@ fn vcpu_thread(
         control,
         debugger,
         snapshot_stamp,
+        mem_ready,
     } = *ctx;
     let created = vm.create_vcpu(id).and_then(|mut v| {
         match init {
             VcpuInit::Boot(boot) => configure_vcpu(&mut v, id, boot, cpus)?,
-            VcpuInit::Restore(state) => v.restore_state(state)?,
+            VcpuInit::Restore(state) => {
+                mem_ready.wait();
+                v.restore_state(state)?
+            }
         }
         Ok(v)
     });
