@@ -443,7 +443,7 @@ impl Vcpu for KvmVcpu {
         // KVM_SET_MSRS stops at the first MSR it refuses. KVM refuses the paravirtual MSRs
         // that name guest memory (async page faults, PV EOI) while that memory is not
         // registered: the VM thread makes restoring vCPUs wait for it (vm.rs, `MemoryGate`;
-        // before that, 5 of 220 warm restores under load in nested KVM lost these MSRs).
+        // before that, 5 of 170 warm restores under load in nested KVM lost these MSRs).
         // Should a host still refuse one, the guest only loses a hint it checks in shared
         // memory (async page faults, steal time, PV EOI), so such an MSR is left out with a
         // warning and the rest set. Any other refused MSR fails the restore.
