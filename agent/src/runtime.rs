@@ -1067,6 +1067,12 @@ fn stdin_pump(mut conn: UnixStream, sink: Arc<Mutex<StdinSink>>) {
 }
 
 impl Handler for Agent {
+    /// Flushes every file system before `Shutdown` is answered: the host may then stop the VM
+    /// at once instead of waiting for the guest to reboot.
+    fn before_shutdown(&self) {
+        crate::sys::sync();
+    }
+
     fn handle(&self, request: Request, reply: Replier) {
         let out = reply.outbox().clone();
         let r = match request {

@@ -63,6 +63,10 @@ impl Replier {
 /// [`Replier`] to another thread for long operations (Wait).
 pub trait Handler: Send + Sync {
     fn handle(&self, request: Request, reply: Replier);
+    /// Called when the host sent `Shutdown`, before it is answered: whatever must outlive the
+    /// VM (data written to shares) is made durable here, because once the answer is sent the
+    /// host may stop the VM without waiting for it to power off.
+    fn before_shutdown(&self) {}
 }
 
 /// Why [`serve`] returned.
@@ -106,6 +110,7 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
                 id,
                 request: Request::Shutdown,
             }) => {
+                handler.before_shutdown();
                 Replier {
                     id,
                     out: out.clone(),

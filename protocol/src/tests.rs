@@ -371,6 +371,46 @@ fn client_and_serve_over_a_socketpair() {
     assert!(client.pids("c1").is_err());
 }
 
+/// A handler whose `before_shutdown` takes a while and records when it ended.
+struct SlowFlush(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl Handler for SlowFlush {
+    fn handle(&self, _request: Request, reply: Replier) {
+        reply.send(Err(ErrorReply::new(38, "not implemented")));
+    }
+
+    fn before_shutdown(&self) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        *self.0.lock().unwrap() = Some(std::time::Instant::now());
+    }
+}
+
+#[test]
+fn shutdown_is_answered_after_before_shutdown_ran() {
+    let (host, agent) = UnixStream::pair().unwrap();
+    let flushed = std::sync::Arc::new(SlowFlush(std::sync::Mutex::new(None)));
+    let h = flushed.clone();
+    let server = std::thread::spawn(move || {
+        let w = agent.try_clone().unwrap();
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "t".into(),
+            boot_stamps: vec![],
+        };
+        serve(agent, w, hello, &*h).unwrap()
+    });
+    let (client, _) = Client::from_stream(host).unwrap();
+    client.shutdown().unwrap();
+    let answered = std::time::Instant::now();
+    let done = flushed
+        .0
+        .lock()
+        .unwrap()
+        .expect("before_shutdown ran before the answer");
+    assert!(done <= answered);
+    assert_eq!(server.join().unwrap(), ServeEnd::Shutdown);
+}
+
 fn hello_frame() -> Vec<u8> {
     encode(&Message::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,

@@ -681,12 +681,24 @@ impl Sandbox {
         }
         let rx = self.vm_result.lock().ok().and_then(|mut g| g.take());
         let seen = self.ended.lock().ok().and_then(|mut g| g.take());
-        if let Err(e) = self.client.shutdown_timeout(timeout) {
-            tracing::debug!("agent shutdown: {e}");
-        }
+        let acked = match self.client.shutdown_timeout(timeout) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("agent shutdown: {e}");
+                false
+            }
+        };
         if seen.is_some() {
             self.stop_events();
             return seen;
+        }
+        // The agent answers Shutdown once it has flushed the guest's file systems (writes to
+        // shares are write-through anyway): nothing of the guest is left to lose, so the VM is
+        // stopped from the host rather than waiting for the guest kernel to reboot.
+        if acked {
+            if let Some(c) = &self.control {
+                c.stop();
+            }
         }
         let rx = rx?;
         let r = match rx.recv_timeout(timeout) {
